@@ -1,0 +1,139 @@
+/* Wire format and map layouts of the INC switch: the one source of truth.
+ *
+ * Kernel (bcc) and user space both read this file. Python derives the #define
+ * and enum constants by parsing it (hostagent/proto.py) and a test compares the
+ * Python codec's struct layout with offsetof() computed by a C compiler
+ * (tests/test_layout.py). Keep it free of kernel-only includes.
+ *
+ * Byte order: the Ethernet/IP/UDP headers are network order as usual; the INC
+ * header and payload are LITTLE-endian. Every host and the XDP switch here are
+ * x86_64, so this saves a byte swap per lane in the aggregation loop.
+ */
+#ifndef INC_PROTO_H
+#define INC_PROTO_H
+
+#ifndef __KERNEL__
+#include <linux/types.h>
+#include <linux/bpf.h>   /* struct bpf_spin_lock */
+#endif
+
+#define INC_VERSION 1
+
+/* UDP destination ports [INC_PORT_MIN, INC_PORT_MAX] mark INC traffic; any other
+ * packet gets XDP_PASS so the switch's kernel forwards it. Agents send to
+ * INC_PORT; results come from it. */
+#define INC_PORT_MIN 38000
+#define INC_PORT_MAX 38015
+#define INC_PORT 38000
+/* TCP port of incd's control API (not data plane; kept here so there is one list). */
+#define INC_CTRL_PORT 38100
+
+/* Lanes per packet. 800 * 4 B + 24 B header + 42 B Eth/IP/UDP = 3266 B, under
+ * the ~3.5 KiB that XDP sees linearly on veth. */
+#define INC_MAX_ELEMS 800
+#define INC_MAX_WORKERS 64     /* width of the slot bitmap */
+#define INC_MAX_JOBS 1024      /* job ids 1..INC_MAX_JOBS-1; 0 collects unattributable drops */
+#define INC_MAX_PORTS 64
+#define INC_POOL_SLOTS_DEFAULT 4096
+
+/* inc_hdr.type */
+#define INC_T_DATA 1           /* worker -> switch: a contribution */
+#define INC_T_RESULT 2         /* switch -> worker: the aggregate for a psn */
+
+/* inc_hdr.flags */
+#define INC_F_RETRANS 0x01     /* sender had sent this psn before */
+#define INC_F_OVERFLOW 0x02    /* result: a lane overflowed int32 while summing */
+
+/* inc_hdr.op */
+#define INC_OP_SUM 0
+#define INC_OP_MAX 1           /* used for the shared-exponent round of fp32 */
+
+/* inc_job.mode */
+#define INC_MODE_MODULO 1
+
+/* inc_slot.state */
+#define INC_SLOT_EMPTY 0
+#define INC_SLOT_PARTIAL 1
+#define INC_SLOT_COMPLETE 2
+
+struct inc_hdr {
+	__u8 version;
+	__u8 type;
+	__u8 flags;
+	__u8 op;
+	__u16 job;
+	__u16 gen;     /* registration generation: packets of an older run are dropped */
+	__u32 psn;
+	__u32 slot;    /* host-computed aggregator index (hash mode); 0 in modulo mode */
+	__u16 rank;    /* data: sender's rank; result: the rank it is delivered to */
+	__u16 numel;   /* int32 lanes that follow */
+	__u32 reserved;
+} __attribute__((packed));
+
+/* Job table, indexed by job id. Written by incd only. */
+struct inc_job {
+	__u32 offset;  /* first aggregator slot of the job's region */
+	__u32 slots;   /* region size; modulo mode uses 2 * window */
+	__u16 gen;
+	__u8 mode;     /* 0 = no such job */
+	__u8 world;
+	__u32 pad;
+};
+
+/* Where and how to deliver a job's results on one switch port (devmap egress). */
+struct inc_member_key {
+	__u16 job;
+	__u16 pad;
+	__u32 ifindex;
+};
+
+struct inc_member {
+	__u8 mac[6];       /* host (or next hop) MAC */
+	__u8 port_mac[6];  /* switch port MAC */
+	__u32 addr;        /* host IPv4, network order */
+	__u32 switch_addr; /* switch port IPv4, network order */
+	__u16 port;        /* host UDP port, network order */
+	__u16 rank;
+};
+
+/* One aggregator. The pool is an array of these; a job owns [offset, offset+slots). */
+struct inc_slot {
+	struct bpf_spin_lock lock;
+	__u32 psn;        /* round currently held */
+	__u64 bitmap;     /* ranks whose contribution is in lanes */
+	__u16 job;        /* owner tag: a slot tagged with another job/gen is free */
+	__u16 gen;
+	__u8 state;       /* INC_SLOT_* */
+	__u8 count;       /* contributions so far */
+	__u8 op;
+	__u8 overflow;
+	__u16 numel;
+	__u16 pad;
+	__s32 lanes[INC_MAX_ELEMS];
+};
+
+/* Drop reasons: index into inc_stats.drops. */
+enum inc_drop {
+	INC_DROP_BAD_HDR = 0,  /* truncated, wrong version/type, IP options, fragment */
+	INC_DROP_BAD_LEN = 1,  /* numel 0, above INC_MAX_ELEMS, or beyond the packet */
+	INC_DROP_NO_JOB = 2,   /* unknown job id */
+	INC_DROP_BAD_GEN = 3,  /* packet of another registration generation */
+	INC_DROP_BAD_RANK = 4, /* rank >= world */
+	INC_DROP_DUP = 5,      /* contribution already counted, slot still partial */
+	INC_DROP_STALE = 6,    /* psn older than the slot's round */
+	INC_DROP_AHEAD = 7,    /* psn newer than the slot's round while it is partial */
+	INC_DROP__COUNT = 8,
+};
+
+/* Per-job counters, in a per-CPU array indexed by job id (0 = unattributable). */
+struct inc_stats {
+	__u64 pkts_in;          /* INC data packets parsed for this job */
+	__u64 consumed;         /* contributions added and absorbed */
+	__u64 slots_completed;
+	__u64 results_mcast;    /* result copies sent out by the egress program */
+	__u64 retrans_answered; /* stored result unicast back to a retransmitter */
+	__u64 overflows;        /* slots whose int32 sum overflowed */
+	__u64 drops[INC_DROP__COUNT];
+};
+
+#endif /* INC_PROTO_H */

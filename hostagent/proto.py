@@ -1,0 +1,109 @@
+"""The INC wire format, derived from bpf/inc_proto.h.
+
+Constants (#define INC_* and enum entries) are parsed out of the C header at
+import time, so there is no second hand-kept list. The header layout is written
+out here as a numpy dtype because Python cannot take it from C without a
+compiler; tests/test_layout.py checks it against offsetof() from gcc.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+HEADER_PATH = Path(__file__).resolve().parent.parent / "bpf" / "inc_proto.h"
+
+
+def _parse_header(text: str) -> dict[str, int]:
+    consts: dict[str, int] = {}
+    for name, value in re.findall(r"^#define\s+(INC_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text, re.M):
+        consts[name] = int(value, 0)
+    for name, value in re.findall(r"^\s*(INC_\w+)\s*=\s*(0x[0-9a-fA-F]+|\d+)\s*,", text, re.M):
+        consts[name] = int(value, 0)
+    return consts
+
+
+C = _parse_header(HEADER_PATH.read_text())
+
+VERSION = C["INC_VERSION"]
+PORT = C["INC_PORT"]
+PORT_MIN = C["INC_PORT_MIN"]
+PORT_MAX = C["INC_PORT_MAX"]
+CTRL_PORT = C["INC_CTRL_PORT"]
+MAX_ELEMS = C["INC_MAX_ELEMS"]
+MAX_WORKERS = C["INC_MAX_WORKERS"]
+MAX_JOBS = C["INC_MAX_JOBS"]
+T_DATA = C["INC_T_DATA"]
+T_RESULT = C["INC_T_RESULT"]
+F_RETRANS = C["INC_F_RETRANS"]
+F_OVERFLOW = C["INC_F_OVERFLOW"]
+OP_SUM = C["INC_OP_SUM"]
+OP_MAX = C["INC_OP_MAX"]
+MODE_MODULO = C["INC_MODE_MODULO"]
+
+# Drop reasons in index order, named without the prefix: ["bad_hdr", ...].
+DROP_REASONS = [
+    name[len("INC_DROP_"):].lower()
+    for name, _ in sorted(
+        ((k, v) for k, v in C.items() if k.startswith("INC_DROP_") and not k.startswith("INC_DROP__")),
+        key=lambda kv: kv[1],
+    )
+]
+assert len(DROP_REASONS) == C["INC_DROP__COUNT"], "drop enum in inc_proto.h is not dense"
+
+HDR_DTYPE = np.dtype(
+    [
+        ("version", "u1"),
+        ("type", "u1"),
+        ("flags", "u1"),
+        ("op", "u1"),
+        ("job", "<u2"),
+        ("gen", "<u2"),
+        ("psn", "<u4"),
+        ("slot", "<u4"),
+        ("rank", "<u2"),
+        ("numel", "<u2"),
+        ("reserved", "<u4"),
+    ]
+)
+HDR_LEN = HDR_DTYPE.itemsize
+IP_UDP_OVERHEAD = 20 + 8
+
+
+def elems_for_mtu(mtu: int) -> int:
+    """Lanes that fit in one packet on a link of this MTU."""
+    return max(0, min(MAX_ELEMS, (mtu - IP_UDP_OVERHEAD - HDR_LEN) // 4))
+
+
+def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: int,
+                  psn0: int, op: int = OP_SUM) -> tuple[np.ndarray, np.ndarray]:
+    """All data packets of one reduction, built in one numpy buffer.
+
+    Returns (buf, sizes): row i of buf is packet i (header + `elems` lanes, the
+    last one zero-padded) and sizes[i] is how many of its bytes to send.
+    """
+    values = np.ascontiguousarray(values, dtype="<i4").ravel()
+    n = values.size
+    npk = max(1, -(-n // elems))
+    pkt = np.dtype([("hdr", HDR_DTYPE), ("data", "<i4", (elems,))])
+    buf = np.zeros(npk, dtype=pkt)
+    hdr = buf["hdr"]
+    hdr["version"] = VERSION
+    hdr["type"] = T_DATA
+    hdr["op"] = op
+    hdr["job"] = job
+    hdr["gen"] = gen
+    hdr["rank"] = rank
+    hdr["psn"] = (psn0 + np.arange(npk, dtype=np.uint64)) & 0xFFFFFFFF
+    numel = np.full(npk, elems, dtype=np.uint16)
+    numel[-1] = n - elems * (npk - 1) if n else 1
+    hdr["numel"] = numel
+    flat = buf["data"].reshape(-1)
+    flat[:n] = values
+    sizes = HDR_LEN + numel.astype(np.int64) * 4
+    return buf, sizes
+
+
+def parse_header(data: bytes | memoryview) -> np.void:
+    return np.frombuffer(data, dtype=HDR_DTYPE, count=1)[0]

@@ -1,0 +1,194 @@
+"""The switch dataplane as incd sees it: compile, attach, pin, and typed map access.
+
+Map value types come from bcc (`table.Leaf`), which builds them from the C
+structs in bpf/inc_proto.h, so nothing here restates a layout.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent import proto
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+SWITCH_SRC = BPF_DIR / "inc_switch.bpf.c"
+MAP_NAMES = ("jobs", "pool", "members", "stats", "tx_ports")
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+
+class DataplaneError(RuntimeError):
+    pass
+
+
+@dataclass
+class Port:
+    name: str
+    ifindex: int
+
+
+def _bcc():
+    try:
+        import bcc  # noqa: F401  (Debian's python3-bpfcc, system Python only)
+    except ImportError as e:
+        raise DataplaneError(
+            "bcc is not importable: run from the project venv made by scripts/setup.sh "
+            "(Debian python3-bpfcc, system Python)"
+        ) from e
+    return bcc
+
+
+class Dataplane:
+    def __init__(self, pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"]):
+        bcc = _bcc()
+        if not 1 <= pool_slots <= 1 << 20:
+            raise DataplaneError(f"pool size {pool_slots} out of range 1..{1 << 20}")
+        self.pool_slots = pool_slots
+        try:
+            self.bpf = bcc.BPF(
+                src_file=str(SWITCH_SRC).encode(),
+                cflags=[f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", "-w"],
+            )
+            self.ingress = self.bpf.load_func("xdp_inc_ingress", bcc.BPF.XDP)
+            self.egress = self.bpf.load_func(
+                "xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP
+            )
+        except Exception as e:  # bcc raises bare Exception on compile/verifier errors
+            raise DataplaneError(f"cannot build the XDP program: {e}") from e
+        self.jobs = self.bpf["jobs"]
+        self.pool = self.bpf["pool"]
+        self.members = self.bpf["members"]
+        self.stats = self.bpf["stats"]
+        self.tx_ports = self.bpf["tx_ports"]
+        self.ports: list[Port] = []
+        self.pin_dir: Path | None = None
+
+    # --- ports -----------------------------------------------------------
+    def attach(self, ports: list[Port]) -> None:
+        """XDP in native mode on every port, and all ports in the broadcast devmap."""
+        if len(ports) > proto.C["INC_MAX_PORTS"]:
+            raise DataplaneError(f"at most {proto.C['INC_MAX_PORTS']} ports")
+        for i, p in enumerate(ports):
+            val = self.tx_ports.Leaf()
+            val.ifindex = p.ifindex
+            val.bpf_prog.fd = self.egress.fd
+            self.tx_ports[ct.c_int(i)] = val
+        try:
+            for p in ports:
+                self.bpf.attach_xdp(p.name, self.ingress, XDP_FLAGS_DRV_MODE)
+                self.ports.append(p)
+        except Exception as e:
+            self.detach()
+            raise DataplaneError(f"cannot attach XDP to {p.name}: {e}") from e
+
+    def detach(self) -> None:
+        for p in self.ports:
+            detach_port(p.name)
+        self.ports = []
+
+    # --- pinning ----------------------------------------------------------
+    def pin(self, pin_dir: Path) -> None:
+        from bcc import libbcc
+
+        ensure_bpffs()
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        self.pin_dir = pin_dir
+        for name in MAP_NAMES:
+            path = pin_dir / name
+            if path.exists():
+                path.unlink()
+            if libbcc.lib.bpf_obj_pin(self.bpf[name].map_fd, str(path).encode()) != 0:
+                raise DataplaneError(f"cannot pin map {name} at {path}: errno {ct.get_errno()}")
+
+    def unpin(self) -> None:
+        if self.pin_dir is not None:
+            unpin_dir(self.pin_dir)
+            self.pin_dir = None
+
+    # --- jobs ---------------------------------------------------------------
+    def set_job(self, job: int, *, offset: int, slots: int, gen: int, world: int,
+                mode: int = proto.MODE_MODULO) -> None:
+        v = self.jobs.Leaf()
+        v.offset, v.slots, v.gen, v.mode, v.world = offset, slots, gen, mode, world
+        self.jobs[ct.c_int(job)] = v
+
+    def clear_job(self, job: int) -> None:
+        self.jobs[ct.c_int(job)] = self.jobs.Leaf()
+
+    def set_member(self, job: int, ifindex: int, *, mac: bytes, port_mac: bytes, addr: bytes,
+                   switch_addr: bytes, port: int, rank: int) -> None:
+        k = self.members.Key()
+        k.job, k.ifindex = job, ifindex
+        v = self.members.Leaf()
+        ct.memmove(v.mac, mac, 6)
+        ct.memmove(v.port_mac, port_mac, 6)
+        v.addr = int.from_bytes(addr, "little")          # keeps network order in memory
+        v.switch_addr = int.from_bytes(switch_addr, "little")
+        v.port = int.from_bytes(port.to_bytes(2, "big"), "little")
+        v.rank = rank
+        self.members[k] = v
+
+    def del_member(self, job: int, ifindex: int) -> None:
+        k = self.members.Key()
+        k.job, k.ifindex = job, ifindex
+        try:
+            del self.members[k]
+        except KeyError:
+            pass
+
+    # --- counters -----------------------------------------------------------
+    def read_stats(self, job: int) -> dict:
+        per_cpu = self.stats[ct.c_int(job)]
+        out = {f: 0 for f, _ in self.stats.sLeaf._fields_ if f != "drops"}
+        drops = [0] * len(proto.DROP_REASONS)
+        for v in per_cpu:
+            for f in out:
+                out[f] += getattr(v, f)
+            for i in range(len(drops)):
+                drops[i] += v.drops[i]
+        out["drops"] = dict(zip(proto.DROP_REASONS, drops))
+        return out
+
+    def reset_stats(self, job: int) -> None:
+        self.stats[ct.c_int(job)] = self.stats.Leaf(*([self.stats.sLeaf()] * self.stats.total_cpu))
+
+    def read_slot(self, idx: int):
+        return self.pool[ct.c_int(idx)]
+
+    def close(self) -> None:
+        self.detach()
+        self.unpin()
+        self.bpf.cleanup()
+
+
+def detach_port(name: str) -> None:
+    """Remove whatever XDP program a port has (native or generic); ignores gone ports."""
+    from bcc import BPF
+
+    for flags in (XDP_FLAGS_DRV_MODE, 0):
+        try:
+            BPF.remove_xdp(name, flags)
+        except Exception:
+            pass
+
+
+def ensure_bpffs() -> None:
+    if not os.path.ismount("/sys/fs/bpf"):
+        os.makedirs("/sys/fs/bpf", exist_ok=True)
+        if os.system("mount -t bpf bpf /sys/fs/bpf") != 0:
+            raise DataplaneError("/sys/fs/bpf is not a bpffs mount and mounting it failed")
+
+
+def unpin_dir(pin_dir: Path) -> None:
+    if not pin_dir.exists():
+        return
+    for name in MAP_NAMES:
+        try:
+            (pin_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        pin_dir.rmdir()
+    except OSError:
+        pass
