@@ -99,11 +99,21 @@ def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: i
     numel = np.full(npk, elems, dtype=np.uint16)
     numel[-1] = n - elems * (npk - 1) if n else 1
     hdr["numel"] = numel
-    flat = buf["data"].reshape(-1)
-    flat[:n] = values
+    # buf["data"] is strided (one row per packet), so fill it row-wise: a flat
+    # reshape of it would be a copy.
+    padded = np.zeros(npk * elems, dtype="<i4")
+    padded[:n] = values
+    buf["data"] = padded.reshape(npk, elems)
     sizes = HDR_LEN + numel.astype(np.int64) * 4
     return buf, sizes
 
 
 def parse_header(data: bytes | memoryview) -> np.void:
     return np.frombuffer(data, dtype=HDR_DTYPE, count=1)[0]
+
+# The same layout as a struct for parsing one received header without numpy overhead.
+_STRUCT_CODES = {"u1": "B", "<u2": "H", "<u4": "I"}
+HDR_STRUCT = __import__("struct").Struct(
+    "<" + "".join(_STRUCT_CODES[HDR_DTYPE.fields[f][0].str.replace("|", "")] for f in HDR_DTYPE.names)
+)
+assert HDR_STRUCT.size == HDR_LEN

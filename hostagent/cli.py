@@ -1,0 +1,135 @@
+"""inc-agent: a host's side of in-network aggregation."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import inputs, proto
+from .collective import AllreduceError, Communicator
+from .quantize import QuantizeError
+from .transport import Session, TransportError
+
+
+class CliError(Exception):
+    pass
+
+
+def load_input(path: str) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read {path}: {e}")
+    if x.dtype not in (np.float32, np.int32):
+        raise CliError(f"{path}: dtype {x.dtype} not supported (float32 or int32)")
+    return x
+
+
+def cmd_allreduce(a) -> int:
+    if a.world < 1 or a.world > proto.MAX_WORKERS:
+        raise CliError(f"--world must be in 1..{proto.MAX_WORKERS}")
+    if not 0 <= a.rank < a.world:
+        raise CliError(f"--rank must be in 0..{a.world - 1}")
+    if not 1 <= a.job < proto.MAX_JOBS:
+        raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
+    if a.iters < 1:
+        raise CliError("--iters must be at least 1")
+    if a.inp and a.verify:
+        raise CliError("--verify recomputes every rank's seeded input, so it cannot check --in data; "
+                       "compare the --out files instead")
+    if a.inp:
+        x = load_input(a.inp)
+    else:
+        if a.numel < 1:
+            raise CliError("--numel must be at least 1")
+        x = inputs.make_input(a.seed, a.rank, a.numel, a.dtype)
+    if a.out and Path(a.out).parent and not Path(a.out).parent.exists():
+        raise CliError(f"--out directory {Path(a.out).parent} does not exist")
+    say = (lambda *_: None) if (a.json or a.quiet) else (lambda m: print(m, file=sys.stderr, flush=True))
+
+    say(f"rank {a.rank}/{a.world}: registering job {a.job} with incd ...")
+    with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
+                 register_timeout=a.register_timeout, progress_timeout=a.timeout) as s:
+        comm = Communicator(s)
+        times = []
+        y = None
+        for it in range(a.iters):
+            t0 = time.perf_counter()
+            y = comm.allreduce(x)
+            times.append(time.perf_counter() - t0)
+            say(f"  iter {it + 1}/{a.iters}: {times[-1] * 1e3:.2f} ms")
+        s.done()
+        params = s.params
+        retx = s.stats.retransmits
+    verified = None
+    max_err = None
+    if a.verify:
+        all_in = [inputs.make_input(a.seed, r, x.size, str(x.dtype)) for r in range(a.world)]
+        verified, max_err = inputs.check_sum(y.ravel(), all_in, params.elems)
+    if a.out:
+        np.save(a.out, y)
+    med = statistics.median(times)
+    res = {
+        "job": a.job, "rank": a.rank, "world": a.world, "numel": int(x.size), "dtype": str(x.dtype),
+        "iters": a.iters, "times_s": times, "median_s": med,
+        "goodput_gbps": x.nbytes * 8 / med / 1e9, "retransmits": retx,
+        "elems_per_packet": params.elems, "window": params.window, "verified": verified,
+        "max_abs_err": max_err,
+    }
+    if a.json:
+        print(json.dumps(res))
+    else:
+        v = "" if verified is None else (" verified" if verified else f" WRONG (max err {max_err})")
+        print(f"allreduce job {a.job} rank {a.rank}/{a.world}: {x.size} x {x.dtype}, "
+              f"median {med * 1e3:.2f} ms, {res['goodput_gbps']:.3f} Gbit/s, "
+              f"{retx} retransmits{v}")
+    return 0 if verified in (None, True) else 4
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inc-agent", description="Host agent for in-network aggregation.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("allreduce", help="sum a vector with the other ranks through the switch",
+                       description="Sum a vector with the other ranks of a job through the XDP switch. "
+                       "All ranks of the job must be started with the same --job, --world, --window "
+                       "and vector size.")
+    a.add_argument("--job", type=int, required=True, help="job id, 1..1023, shared by all ranks")
+    a.add_argument("--rank", type=int, required=True)
+    a.add_argument("--world", type=int, required=True, help="number of ranks")
+    a.add_argument("--numel", type=int, default=262144, help="elements (default %(default)s)")
+    a.add_argument("--dtype", choices=["float32", "int32"], default="float32")
+    a.add_argument("--iters", type=int, default=1)
+    a.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    a.add_argument("--in", dest="inp", metavar="X.npy", help="this rank's input (float32 or int32)")
+    a.add_argument("--out", metavar="Y.npy", help="write the last iteration's result here")
+    a.add_argument("--verify", action="store_true", help="check the result against the seeded inputs")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.add_argument("--quiet", action="store_true", help="no progress lines")
+    a.add_argument("--switch", help="incd address (default: this host's default gateway)")
+    a.add_argument("--window", type=int, default=64, help="packets in flight (default %(default)s)")
+    a.add_argument("--timeout", type=float, default=10.0,
+                   help="fail if no result arrives for this many seconds (default %(default)s)")
+    a.add_argument("--register-timeout", type=float, default=30.0,
+                   help="how long to wait for the other ranks to register (default %(default)s)")
+    a.set_defaults(fn=cmd_allreduce)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CliError, TransportError, AllreduceError, QuantizeError) as e:
+        print(f"inc-agent: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

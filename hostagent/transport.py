@@ -1,0 +1,226 @@
+"""Talking to the switch: registration over incd's control API, and a reliable
+windowed reduction of int32 vectors over UDP.
+
+Window rule (NetReduce): a worker sends psn p only while p < lowest psn without
+a result + W. The job's region has 2W slots, so when anyone sends p, every
+worker already holds the result of p - 2W and the slot can start a new round.
+Losses are repaired by the sender: a timeout (adaptive RTO) or three later
+results arriving first makes it resend; the switch either adds the missing
+contribution or answers from the stored result.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import proto
+
+
+class TransportError(RuntimeError):
+    pass
+
+
+def default_gateway() -> str | None:
+    """The IPv4 default gateway of this namespace: where the switch is in the lab."""
+    try:
+        with open("/proc/net/route") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == "00000000" and int(fields[3], 16) & 2:
+                    return socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass
+class JobParams:
+    job: int
+    gen: int
+    world: int
+    window: int
+    elems: int
+    data_addr: str
+    data_port: int
+
+
+@dataclass
+class ReduceStats:
+    packets: int = 0
+    retransmits: int = 0
+    rto_s: float = 0.0
+
+
+class Session:
+    """One rank's membership in one job: control connection plus data socket."""
+
+    def __init__(self, job: int, rank: int, world: int, *, window: int = 64,
+                 switch: str | None = None, ctrl_port: int = proto.CTRL_PORT,
+                 register_timeout: float = 30.0, progress_timeout: float = 10.0):
+        self.rank = rank
+        self.progress_timeout = progress_timeout
+        switch = switch or default_gateway()
+        if not switch:
+            raise TransportError("no switch address: pass --switch (there is no default gateway)")
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            self.udp.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+        self.udp.bind(("0.0.0.0", 0))
+        try:
+            self.ctrl = socket.create_connection((switch, ctrl_port), timeout=10)
+        except OSError as e:
+            self.udp.close()
+            raise TransportError(f"cannot reach incd at {switch}:{ctrl_port}: {e}") from e
+        try:
+            self.ctrl.settimeout(register_timeout + 10)
+            reply = self._call({
+                "op": "register", "job": job, "rank": rank, "world": world, "window": window,
+                "port": self.udp.getsockname()[1], "mode": "modulo", "timeout": register_timeout,
+            })
+            self.params = JobParams(reply["job"], reply["gen"], reply["world"], reply["window"],
+                                    reply["elems"], reply["data_addr"], reply["data_port"])
+            if self.params.elems <= 0:
+                raise TransportError("switch ports' MTU too small for an INC packet")
+            self.udp.connect((self.params.data_addr, self.params.data_port))
+        except BaseException:
+            self.close()
+            raise
+        self.next_psn = 0
+        self.srtt = None
+        self.rttvar = 0.0
+        self.rto = 0.02
+        self.stats = ReduceStats()
+
+    def _call(self, req: dict) -> dict:
+        self.ctrl.sendall((json.dumps(req) + "\n").encode())
+        buf = b""
+        try:
+            while not buf.endswith(b"\n"):
+                chunk = self.ctrl.recv(65536)
+                if not chunk:
+                    raise TransportError("incd closed the control connection")
+                buf += chunk
+        except socket.timeout as e:
+            raise TransportError(f"incd did not answer {req['op']!r} in time") from e
+        reply = json.loads(buf)
+        if not reply.get("ok"):
+            raise TransportError(f"incd refused {req['op']}: {reply.get('error')}")
+        return reply
+
+    def close(self) -> None:
+        for s in (getattr(self, "ctrl", None), self.udp):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- data path ----------------------------------------------------------
+    def _sample_rtt(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.rto = min(0.2, max(0.005, self.srtt + 4 * self.rttvar))
+
+    def reduce(self, values: np.ndarray, op: int = proto.OP_SUM) -> tuple[np.ndarray, bool]:
+        """Aggregate an int32 vector with the other ranks. Returns (result, overflowed)."""
+        p = self.params
+        values = np.ascontiguousarray(values, dtype=np.int32).ravel()
+        n = values.size
+        E = p.elems
+        psn0 = self.next_psn
+        buf, sizes = proto.build_packets(values, E, job=p.job, gen=p.gen, rank=self.rank,
+                                         psn0=psn0, op=op)
+        npk = len(buf)
+        self.next_psn = (psn0 + npk) & 0xFFFFFFFF
+        raw = buf.view(np.uint8).reshape(npk, -1)
+        pkts = [memoryview(raw[i])[: sizes[i]] for i in range(npk)]
+        out = np.zeros(npk * E, dtype=np.int32)
+        got = np.zeros(npk, dtype=bool)
+        sends = np.zeros(npk, dtype=np.int32)
+        sent_at = np.zeros(npk)
+        fast_done = np.zeros(npk, dtype=bool)
+        overflow = False
+        W = p.window
+        base = nxt = ngot = 0
+        last_progress = time.monotonic()
+        rbuf = bytearray(proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
+        unpack = proto.HDR_STRUCT.unpack_from
+        sock = self.udp
+        retx = 0
+
+        def resend(i: int, now: float) -> None:
+            nonlocal retx
+            raw[i, 2] |= proto.F_RETRANS
+            sock.send(pkts[i])
+            sent_at[i] = now
+            sends[i] += 1
+            retx += 1
+
+        while ngot < npk:
+            now = time.monotonic()
+            while nxt < npk and nxt < base + W:
+                sock.send(pkts[nxt])
+                sent_at[nxt] = now
+                sends[nxt] = 1
+                nxt += 1
+            sock.settimeout(self.rto)
+            try:
+                nbytes = sock.recv_into(rbuf)
+            except socket.timeout:
+                nbytes = 0
+            except ConnectionRefusedError:
+                nbytes = 0  # an ICMP error from an earlier send; the data path is UDP
+            now = time.monotonic()
+            if nbytes >= proto.HDR_LEN:
+                (ver, typ, flags, _op, job, gen, psn, _slot, _rank, numel, _r) = unpack(rbuf)
+                i = (psn - psn0) & 0xFFFFFFFF
+                if (ver == proto.VERSION and typ == proto.T_RESULT and job == p.job and gen == p.gen
+                        and i < npk and not got[i] and nbytes >= proto.HDR_LEN + 4 * numel
+                        and numel == (sizes[i] - proto.HDR_LEN) // 4):
+                    out[i * E: i * E + numel] = np.frombuffer(rbuf, "<i4", numel, proto.HDR_LEN)
+                    got[i] = True
+                    ngot += 1
+                    overflow |= bool(flags & proto.F_OVERFLOW)
+                    if sends[i] == 1:
+                        self._sample_rtt(now - sent_at[i])
+                    last_progress = now
+                    while base < npk and got[base]:
+                        base += 1
+                    # Results overtaking base: its contribution or its result was lost.
+                    if base < npk and i >= base + 3 and not fast_done[base]:
+                        fast_done[base] = True
+                        resend(base, now)
+            if base < nxt and now - sent_at[base] > self.rto:
+                for j in range(base, nxt):
+                    if not got[j] and now - sent_at[j] > self.rto:
+                        resend(j, now)
+                self.rto = min(0.2, self.rto * 1.5)  # back off while nothing comes back
+            if now - last_progress > self.progress_timeout:
+                raise TransportError(
+                    f"job {p.job}: no result for psn {psn0 + base} in {self.progress_timeout:.1f}s "
+                    f"({ngot}/{npk} packets done); another rank may have stopped, or incd is gone")
+        self.stats.packets += npk
+        self.stats.retransmits += retx
+        self.stats.rto_s = self.rto
+        return out[:n], overflow
+
+    def done(self) -> None:
+        try:
+            self._call({"op": "done"})
+        except (TransportError, OSError):
+            pass

@@ -1,0 +1,239 @@
+"""incd: the INC switch daemon's command line (start / stop / status)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hostagent import proto
+
+from . import daemon
+
+LAB_STATE_DIR = Path("/run/inc-lab")
+
+
+class CliError(Exception):
+    pass
+
+
+def admin_request(instance: str, req: dict, timeout: float = 10.0) -> dict:
+    path = str(daemon.admin_path(instance))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall((json.dumps(req) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    if not buf:
+        raise ConnectionError("incd closed the admin connection without answering")
+    return json.loads(buf)
+
+
+def build_config(args) -> daemon.Config:
+    cfg = daemon.Config(instance=args.instance)
+    if args.config:
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CliError(f"cannot read config {args.config}: {e}")
+        known = set(daemon.Config.__dataclass_fields__) - {"instance"}
+        unknown = set(data) - known
+        if unknown:
+            raise CliError(f"config {args.config}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        for k, v in data.items():
+            setattr(cfg, k, v)
+    if args.ports:
+        cfg.ports = [p for p in args.ports.split(",") if p]
+        cfg.netns = args.netns
+    elif args.netns:
+        cfg.netns = args.netns
+    if not cfg.ports:
+        lab = LAB_STATE_DIR / f"{args.lab}.json"
+        try:
+            st = json.loads(lab.read_text())
+        except FileNotFoundError:
+            raise CliError(f"no switch ports: give --ports or --config, or start a lab first "
+                           f"(inc-lab up --workers 4); {lab} does not exist")
+        except json.JSONDecodeError as e:
+            raise CliError(f"lab state {lab} is corrupt: {e}")
+        cfg.netns = st["switch_netns"]
+        cfg.ports = [h["switch_port"] for h in st["hosts"]]
+    if args.listen:
+        host, _, port = args.listen.rpartition(":") if ":" in args.listen else (args.listen, "", "")
+        cfg.listen = host or "0.0.0.0"
+        if port:
+            cfg.listen_port = int(port)
+    if args.pool_slots is not None:
+        cfg.pool_slots = args.pool_slots
+    if args.register_timeout is not None:
+        cfg.register_timeout = args.register_timeout
+    if not 1 <= cfg.pool_slots <= 1 << 20:
+        raise CliError(f"--pool-slots must be in 1..{1 << 20}")
+    return cfg
+
+
+def cmd_start(args) -> int:
+    cfg = build_config(args)
+    st = daemon.read_state(cfg.instance)
+    if st and daemon.pid_alive(st.get("pid", -1)):
+        raise CliError(f"incd ({cfg.instance}) is already running, pid {st['pid']}; `incd stop` first")
+    if st:
+        daemon.cleanup_leftovers(cfg.instance)  # a previous incd died without cleaning up
+    if args.foreground:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s incd: %(message)s")
+        try:
+            return daemon.run(cfg)
+        except Exception as e:  # startup failures: one line, not a traceback
+            logging.getLogger("incd").error("%s", e)
+            return 1
+    daemon.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    logf = daemon.log_path(cfg.instance)
+    argv = [sys.executable, "-m", "incd.cli", "--instance", cfg.instance, "start", "--foreground"]
+    cfg_file = daemon.RUN_DIR / f"{cfg.instance}.config.json"
+    cfg_file.write_text(json.dumps({k: v for k, v in cfg.__dict__.items() if k != "instance"}))
+    argv += ["--config", str(cfg_file)]
+    with open(logf, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, cwd="/")
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
+            raise CliError("incd failed to start:\n  " + "\n  ".join(tail))
+        try:
+            s = admin_request(cfg.instance, {"op": "status"}, timeout=2)
+            if s.get("ok") and s.get("pid") == proc.pid:
+                ports = ",".join(p["name"] for p in s["ports"])
+                ns = f" in netns {s['netns']}" if s["netns"] else ""
+                print(f"incd started (pid {proc.pid}): XDP on {ports}{ns}, control {s['control']}, "
+                      f"pool {s['pool_slots']} slots; log {logf}")
+                return 0
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise CliError(f"incd did not come up within {args.wait:.0f}s; see {logf}")
+
+
+def cmd_stop(args) -> int:
+    st = daemon.read_state(args.instance)
+    if st is None:
+        left = daemon.cleanup_leftovers(args.instance)
+        print(f"incd ({args.instance}) is not running" + (f"; cleaned: {', '.join(left)}" if left else ""))
+        return 0
+    pid = st.get("pid", -1)
+    if daemon.pid_alive(pid):
+        try:
+            admin_request(args.instance, {"op": "stop"}, timeout=5)
+        except (OSError, ValueError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while daemon.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if daemon.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+    left = daemon.cleanup_leftovers(args.instance)
+    print(f"incd stopped (pid {pid})" + (f"; also cleaned: {', '.join(left)}" if left else ""))
+    return 0
+
+
+def _fmt_counters(c: dict | None) -> str:
+    if not c:
+        return "-"
+    drops = {k: v for k, v in c["drops"].items() if v}
+    return (f"in={c['pkts_in']} completed={c['slots_completed']} mcast={c['results_mcast']} "
+            f"retx_answered={c['retrans_answered']} overflow={c['overflows']} drops={drops or 0}")
+
+
+def cmd_status(args) -> int:
+    try:
+        s = admin_request(args.instance, {"op": "status"})
+    except (OSError, ValueError):
+        if args.json:
+            print(json.dumps({"running": False, "instance": args.instance}))
+        else:
+            print(f"incd ({args.instance}) is not running")
+        return 3
+    s.pop("ok", None)
+    s["running"] = True
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    ns = f" netns {s['netns']}" if s["netns"] else ""
+    print(f"incd ({s['instance']}) running, pid {s['pid']}{ns}, up {s['uptime_s']}s, control {s['control']}")
+    print("ports: " + ", ".join(f"{p['name']}(ifindex {p['ifindex']}, mtu {p['mtu']}, xdp {p['xdp']})"
+                                for p in s["ports"]))
+    print(f"pool: {s['pool_slots']} slots, {s['free_slots']} free")
+    if not s["jobs"]:
+        print("jobs: none")
+    for j in s["jobs"]:
+        members = " ".join(f"{m['rank']}@{m['addr']}:{m['port']}/{m['switch_port']}" for m in j["members"])
+        print(f"job {j['job']} [{j['state']}] {j['mode']} gen={j['gen']} world={j['world']} "
+              f"window={j['window']} region={j['offset']}+{j['slots']} elems/pkt={j['elems_per_packet']}")
+        print(f"    members: {members}")
+        print(f"    {_fmt_counters(j['counters'])}")
+    for j in s["finished"][-5:]:
+        print(f"ended job {j['job']} gen={j['gen']} ({j['end_reason']}): {_fmt_counters(j['counters'])}")
+    un = {k: v for k, v in s["unattributed"].items() if v}
+    if un:
+        print(f"drops not attributable to a job: {un}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="incd", description="INC switch daemon: loads the XDP aggregation "
+                                "dataplane on the switch ports and serves the job control API.")
+    p.add_argument("--instance", default="incd", help="instance name (state in /run/incd/NAME.*, "
+                   "maps pinned in /sys/fs/bpf/NAME); default %(default)s")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="attach XDP to the switch ports and serve the control API")
+    s.add_argument("--foreground", action="store_true", help="run in this process, log to stderr")
+    s.add_argument("--lab", default="inc", help="take ports from this inc-lab lab when no --ports/--config "
+                   "(default %(default)s)")
+    s.add_argument("--ports", help="comma-separated switch ports, e.g. eth1,eth2 (real NICs)")
+    s.add_argument("--netns", help="network namespace the ports live in (default: current)")
+    s.add_argument("--config", help="JSON file: netns, ports, listen, listen_port, pool_slots, allow, "
+                   "register_timeout")
+    s.add_argument("--listen", help=f"control API address[:port] (default 0.0.0.0:{proto.CTRL_PORT})")
+    s.add_argument("--pool-slots", type=int, help="aggregator slots in the switch "
+                   f"(default {proto.C['INC_POOL_SLOTS_DEFAULT']})")
+    s.add_argument("--register-timeout", type=float, help="seconds a rank waits for the others (default 30)")
+    s.add_argument("--wait", type=float, default=60.0, help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_start)
+    t = sub.add_parser("stop", help="detach XDP, unpin maps, stop the daemon")
+    t.add_argument("--timeout", type=float, default=10.0, help="seconds before it is killed")
+    t.set_defaults(fn=cmd_stop)
+    u = sub.add_parser("status", help="ports, jobs and per-job counters")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if os.geteuid() != 0:
+        print("incd: must run as root (XDP, BPF maps, network namespaces); try sudo", file=sys.stderr)
+        return 1
+    try:
+        return args.fn(args)
+    except CliError as e:
+        print(f"incd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The incd process: enter the switch's namespace, load and attach the dataplane,
+pin its maps, serve the control and admin APIs, and undo all of it on stop."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hostagent import proto
+
+from . import netinfo
+from .dataplane import Dataplane, Port
+from .registry import Registry
+from .server import AdminServer, ControlServer
+
+RUN_DIR = Path("/run/incd")
+PIN_ROOT = Path("/sys/fs/bpf")
+log = logging.getLogger("incd")
+
+
+@dataclass
+class Config:
+    instance: str = "incd"
+    netns: str | None = None
+    ports: list[str] = field(default_factory=list)
+    listen: str = "0.0.0.0"
+    listen_port: int = proto.CTRL_PORT
+    pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"]
+    allow: list[str] = field(default_factory=list)  # CIDRs; empty = the ports' networks
+    register_timeout: float = 30.0
+
+
+def state_path(instance: str) -> Path:
+    return RUN_DIR / f"{instance}.json"
+
+
+def admin_path(instance: str) -> Path:
+    return RUN_DIR / f"{instance}.sock"
+
+
+def log_path(instance: str) -> Path:
+    return RUN_DIR / f"{instance}.log"
+
+
+def pin_dir(instance: str) -> Path:
+    return PIN_ROOT / instance
+
+
+def read_state(instance: str) -> dict | None:
+    try:
+        return json.loads(state_path(instance).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def enter_netns(name: str | None) -> None:
+    if name:
+        from pyroute2 import netns
+
+        if name not in netns.listnetns():
+            raise RuntimeError(f"network namespace {name!r} does not exist")
+        netns.setns(name)
+
+
+def run(cfg: Config) -> int:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    old = read_state(cfg.instance)
+    if old and pid_alive(old.get("pid", -1)) and old.get("pid") != os.getpid():
+        raise RuntimeError(f"incd instance {cfg.instance!r} is already running (pid {old['pid']})")
+    if not cfg.ports:
+        raise RuntimeError("no switch ports given")
+    enter_netns(cfg.netns)
+    ports = [netinfo.port_info(n) for n in cfg.ports]
+    allow = [ipaddress.ip_network(a, strict=False) for a in cfg.allow] or netinfo.connected_networks(ports)
+
+    stop = threading.Event()
+    dp = Dataplane(cfg.pool_slots)
+    servers = []
+    try:
+        dp.attach([Port(p.name, p.ifindex) for p in ports])
+        dp.pin(pin_dir(cfg.instance))
+        registry = Registry(dp, cfg.pool_slots, {p.ifindex: p.name for p in ports})
+        ctrl = ControlServer((cfg.listen, cfg.listen_port), registry, netinfo,
+                             {p.ifindex for p in ports}, allow, cfg.register_timeout)
+        servers.append(ctrl)
+        started = time.time()
+
+        def status() -> dict:
+            return {
+                "instance": cfg.instance, "pid": os.getpid(), "netns": cfg.netns,
+                "uptime_s": round(time.time() - started, 1),
+                "control": f"{cfg.listen}:{cfg.listen_port}",
+                "allow": [str(a) for a in allow],
+                "pin_dir": str(pin_dir(cfg.instance)),
+                "ports": [{**asdict(p), "xdp": "native"} for p in ports],
+                **registry.snapshot(),
+            }
+
+        admin = AdminServer(str(admin_path(cfg.instance)), status, stop.set)
+        servers.append(admin)
+        for s in servers:
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: stop.set())
+        state_path(cfg.instance).write_text(json.dumps({
+            "pid": os.getpid(), "instance": cfg.instance, "netns": cfg.netns,
+            "ports": [p.name for p in ports], "pin_dir": str(pin_dir(cfg.instance)),
+            "admin": str(admin_path(cfg.instance)), "control": f"{cfg.listen}:{cfg.listen_port}",
+        }))
+        log.info("incd %s: XDP on %s, pool %d slots, control on %s:%d",
+                 cfg.instance, ",".join(p.name for p in ports), cfg.pool_slots, cfg.listen, cfg.listen_port)
+        while not stop.wait(1.0):
+            pass
+        log.info("stopping")
+        registry.shutdown()
+        return 0
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+        dp.close()
+        for p in (state_path(cfg.instance), admin_path(cfg.instance)):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        log.info("stopped: XDP detached, maps unpinned")
+
+
+def cleanup_leftovers(instance: str) -> list[str]:
+    """Undo what a dead incd left: XDP on its ports, pinned maps, state files."""
+    from .dataplane import detach_port, unpin_dir
+
+    done = []
+    st = read_state(instance)
+    if st:
+        try:
+            enter_netns(st.get("netns"))
+            for name in st.get("ports", []):
+                detach_port(name)
+                done.append(f"detached XDP from {name}")
+        except RuntimeError as e:
+            done.append(f"ports not reachable ({e})")
+    if pin_dir(instance).exists():
+        unpin_dir(pin_dir(instance))
+        done.append(f"unpinned {pin_dir(instance)}")
+    for p in (state_path(instance), admin_path(instance)):
+        if p.exists():
+            p.unlink()
+    return done
