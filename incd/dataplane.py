@@ -50,17 +50,17 @@ class Dataplane:
                 src_file=str(SWITCH_SRC).encode(),
                 cflags=[f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", "-w"],
             )
-            self.ingress = self.bpf.load_func("xdp_inc_ingress", bcc.BPF.XDP)
+            self.ingress = self.bpf.load_func(b"xdp_inc_ingress", bcc.BPF.XDP)
             self.egress = self.bpf.load_func(
-                "xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP
+                b"xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP
             )
         except Exception as e:  # bcc raises bare Exception on compile/verifier errors
             raise DataplaneError(f"cannot build the XDP program: {e}") from e
-        self.jobs = self.bpf["jobs"]
-        self.pool = self.bpf["pool"]
-        self.members = self.bpf["members"]
-        self.stats = self.bpf["stats"]
-        self.tx_ports = self.bpf["tx_ports"]
+        self.jobs = self.bpf[b"jobs"]
+        self.pool = self.bpf[b"pool"]
+        self.members = self.bpf[b"members"]
+        self.stats = self.bpf[b"stats"]
+        self.tx_ports = self.bpf[b"tx_ports"]
         self.ports: list[Port] = []
         self.pin_dir: Path | None = None
 
@@ -76,7 +76,7 @@ class Dataplane:
             self.tx_ports[ct.c_int(i)] = val
         try:
             for p in ports:
-                self.bpf.attach_xdp(p.name, self.ingress, XDP_FLAGS_DRV_MODE)
+                self.bpf.attach_xdp(p.name.encode(), self.ingress, XDP_FLAGS_DRV_MODE)
                 self.ports.append(p)
         except Exception as e:
             self.detach()
@@ -98,7 +98,7 @@ class Dataplane:
             path = pin_dir / name
             if path.exists():
                 path.unlink()
-            if libbcc.lib.bpf_obj_pin(self.bpf[name].map_fd, str(path).encode()) != 0:
+            if libbcc.lib.bpf_obj_pin(self.bpf[name.encode()].map_fd, str(path).encode()) != 0:
                 raise DataplaneError(f"cannot pin map {name} at {path}: errno {ct.get_errno()}")
 
     def unpin(self) -> None:
@@ -168,7 +168,7 @@ def detach_port(name: str) -> None:
 
     for flags in (XDP_FLAGS_DRV_MODE, 0):
         try:
-            BPF.remove_xdp(name, flags)
+            BPF.remove_xdp(name.encode(), flags)
         except Exception:
             pass
 

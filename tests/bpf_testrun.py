@@ -40,7 +40,7 @@ class RunResult:
         return VERDICT_NAMES.get(self.verdict, str(self.verdict))
 
 
-def test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> RunResult:
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> RunResult:
     from bcc import libbcc
 
     fn = libbcc.lib.bpf_prog_test_run_opts

@@ -1,0 +1,52 @@
+import random
+
+import pytest
+
+from incd.allocator import AllocError, RegionAllocator
+
+
+def test_first_fit_and_coalescing():
+    a = RegionAllocator(100)
+    x, y, z = a.alloc(30), a.alloc(30), a.alloc(40)
+    assert (x, y, z) == (0, 30, 60)
+    with pytest.raises(AllocError, match="full"):
+        a.alloc(1)
+    a.free(30)
+    a.free(0)
+    assert a.largest_free() == 60  # the two holes merged
+    assert a.alloc(60) == 0
+
+
+def test_random_alloc_free_never_overlaps():
+    rng = random.Random(7)
+    a = RegionAllocator(1000)
+    live = {}
+    for _ in range(5000):
+        if live and rng.random() < 0.45:
+            off = rng.choice(list(live))
+            a.free(off)
+            del live[off]
+        else:
+            n = rng.randint(1, 120)
+            try:
+                off = a.alloc(n)
+            except AllocError:
+                assert a.largest_free() < n
+                continue
+            live[off] = n
+        spans = sorted(live.items())
+        for (o1, n1), (o2, _) in zip(spans, spans[1:]):
+            assert o1 + n1 <= o2
+        assert all(0 <= o and o + n <= 1000 for o, n in spans)
+        assert a.free_slots() == 1000 - sum(live.values())
+    for off in list(live):
+        a.free(off)
+    assert a.largest_free() == 1000
+
+
+def test_bad_requests():
+    a = RegionAllocator(10)
+    with pytest.raises(AllocError):
+        a.alloc(0)
+    with pytest.raises(AllocError):
+        a.free(3)

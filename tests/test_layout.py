@@ -1,0 +1,44 @@
+"""The Python codec's view of inc_hdr must match what a C compiler makes of
+bpf/inc_proto.h, and the constants Python parses must be the compiler's."""
+import json
+import subprocess
+
+from hostagent import proto
+
+PROG = r'''
+#include <stdio.h>
+#include <stddef.h>
+#include "inc_proto.h"
+#define F(f) printf("\"%s\": [%zu, %zu],", #f, offsetof(struct inc_hdr, f), sizeof(((struct inc_hdr *)0)->f));
+int main(void) {
+  printf("{");
+  F(version) F(type) F(flags) F(op) F(job) F(gen) F(psn) F(slot) F(rank) F(numel) F(reserved)
+  printf("\"__size\": [%zu, 0], \"INC_MAX_ELEMS\": [%d, 0], \"INC_PORT\": [%d, 0], \"INC_DROP__COUNT\": [%d, 0]}",
+         sizeof(struct inc_hdr), INC_MAX_ELEMS, INC_PORT, INC_DROP__COUNT);
+  return 0;
+}
+'''
+
+
+def compiled_layout(tmp_path):
+    src = tmp_path / "layout.c"
+    src.write_text(PROG)
+    exe = tmp_path / "layout"
+    subprocess.run(["gcc", "-I", str(proto.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
+    return json.loads(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+
+
+def test_header_layout_matches_c(tmp_path):
+    c = compiled_layout(tmp_path)
+    assert c.pop("__size")[0] == proto.HDR_LEN == proto.HDR_STRUCT.size
+    for name in ("INC_MAX_ELEMS", "INC_PORT", "INC_DROP__COUNT"):
+        assert c.pop(name)[0] == proto.C[name]
+    assert list(c) == list(proto.HDR_DTYPE.names)
+    for name, (off, size) in c.items():
+        dt, py_off = proto.HDR_DTYPE.fields[name][:2]
+        assert (py_off, dt.itemsize) == (off, size), name
+
+
+def test_frame_fits_xdp_linear_limit():
+    # Ethernet + IPv4 + UDP + header + full payload must stay under ~3.5 KiB.
+    assert 14 + proto.IP_UDP_OVERHEAD + proto.HDR_LEN + 4 * proto.MAX_ELEMS <= 3500

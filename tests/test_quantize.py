@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from hostagent import inputs, quantize
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, 64])
+def test_sum_of_quantized_never_overflows_and_meets_bound(world):
+    rng = np.random.default_rng(world)
+    block = 100
+    xs = [(rng.standard_normal(1003) * 10.0 ** rng.integers(-20, 20)).astype(np.float32) for _ in range(world)]
+    xs[0][:5] = np.float32(3.4e38)  # largest float32 magnitudes in one block
+    e_max = np.max([quantize.block_exponents(x, block) for x in xs], axis=0)
+    qs = [quantize.quantize(x, e_max, world, block) for x in xs]
+    total = np.sum([q.astype(np.int64) for q in qs], axis=0)
+    assert np.all(np.abs(total) <= 2**31 - 1)
+    got = quantize.dequantize(total.astype(np.int32), e_max, world, block)
+    ok, _ = inputs.check_sum(got, xs, block)
+    assert ok
+
+
+def test_zero_and_tiny_blocks():
+    x = np.zeros(10, dtype=np.float32)
+    x[7] = 1e-45  # subnormal
+    e = quantize.block_exponents(x, 5)
+    assert e[0] == quantize.ZERO_EXP
+    q = quantize.quantize(x, e, 2, 5)
+    assert quantize.dequantize(q, e, 2, 5)[7] == pytest.approx(1e-45, abs=1e-45)
+
+
+def test_nan_is_refused():
+    with pytest.raises(quantize.QuantizeError):
+        quantize.block_exponents(np.array([1.0, np.nan], dtype=np.float32), 2)
+
+
+def test_disagreeing_exponents_are_detected():
+    x = np.array([1000.0], dtype=np.float32)
+    with pytest.raises(quantize.QuantizeError):
+        quantize.quantize(x, np.array([1], dtype=np.int32), 2, 1)
+
+
+def test_check_sum_catches_an_error():
+    xs = [inputs.make_input(1, r, 50, "int32") for r in range(3)]
+    s = np.sum(xs, axis=0).astype(np.int32)
+    assert inputs.check_sum(s, xs, 10) == (True, 0.0)
+    s[3] += 1
+    assert inputs.check_sum(s, xs, 10)[0] is False
+    fs = [inputs.make_input(1, r, 50, "float32") for r in range(3)]
+    f = np.sum(fs, axis=0, dtype=np.float64).astype(np.float32)
+    assert inputs.check_sum(f, fs, 10)[0]
+    f[0] += 0.01
+    assert not inputs.check_sum(f, fs, 10)[0]
