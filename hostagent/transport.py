@@ -21,6 +21,11 @@ import numpy as np
 from . import proto
 
 
+# Below this, 4 agents sharing 2 cores time out on each other just by being
+# descheduled; losses are mostly repaired earlier by the fast retransmit.
+MIN_RTO = 0.02
+
+
 class TransportError(RuntimeError):
     pass
 
@@ -134,7 +139,7 @@ class Session:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.rto = min(0.2, max(0.005, self.srtt + 4 * self.rttvar))
+        self.rto = min(0.2, max(MIN_RTO, self.srtt + 4 * self.rttvar))
 
     def reduce(self, values: np.ndarray, op: int = proto.OP_SUM) -> tuple[np.ndarray, bool]:
         """Aggregate an int32 vector with the other ranks. Returns (result, overflowed)."""
