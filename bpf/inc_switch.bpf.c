@@ -241,7 +241,7 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	h->flags = overflow ? INC_F_OVERFLOW : 0;
 	udp->check = 0; /* payload rewritten; 0 = no checksum is valid for IPv4 UDP */
 	if (verdict == V_RETX) {
-		/* Unicast back the way it came: swapping addresses keeps the IP checksum. */
+		/* Unicast back the way it came; swapping addresses keeps the IP checksum. */
 		__u8 tmp[ETH_ALEN];
 		__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
 		__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
@@ -254,7 +254,11 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 		udp->dest = p;
 		if (st)
 			st->retrans_answered++;
-		return XDP_TX;
+		/* Not XDP_TX: on veth, XDP_TX only wakes the peer's NAPI when the peer
+		 * runs XDP itself, so with GRO alone the answer would sit in the peer's
+		 * ring until some later redirect flushed it - at the end of a job,
+		 * never. A redirect back out of the ingress port flushes properly. */
+		return bpf_redirect(ctx->ingress_ifindex, 0);
 	}
 	if (st) {
 		st->consumed++;

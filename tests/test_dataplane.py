@@ -10,7 +10,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from bpf_testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, prog_test_run
+from bpf_testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
 from hostagent import proto
 
 W_MAC, SW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:fe"
@@ -101,7 +101,7 @@ def test_modulo_round_lifecycle(dp):
         Step("last contributor", inc(job, gen, 1, P, c), XDP_REDIRECT, lanes=[111, -178, 333],
              counters={"pkts_in": 1, "consumed": 1, "slots_completed": 1},
              slot={"state": 2, "count": 3, "bitmap": 0b111}),
-        Step("retransmission after completion", inc(job, gen, 0, P, a), XDP_TX, lanes=[111, -178, 333],
+        Step("retransmission after completion", inc(job, gen, 0, P, a), XDP_REDIRECT, lanes=[111, -178, 333],
              counters={"pkts_in": 1, "retrans_answered": 1}, slot={"state": 2, "lanes": [111, -178, 333]}),
         Step("slot reuse after 2W", inc(job, gen, 1, P + SLOTS, [7, 7, 7]), XDP_DROP,
              counters={"pkts_in": 1, "consumed": 1},
@@ -112,11 +112,12 @@ def test_modulo_round_lifecycle(dp):
              counters={"pkts_in": 1, "drops.ahead": 1}, slot={"psn": P + SLOTS, "lanes": [7, 7, 7]}),
     ]
     for st, r in run_steps(dp, job, P, steps):
-        if st.verdict == XDP_REDIRECT:
+        if st.what == "last contributor":
             out = Ether(r.data)
             assert out[UDP].chksum == 0
             assert hdr_of(r.data)["type"] == proto.T_RESULT
-        if st.verdict == XDP_TX:
+        if st.what == "retransmission after completion":
+            # unicast back out of the ingress port, addressed to the sender
             out = Ether(r.data)
             assert (out.src, out.dst) == (SW_MAC, W_MAC)
             assert (out[IP].src, out[IP].dst) == (SW_IP, W_IP)
