@@ -12,6 +12,6 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -v tests
 
+# Leftovers of an interrupted demo or benchmark (normally they clean up themselves).
 clean:
-	-.venv/bin/incd --instance incbench-incd stop
-	-.venv/bin/inc-lab --name incbench down
+	-for n in incdemo incbench; do .venv/bin/incd --instance $$n-incd stop; .venv/bin/inc-lab --name $$n down; done
