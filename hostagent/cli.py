@@ -53,8 +53,10 @@ def cmd_allreduce(a) -> int:
     say = (lambda *_: None) if (a.json or a.quiet) else (lambda m: print(m, file=sys.stderr, flush=True))
 
     say(f"rank {a.rank}/{a.world}: registering job {a.job} with incd ...")
+    # incd refuses ranks whose vectors differ, instead of letting them hang
     with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
-                 register_timeout=a.register_timeout, progress_timeout=a.timeout) as s:
+                 register_timeout=a.register_timeout, progress_timeout=a.timeout,
+                 shape=f"{x.size}x{x.dtype}") as s:
         comm = Communicator(s)
         times = []
         y = None

@@ -67,7 +67,8 @@ class Session:
 
     def __init__(self, job: int, rank: int, world: int, *, window: int = 64,
                  switch: str | None = None, ctrl_port: int = proto.CTRL_PORT,
-                 register_timeout: float = 30.0, progress_timeout: float = 10.0):
+                 register_timeout: float = 30.0, progress_timeout: float = 10.0,
+                 shape: str | None = None):
         self.rank = rank
         self.progress_timeout = progress_timeout
         switch = switch or default_gateway()
@@ -87,6 +88,7 @@ class Session:
             reply = self._call({
                 "op": "register", "job": job, "rank": rank, "world": world, "window": window,
                 "port": self.udp.getsockname()[1], "mode": "modulo", "timeout": register_timeout,
+                "shape": shape,
             })
             self.params = JobParams(reply["job"], reply["gen"], reply["world"], reply["window"],
                                     reply["elems"], reply["data_addr"], reply["data_port"])

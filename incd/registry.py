@@ -42,6 +42,7 @@ class Job:
     world: int
     window: int
     mode: str
+    shape: str | None = None  # what the agents say they reduce, e.g. "1000xint32"; must agree
     members: dict[int, Member] = field(default_factory=dict)
     state: str = "pending"  # pending -> active -> ended
     gen: int = 0
@@ -64,7 +65,7 @@ class Job:
         }
 
 
-def validate_register(req: dict) -> tuple[int, int, int, int, int, str]:
+def validate_register(req: dict) -> tuple[int, int, int, int, int, str, str | None]:
     def num(key, lo, hi):
         v = req.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -79,7 +80,10 @@ def validate_register(req: dict) -> tuple[int, int, int, int, int, str]:
     mode = req.get("mode", "modulo")
     if mode != "modulo":
         raise RegistrationError(f"unsupported mode {mode!r} (this switch does: modulo)")
-    return job, rank, world, window, port, mode
+    shape = req.get("shape")
+    if shape is not None and (not isinstance(shape, str) or len(shape) > 64):
+        raise RegistrationError("'shape' must be a short string")
+    return job, rank, world, window, port, mode, shape
 
 
 class Registry:
@@ -98,7 +102,7 @@ class Registry:
         return self._gen
 
     def register(self, req: dict, peer: str, path: Path, timeout: float) -> Job:
-        job_id, rank, world, window, port, mode = validate_register(req)
+        job_id, rank, world, window, port, mode, shape = validate_register(req)
         with self.cond:
             if self.closing:
                 raise RegistrationError("incd is stopping")
@@ -112,12 +116,13 @@ class Registry:
                 self._end(job, "replaced by a new registration")
                 job = None
             if job is None:
-                job = Job(job_id, world, window, mode)
+                job = Job(job_id, world, window, mode, shape)
                 self.jobs[job_id] = job
-            if (job.world, job.window, job.mode) != (world, window, mode):
+            if (job.world, job.window, job.mode, job.shape) != (world, window, mode, shape):
                 raise RegistrationError(
                     f"job {job_id} is being registered with world={job.world} window={job.window} "
-                    f"mode={job.mode}; this request says world={world} window={window} mode={mode}")
+                    f"mode={job.mode} data={job.shape}; this request says world={world} "
+                    f"window={window} mode={mode} data={shape}")
             if rank in job.members:
                 raise RegistrationError(
                     f"job {job_id} rank {rank} is already registered from {job.members[rank].addr}")

@@ -76,8 +76,11 @@ class ControlHandler(socketserver.StreamRequestHandler):
                     if op == "register":
                         if joined:
                             raise RegistrationError("this connection already registered; open another")
+                        try:
+                            timeout = float(req.get("timeout", srv.register_timeout))
+                        except (TypeError, ValueError):
+                            raise RegistrationError("'timeout' must be a number of seconds")
                         path = resolve_path(srv.netinfo, peer, srv.port_ifindexes)
-                        timeout = float(req.get("timeout", srv.register_timeout))
                         job = srv.registry.register(req, peer, path, min(max(timeout, 0.1), 600.0))
                         joined = (job, req["rank"])
                         _send(self.wfile, {

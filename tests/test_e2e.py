@@ -243,3 +243,60 @@ def test_agent_cli_errors(tmp_path):
     r = subprocess.run(agent_argv("allreduce", "--job", "1", "--rank", "0", "--world", "1", "--switch", "127.0.0.1",
                                   "--numel", "4"), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach incd" in r.stderr
+
+
+def test_ranks_with_different_vectors_are_refused(lab4):
+    p0 = lab4.popen("h1", agent_argv("allreduce", "--job", "26", "--rank", "0", "--world", "2", "--numel", "1000",
+                                     "--dtype", "int32", "--register-timeout", "5"),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    r = lab4.run("h2", agent_argv("allreduce", "--job", "26", "--rank", "1", "--world", "2", "--numel", "999",
+                                  "--dtype", "int32"), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "data=1000xint32" in r.stderr and "data=999xint32" in r.stderr
+    p0.communicate(timeout=30)
+
+
+CTRL_CLIENT = """
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+f = s.makefile("rwb")
+for line in sys.argv[3:]:
+    f.write(line.encode() + b"\\n"); f.flush()
+    print(f.readline().decode().strip())
+"""
+
+
+def test_malformed_control_requests_get_errors(lab4):
+    from hostagent import proto
+    reqs = ['{"op": "register", "job": 1, "rank": 0, "world": 2, "window": 8, "port": 5, "timeout": "x"}',
+            '{"op": "register", "job": 0, "rank": 0, "world": 2, "window": 8, "port": 5}',
+            '{"op": "register", "job": 3, "rank": 5, "world": 2, "window": 8, "port": 5}',
+            '{"op": "frobnicate"}', '[1, 2]']
+    r = lab4.run("h1", [sys.executable, "-c", CTRL_CLIENT, lab4.host("h1")["gateway"], str(proto.CTRL_PORT), *reqs],
+                 capture_output=True, text=True, timeout=30)
+    replies = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["ok"] for x in replies] == [False] * 5, r.stdout + r.stderr
+    assert "timeout" in replies[0]["error"] and "'job'" in replies[1]["error"]
+    assert "'rank'" in replies[2]["error"] and "unknown op" in replies[3]["error"]
+    assert "bad request" in replies[4]["error"]
+    assert lab4.incd.status()["running"]  # the daemon shrugs it off
+    assert not lab4.incd.status()["jobs"]
+
+
+@pytest.mark.parametrize("how", ["ports", "config"])
+def test_start_with_explicit_ports(root, tmp_path, how):
+    """What a box with real NICs does: ports (and their namespace) given, no lab lookup."""
+    with Lab(uniq("p"), workers=2) as lab:
+        ns, ports = lab.state["switch_netns"], [h["switch_port"] for h in lab.state["hosts"]]
+        if how == "ports":
+            extra = ["--netns", ns, "--ports", ",".join(ports)]
+        else:
+            cfg = tmp_path / "incd.json"
+            cfg.write_text(json.dumps({"netns": ns, "ports": ports, "pool_slots": 512}))
+            extra = ["--config", str(cfg)]
+        with IncdProcess(lab.name + "d", lab="no-such-lab", extra=extra) as incd:
+            st = incd.status()
+            assert [p["name"] for p in st["ports"]] == ports
+            assert st["pool_slots"] == (512 if how == "config" else 4096)
+            res = run_allreduce(lab, job=3, world=2, numel=5000, dtype="int32", extra=["--verify"])
+            assert all(r["verified"] for r in res)
