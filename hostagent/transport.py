@@ -163,7 +163,7 @@ class Session:
         fast_done = np.zeros(npk, dtype=bool)
         overflow = False
         W = p.window
-        base = nxt = ngot = 0
+        base = nxt = ngot = fr = 0
         last_progress = time.monotonic()
         rbuf = bytearray(proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
         unpack = proto.HDR_STRUCT.unpack_from
@@ -208,10 +208,14 @@ class Session:
                     last_progress = now
                     while base < npk and got[base]:
                         base += 1
-                    # Results overtaking base: its contribution or its result was lost.
-                    if base < npk and i >= base + 3 and not fast_done[base]:
-                        fast_done[base] = True
-                        resend(base, now)
+                    # Three later results overtook these: a contribution (maybe
+                    # another rank's) or the result was lost. Every rank resends,
+                    # so the one whose packet was lost repairs it without an RTO.
+                    while fr <= i - 3:
+                        if fr >= base and not got[fr] and not fast_done[fr]:
+                            fast_done[fr] = True
+                            resend(fr, now)
+                        fr += 1
             if base < nxt and now - sent_at[base] > self.rto:
                 for j in range(base, nxt):
                     if not got[j] and now - sent_at[j] > self.rto:

@@ -100,7 +100,7 @@ def cmd_start(args) -> int:
     daemon.RUN_DIR.mkdir(parents=True, exist_ok=True)
     logf = daemon.log_path(cfg.instance)
     argv = [sys.executable, "-m", "incd.cli", "--instance", cfg.instance, "start", "--foreground"]
-    cfg_file = daemon.RUN_DIR / f"{cfg.instance}.config.json"
+    cfg_file = daemon.config_copy_path(cfg.instance)
     cfg_file.write_text(json.dumps({k: v for k, v in cfg.__dict__.items() if k != "instance"}))
     argv += ["--config", str(cfg_file)]
     with open(logf, "ab") as out:

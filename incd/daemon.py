@@ -48,6 +48,11 @@ def log_path(instance: str) -> Path:
     return RUN_DIR / f"{instance}.log"
 
 
+def config_copy_path(instance: str) -> Path:
+    """The config a background start hands to the daemon process."""
+    return RUN_DIR / f"{instance}.config.json"
+
+
 def pin_dir(instance: str) -> Path:
     return PIN_ROOT / instance
 
@@ -135,7 +140,7 @@ def run(cfg: Config) -> int:
             s.shutdown()
             s.server_close()
         dp.close()
-        for p in (state_path(cfg.instance), admin_path(cfg.instance)):
+        for p in (state_path(cfg.instance), admin_path(cfg.instance), config_copy_path(cfg.instance)):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -160,7 +165,7 @@ def cleanup_leftovers(instance: str) -> list[str]:
     if pin_dir(instance).exists():
         unpin_dir(pin_dir(instance))
         done.append(f"unpinned {pin_dir(instance)}")
-    for p in (state_path(instance), admin_path(instance)):
+    for p in (state_path(instance), admin_path(instance), config_copy_path(instance)):
         if p.exists():
             p.unlink()
     return done

@@ -28,7 +28,19 @@ class IncdProcess:
         return json.loads(r.stdout)
 
     def stop(self) -> str:
-        return self._cli("stop", check=False).stdout
+        out = self._cli("stop", check=False).stdout
+        self.purge()
+        return out
+
+    def purge(self) -> None:
+        """Remove the instance's log and config copy: scripts and tests leave nothing behind."""
+        from . import daemon
+
+        for p in (daemon.log_path(self.instance), daemon.config_copy_path(self.instance)):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
 
     def __enter__(self) -> "IncdProcess":
         return self.start()

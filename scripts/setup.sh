@@ -10,7 +10,8 @@ VENV="$ROOT/.venv"
 need_root() { [ "$(id -u)" = 0 ] || { echo "setup: must run as root (apt, bpffs, /usr/local/bin)" >&2; exit 1; }; }
 need_root
 
-APT_PKGS="python3-bpfcc python3-venv python3-pip iproute2 ethtool linux-headers-amd64 make"
+# sudo: the README says `sudo incd start`; minimal images lack it.
+APT_PKGS="python3-bpfcc python3-venv python3-pip iproute2 ethtool linux-headers-amd64 make sudo"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

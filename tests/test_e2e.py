@@ -225,12 +225,17 @@ def test_incd_stop_leaves_nothing(root):
 
 
 def test_incd_cli_errors(root):
-    r = subprocess.run([sys.executable, "-m", "incd.cli", "--instance", uniq("x"), "start", "--lab", "nolab"],
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and "inc-lab up" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "incd.cli", "--instance", uniq("x"), "start", "--ports", "nosuchdev0",
-                        "--wait", "30"], capture_output=True, text=True)
-    assert r.returncode == 1 and "nosuchdev0" in r.stderr and "Traceback" not in r.stderr
+    a, b = uniq("x"), uniq("x")
+    try:
+        r = subprocess.run([sys.executable, "-m", "incd.cli", "--instance", a, "start", "--lab", "nolab"],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and "inc-lab up" in r.stderr and "Traceback" not in r.stderr
+        r = subprocess.run([sys.executable, "-m", "incd.cli", "--instance", b, "start", "--ports", "nosuchdev0",
+                            "--wait", "30"], capture_output=True, text=True)
+        assert r.returncode == 1 and "nosuchdev0" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        IncdProcess(a).purge()
+        IncdProcess(b).purge()
 
 
 def test_agent_cli_errors(tmp_path):
