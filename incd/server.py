@@ -24,6 +24,16 @@ def _send(wfile, obj: dict) -> None:
     wfile.flush()
 
 
+def _next_request(rfile, wfile) -> dict | None:
+    """The next request; None at EOF or after answering a malformed one (then the
+    connection ends, since the stream can no longer be trusted)."""
+    try:
+        return _read_request(rfile)
+    except (ValueError, UnicodeDecodeError) as e:
+        _send(wfile, {"ok": False, "error": f"bad request: {e}"})
+        return None
+
+
 def _read_request(rfile) -> dict | None:
     """None at EOF; raises ValueError for a malformed or oversized line."""
     line = rfile.readline(MAX_LINE + 1)
@@ -64,11 +74,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
         joined = None  # (job, rank)
         try:
             while True:
-                try:
-                    req = _read_request(self.rfile)
-                except (ValueError, UnicodeDecodeError) as e:
-                    _send(self.wfile, {"ok": False, "error": f"bad request: {e}"})
-                    return
+                req = _next_request(self.rfile, self.wfile)
                 if req is None:
                     return
                 op = req["op"]
@@ -125,11 +131,7 @@ class AdminHandler(socketserver.StreamRequestHandler):
     server: AdminServer
 
     def handle(self) -> None:
-        try:
-            req = _read_request(self.rfile)
-        except (ValueError, UnicodeDecodeError) as e:
-            _send(self.wfile, {"ok": False, "error": f"bad request: {e}"})
-            return
+        req = _next_request(self.rfile, self.wfile)
         if req is None:
             return
         if req["op"] == "status":
