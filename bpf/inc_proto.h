@@ -28,7 +28,7 @@
 /* TCP port of incd's control API (not data plane; kept here so there is one list). */
 #define INC_CTRL_PORT 38100
 
-/* Lanes per packet. 800 * 4 B + 24 B header + 42 B Eth/IP/UDP = 3266 B, under
+/* Lanes per packet. 800 * 4 B + 32 B header + 42 B Eth/IP/UDP = 3274 B, under
  * the ~3.5 KiB that XDP sees linearly on veth. */
 #define INC_MAX_ELEMS 800
 #define INC_MAX_WORKERS 64     /* width of the slot bitmap */
@@ -43,13 +43,20 @@
 /* inc_hdr.flags */
 #define INC_F_RETRANS 0x01     /* sender had sent this psn before */
 #define INC_F_OVERFLOW 0x02    /* result: a lane overflowed int32 while summing */
+#define INC_F_COLLISION 0x04   /* hash mode, to the PS: the slot was held by another (job, psn) */
+#define INC_F_AGGREGATE 0x08   /* hash mode, to the PS: a switch aggregate of the ranks in bitmap */
 
 /* inc_hdr.op */
 #define INC_OP_SUM 0
 #define INC_OP_MAX 1           /* used for the shared-exponent round of fp32 */
 
 /* inc_job.mode */
-#define INC_MODE_MODULO 1
+#define INC_MODE_MODULO 1      /* NetReduce: idx = offset + psn % slots, switch only */
+#define INC_MODE_HASH 2        /* ATP: idx from the host, PS fallback, ACK release */
+
+/* Hash mode: a slot claimed longer ago than this by a (job, psn) that never
+ * finished may be taken over; its contributors resend to the PS. */
+#define INC_SLOT_STALE_NS 200000000ULL
 
 /* inc_slot.state */
 #define INC_SLOT_EMPTY 0
@@ -68,6 +75,7 @@ struct inc_hdr {
 	__u16 rank;    /* data: sender's rank; result: the rank it is delivered to */
 	__u16 numel;   /* int32 lanes that follow */
 	__u32 reserved;
+	__u64 bitmap;  /* ranks whose data the lanes hold (set by the switch towards the PS) */
 } __attribute__((packed));
 
 /* Job table, indexed by job id. Written by incd only. */
@@ -87,6 +95,7 @@ struct inc_member_key {
 	__u32 ifindex;
 };
 
+/* Also the value of job_ps (hash mode: where a job's PS is). */
 struct inc_member {
 	__u8 mac[6];       /* host (or next hop) MAC */
 	__u8 port_mac[6];  /* switch port MAC */
@@ -94,6 +103,7 @@ struct inc_member {
 	__u32 switch_addr; /* switch port IPv4, network order */
 	__u16 port;        /* host UDP port, network order */
 	__u16 rank;
+	__u32 ifindex;     /* switch port the host is behind */
 };
 
 /* One aggregator. The pool is an array of these; a job owns [offset, offset+slots). */
@@ -109,6 +119,7 @@ struct inc_slot {
 	__u8 overflow;
 	__u16 numel;
 	__u16 pad;
+	__u64 claimed_ns; /* hash mode: when this (job, psn) took the slot */
 	__s32 lanes[INC_MAX_ELEMS];
 };
 
@@ -122,7 +133,9 @@ enum inc_drop {
 	INC_DROP_DUP = 5,      /* contribution already counted, slot still partial */
 	INC_DROP_STALE = 6,    /* psn older than the slot's round */
 	INC_DROP_AHEAD = 7,    /* psn newer than the slot's round while it is partial */
-	INC_DROP__COUNT = 8,
+	INC_DROP_BAD_SLOT = 8, /* hash mode: slot index outside the job's region */
+	INC_DROP_BAD_SOURCE = 9, /* result not from the job's PS, or no PS known */
+	INC_DROP__COUNT = 10,
 };
 
 /* Per-job counters, in a per-CPU array indexed by job id (0 = unattributable). */
@@ -133,6 +146,11 @@ struct inc_stats {
 	__u64 results_mcast;    /* result copies sent out by the egress program */
 	__u64 retrans_answered; /* stored result unicast back to a retransmitter */
 	__u64 overflows;        /* slots whose int32 sum overflowed */
+	__u64 collisions;       /* hash: slot held by another (job, psn); packet sent to the PS */
+	__u64 fallbacks;        /* hash: packets sent to the PS other than complete aggregates */
+	__u64 to_ps;            /* hash: complete aggregates sent to the PS */
+	__u64 releases;         /* hash: slots freed by the PS's result (the ACK) */
+	__u64 reclaims;         /* hash: stale slots taken over */
 	__u64 drops[INC_DROP__COUNT];
 };
 

@@ -1,11 +1,22 @@
-/* INC switch dataplane: modulo-addressed allreduce (NetReduce) in XDP.
+/* INC switch dataplane: allreduce in XDP, in two addressing modes.
  *
- * xdp_inc_ingress runs on every switch port. Contributions are added into the
- * job's aggregator slot under the slot's spin lock (DESIGN §4: cheaper than
- * per-lane atomics). The last contributor's packet leaves with the sum and is
- * broadcast through tx_ports; xdp_inc_egress, the devmap egress program, keeps
- * the copies for ports where the job has a member and rewrites their
- * Ethernet/IP/UDP headers for that member, dropping the rest.
+ * xdp_inc_ingress runs on every switch port. Contributions are added into an
+ * aggregator slot under the slot's spin lock (DESIGN §4: cheaper than per-lane
+ * atomics).
+ *
+ * Modulo mode (NetReduce): slot = offset + psn % slots. The last contributor's
+ * packet leaves with the sum and is broadcast through tx_ports; xdp_inc_egress,
+ * the devmap egress program, keeps the copies for ports where the job has a
+ * member and rewrites their Ethernet/IP/UDP headers for that member.
+ *
+ * Hash mode (ATP): the host computes the slot. A slot is tagged (job, gen,
+ * psn); packets that find it held by another tag go to the job's parameter
+ * server (PS) untouched; a complete slot sends its sum to the PS and stays
+ * held until the PS's result crosses the switch (the ACK), which frees it and
+ * is broadcast to the workers. Resends never add into a slot: they evict a
+ * partial aggregate of their own psn towards the PS, or pass through, and the
+ * PS, which gets a bitmap of contributors with every aggregate, counts each
+ * rank once.
  *
  * Built by incd with bcc: -I bpf, optional -DINC_POOL_SLOTS=N.
  */
@@ -20,6 +31,7 @@
 BPF_ARRAY(jobs, struct inc_job, INC_MAX_JOBS);
 BPF_ARRAY(pool, struct inc_slot, INC_POOL_SLOTS);
 BPF_HASH(members, struct inc_member_key, struct inc_member, INC_MAX_JOBS * 4);
+BPF_ARRAY(job_ps, struct inc_member, INC_MAX_JOBS); /* hash mode: the job's PS (ifindex 0 = none) */
 BPF_PERCPU_ARRAY(stats, struct inc_stats, INC_MAX_JOBS);
 BPF_XDP_REDIRECT_MAP("devmap", struct bpf_devmap_val, tx_ports, INC_MAX_PORTS);
 
@@ -32,6 +44,9 @@ enum verdict_kind {
 	V_MCAST,
 	V_RETX,
 	V_DROP,
+	V_PS_PASS,      /* hash: the worker's own packet to the PS */
+	V_PS_AGG,       /* hash: a complete aggregate to the PS */
+	V_PS_PARTIAL,   /* hash: a partial aggregate evicted by a resend, to the PS */
 };
 
 static __always_inline struct inc_stats *stats_of(__u32 job)
@@ -110,59 +125,315 @@ static __always_inline void lanes_copy_out(struct inc_slot *s, __s32 *p, void *e
 	}
 }
 
-int xdp_inc_ingress(struct xdp_md *ctx)
+/* Readdress a packet to a host (member or PS) behind a switch port. */
+static __always_inline void readdress(struct ethhdr *eth, struct iphdr *ip, struct udphdr *udp,
+				      struct inc_member *m)
+{
+	__builtin_memcpy(eth->h_dest, m->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, m->port_mac, ETH_ALEN);
+	ip->saddr = m->switch_addr;
+	ip->daddr = m->addr;
+	ip->check = ipv4_csum(ip);
+	udp->source = htons(INC_PORT);
+	udp->dest = m->port;
+	udp->check = 0;
+}
+
+static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
+				     struct udphdr *udp, struct inc_hdr *h, __s32 *payload,
+				     void *end, __u32 job_id, struct inc_job *job,
+				     struct inc_stats *st)
+{
+	__u32 n = h->numel, psn = h->psn, rank = h->rank;
+	__u32 idx = h->slot;
+	if (idx < job->offset || idx - job->offset >= job->slots)
+		return drop(job_id, INC_DROP_BAD_SLOT);
+	struct inc_slot *s = pool.lookup(&idx);
+	if (!s)
+		return drop(job_id, INC_DROP_BAD_SLOT);
+
+	/* Whether the slot's current owner still exists must be known before the
+	 * lock (no helper calls under it); the owner is re-checked inside. */
+	__u32 owner = s->job;
+	__u16 owner_gen = 0;
+	struct inc_job *oj = jobs.lookup(&owner);
+	if (oj && oj->mode != 0)
+		owner_gen = oj->gen;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 bit = 1ULL << rank;
+	__u8 world = job->world;
+	__u16 gen = job->gen;
+	int resend = h->flags & INC_F_RETRANS;
+	int verdict = V_DROP, reason = INC_DROP_DUP, collision = 0, reclaimed = 0, overflow = 0;
+	__u64 agg_bitmap = bit;
+
+	bpf_spin_lock(&s->lock);
+	int mine = s->state != INC_SLOT_EMPTY && s->job == job_id && s->gen == gen && s->psn == psn;
+	if (mine) {
+		if (resend) {
+			/* Its sender has no result yet: hand what the slot holds to the
+			 * PS. A partial is evicted, so it can never be added to twice. */
+			lanes_copy_out(s, payload, end, n);
+			agg_bitmap = s->bitmap;
+			overflow = s->overflow;
+			if (s->state == INC_SLOT_COMPLETE) {
+				verdict = V_PS_AGG;
+			} else {
+				s->state = INC_SLOT_EMPTY;
+				verdict = V_PS_PARTIAL;
+			}
+		} else if (s->bitmap & bit) {
+			reason = INC_DROP_DUP;
+		} else if (s->numel != n || s->op != h->op) {
+			reason = INC_DROP_BAD_LEN;
+		} else {
+			if (h->op == INC_OP_MAX)
+				lanes_max(s, payload, end, n);
+			else if (lanes_sum(s, payload, end, n))
+				s->overflow = 1;
+			s->bitmap |= bit;
+			s->count++;
+			if (s->count >= world) {
+				s->state = INC_SLOT_COMPLETE;
+				agg_bitmap = s->bitmap;
+				overflow = s->overflow;
+				verdict = V_PS_AGG;
+			} else {
+				verdict = V_CONSUMED;
+			}
+		}
+	} else {
+		int dead_owner = s->job == owner && s->gen != owner_gen;
+		int stale = now - s->claimed_ns > INC_SLOT_STALE_NS;
+		if (!resend && (s->state == INC_SLOT_EMPTY || dead_owner || stale)) {
+			reclaimed = s->state != INC_SLOT_EMPTY;
+			s->job = job_id;
+			s->gen = gen;
+			s->psn = psn;
+			s->bitmap = bit;
+			s->count = 1;
+			s->op = h->op;
+			s->numel = n;
+			s->overflow = 0;
+			s->claimed_ns = now;
+			lanes_claim(s, payload, end, n);
+			if (world <= 1) {
+				s->state = INC_SLOT_COMPLETE;
+				verdict = V_PS_AGG;
+			} else {
+				s->state = INC_SLOT_PARTIAL;
+				verdict = V_CONSUMED;
+			}
+		} else {
+			collision = s->state != INC_SLOT_EMPTY;
+			verdict = V_PS_PASS;
+		}
+	}
+	bpf_spin_unlock(&s->lock);
+
+	if (st && reclaimed)
+		st->reclaims++;
+	if (verdict == V_DROP)
+		return drop(job_id, reason);
+	if (verdict == V_CONSUMED) {
+		if (st)
+			st->consumed++;
+		return XDP_DROP;
+	}
+	struct inc_member *ps = job_ps.lookup(&job_id);
+	if (!ps || ps->ifindex == 0)
+		return drop(job_id, INC_DROP_BAD_SOURCE);
+	if (st) {
+		if (verdict == V_PS_AGG && !resend) {
+			st->consumed++;
+			st->slots_completed++;
+			st->to_ps++;
+		} else {
+			st->fallbacks++;
+		}
+		if (collision)
+			st->collisions++;
+		if (overflow && verdict == V_PS_AGG && !resend)
+			st->overflows++;
+	}
+	if (verdict == V_PS_PASS) {
+		h->flags = (h->flags & INC_F_RETRANS) | (collision ? INC_F_COLLISION : 0);
+	} else {
+		h->flags = INC_F_AGGREGATE | (h->flags & INC_F_RETRANS) | (overflow ? INC_F_OVERFLOW : 0);
+	}
+	h->bitmap = agg_bitmap;
+	readdress(eth, ip, udp, ps);
+	return bpf_redirect(ps->ifindex, 0);
+}
+
+/* The PS's result for a hash-mode psn: free the slot if it still holds that
+ * psn (the ACK), then broadcast; the egress program delivers to the workers. */
+static __always_inline int hash_result(struct xdp_md *ctx, struct iphdr *ip, struct udphdr *udp,
+				       struct inc_hdr *h, __u32 job_id, struct inc_job *job,
+				       struct inc_stats *st)
+{
+	struct inc_member *ps = job_ps.lookup(&job_id);
+	if (!ps || ps->ifindex == 0 || ps->ifindex != ctx->ingress_ifindex || ps->addr != ip->saddr)
+		return drop(job_id, INC_DROP_BAD_SOURCE);
+	__u32 idx = h->slot;
+	if (idx < job->offset || idx - job->offset >= job->slots)
+		return drop(job_id, INC_DROP_BAD_SLOT);
+	struct inc_slot *s = pool.lookup(&idx);
+	if (!s)
+		return drop(job_id, INC_DROP_BAD_SLOT);
+	int released = 0;
+	bpf_spin_lock(&s->lock);
+	if (s->state != INC_SLOT_EMPTY && s->job == job_id && s->gen == job->gen && s->psn == h->psn) {
+		s->state = INC_SLOT_EMPTY;
+		released = 1;
+	}
+	bpf_spin_unlock(&s->lock);
+	if (st && released)
+		st->releases++;
+	udp->check = 0;
+	return tx_ports.redirect_map(0, BPF_F_BROADCAST);
+}
+
+/* An INC packet whose headers and lanes the verifier has seen checked. */
+struct inc_pkt {
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct udphdr *udp;
+	struct inc_hdr *h;
+	__s32 *payload;
+	void *end;
+};
+
+#define PARSE_OK 0
+#define PARSE_PASS (-1)
+#define PARSE_DROP(reason) (1 + (reason)) /* reason 0 must not read as OK */
+
+/* PARSE_OK for a well-formed INC packet, PARSE_PASS for anything that is not
+ * INC traffic, else PARSE_DROP(reason). */
+static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 {
 	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
 	struct ethhdr *eth = parse_eth(&c);
 	if (!eth || eth->h_proto != htons(ETH_P_IP))
-		return XDP_PASS;
+		return PARSE_PASS;
 	struct iphdr *ip = parse_ipv4(&c);
 	if (!ip || ip->protocol != IPPROTO_UDP)
-		return XDP_PASS;
-	if (ip->ihl != 5) {
-		/* Could still be INC traffic behind options: let the kernel have it. */
-		return XDP_PASS;
-	}
+		return PARSE_PASS;
+	if (ip->ihl != 5)
+		return PARSE_PASS; /* could be INC behind IP options: the kernel may have it */
 	struct udphdr *udp = parse_udp(&c);
 	if (!udp)
-		return XDP_PASS;
+		return PARSE_PASS;
 	__u16 dport = ntohs(udp->dest);
 	if (dport < INC_PORT_MIN || dport > INC_PORT_MAX)
-		return XDP_PASS;
-
+		return PARSE_PASS;
 	/* From here on the packet is ours: it is aggregated, answered or dropped. */
 	if (ip->frag_off & htons(0x3fff))
-		return drop(0, INC_DROP_BAD_HDR);
+		return PARSE_DROP(INC_DROP_BAD_HDR);
 	struct inc_hdr *h = c.pos;
 	if ((void *)(h + 1) > c.end)
-		return drop(0, INC_DROP_BAD_HDR);
-	if (h->version != INC_VERSION || h->type != INC_T_DATA || h->op > INC_OP_MAX)
-		return drop(0, INC_DROP_BAD_HDR);
+		return PARSE_DROP(INC_DROP_BAD_HDR);
+	if (h->version != INC_VERSION || h->op > INC_OP_MAX ||
+	    (h->type != INC_T_DATA && h->type != INC_T_RESULT))
+		return PARSE_DROP(INC_DROP_BAD_HDR);
+	pk->h = h; /* set early: length errors are charged to the job */
+	__u32 n = h->numel;
+	__s32 *payload = (__s32 *)(h + 1);
+	if (n == 0 || n > INC_MAX_ELEMS)
+		return PARSE_DROP(INC_DROP_BAD_LEN);
+	void *pend = (void *)payload + n * 4;
+	barrier_var(pend);
+	if (pend > c.end)
+		return PARSE_DROP(INC_DROP_BAD_LEN);
+	pk->eth = eth;
+	pk->ip = ip;
+	pk->udp = udp;
+	pk->h = h;
+	pk->payload = payload;
+	pk->end = c.end;
+	return PARSE_OK;
+}
 
+/* One program per mode, entered by tail call: each is verified on its own,
+ * which keeps the verifier's work (800-lane loops on every path) in bounds. */
+BPF_PROG_ARRAY(mode_progs, 4);
+
+int xdp_inc_ingress(struct xdp_md *ctx)
+{
+	struct inc_pkt pk = {};
+	int rc = parse_inc(ctx, &pk);
+	if (rc == PARSE_PASS)
+		return XDP_PASS;
+	if (rc == PARSE_DROP(INC_DROP_BAD_LEN) && pk.h) {
+		__u32 j = pk.h->job;
+		struct inc_job *jj = jobs.lookup(&j);
+		return drop(jj && jj->mode ? j : 0, INC_DROP_BAD_LEN);
+	}
+	if (rc != PARSE_OK)
+		return drop(0, rc - 1);
+	struct inc_hdr *h = pk.h;
 	__u32 job_id = h->job;
 	if (job_id == 0 || job_id >= INC_MAX_JOBS)
 		return drop(0, INC_DROP_NO_JOB);
 	struct inc_job *job = jobs.lookup(&job_id);
-	if (!job || job->mode != INC_MODE_MODULO || job->slots == 0)
+	if (!job || job->mode == 0 || job->slots == 0)
 		return drop(0, INC_DROP_NO_JOB);
+	if (h->type == INC_T_RESULT && job->mode != INC_MODE_HASH)
+		return drop(0, INC_DROP_BAD_HDR); /* only a hash job's PS sends results in */
 	struct inc_stats *st = stats_of(job_id);
 	if (st)
 		st->pkts_in++;
 	if (h->gen != job->gen)
 		return drop(job_id, INC_DROP_BAD_GEN);
-	__u32 rank = h->rank;
-	if (rank >= job->world || rank >= INC_MAX_WORKERS)
+	if (h->type == INC_T_DATA && (h->rank >= job->world || h->rank >= INC_MAX_WORKERS))
 		return drop(job_id, INC_DROP_BAD_RANK);
+	mode_progs.call(ctx, job->mode);
+	return drop(job_id, INC_DROP_NO_JOB); /* no program for this mode */
+}
 
+/* Re-derives what the dispatcher checked: tail calls keep no stack. */
+static __always_inline int enter_mode(struct xdp_md *ctx, struct inc_pkt *pk, __u32 *job_id,
+				      struct inc_job **job, struct inc_stats **st)
+{
+	if (parse_inc(ctx, pk) != PARSE_OK)
+		return -1;
+	*job_id = pk->h->job;
+	*job = jobs.lookup(job_id);
+	if (!*job || pk->h->rank >= INC_MAX_WORKERS)
+		return -1;
+	*st = stats_of(*job_id);
+	return 0;
+}
+
+int xdp_inc_hash(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode(ctx, &pk, &job_id, &job, &st))
+		return XDP_DROP;
+	if (pk.h->type == INC_T_RESULT)
+		return hash_result(ctx, pk.ip, pk.udp, pk.h, job_id, job, st);
+	return hash_data(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st);
+}
+
+int xdp_inc_modulo(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode(ctx, &pk, &job_id, &job, &st))
+		return XDP_DROP;
+	struct ethhdr *eth = pk.eth;
+	struct iphdr *ip = pk.ip;
+	struct udphdr *udp = pk.udp;
+	struct inc_hdr *h = pk.h;
+	__s32 *payload = pk.payload;
+	struct cursor c = { .pos = payload, .end = pk.end };
 	__u32 n = h->numel;
-	__s32 *payload = (__s32 *)(h + 1);
-	if (n == 0 || n > INC_MAX_ELEMS)
-		return drop(job_id, INC_DROP_BAD_LEN);
-	void *pend = (void *)payload + n * 4;
-	barrier_var(pend);
-	if (pend > c.end)
-		return drop(job_id, INC_DROP_BAD_LEN);
-
+	__u32 rank = h->rank;
 	__u32 psn = h->psn;
 	__u32 idx = job->offset + psn % job->slots;
 	struct inc_slot *s = pool.lookup(&idx);
@@ -291,14 +562,7 @@ int xdp_inc_egress(struct xdp_md *ctx)
 	if (!m)
 		return XDP_DROP; /* the job has nobody behind this port */
 
-	__builtin_memcpy(eth->h_dest, m->mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, m->port_mac, ETH_ALEN);
-	ip->saddr = m->switch_addr;
-	ip->daddr = m->addr;
-	ip->check = ipv4_csum(ip);
-	udp->source = htons(INC_PORT);
-	udp->dest = m->port;
-	udp->check = 0;
+	readdress(eth, ip, udp, m);
 	h->rank = m->rank;
 
 	struct inc_stats *st = stats_of(h->job);

@@ -41,6 +41,9 @@ F_OVERFLOW = C["INC_F_OVERFLOW"]
 OP_SUM = C["INC_OP_SUM"]
 OP_MAX = C["INC_OP_MAX"]
 MODE_MODULO = C["INC_MODE_MODULO"]
+MODE_HASH = C["INC_MODE_HASH"]
+F_COLLISION = C["INC_F_COLLISION"]
+F_AGGREGATE = C["INC_F_AGGREGATE"]
 
 # Drop reasons in index order, named without the prefix: ["bad_hdr", ...].
 DROP_REASONS = [
@@ -65,6 +68,7 @@ HDR_DTYPE = np.dtype(
         ("rank", "<u2"),
         ("numel", "<u2"),
         ("reserved", "<u4"),
+        ("bitmap", "<u8"),
     ]
 )
 HDR_LEN = HDR_DTYPE.itemsize
@@ -112,7 +116,7 @@ def parse_header(data: bytes | memoryview) -> np.void:
     return np.frombuffer(data, dtype=HDR_DTYPE, count=1)[0]
 
 # The same layout as a struct for parsing one received header without numpy overhead.
-_STRUCT_CODES = {"u1": "B", "<u2": "H", "<u4": "I"}
+_STRUCT_CODES = {"u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q"}
 HDR_STRUCT = __import__("struct").Struct(
     "<" + "".join(_STRUCT_CODES[HDR_DTYPE.fields[f][0].str.replace("|", "")] for f in HDR_DTYPE.names)
 )

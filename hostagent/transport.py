@@ -194,7 +194,7 @@ class Session:
                 nbytes = 0  # an ICMP error from an earlier send; the data path is UDP
             now = time.monotonic()
             if nbytes >= proto.HDR_LEN:
-                (ver, typ, flags, _op, job, gen, psn, _slot, _rank, numel, _r) = unpack(rbuf)
+                (ver, typ, flags, _op, job, gen, psn, _slot, _rank, numel, _r, _bm) = unpack(rbuf)
                 i = (psn - psn0) & 0xFFFFFFFF
                 if (ver == proto.VERSION and typ == proto.T_RESULT and job == p.job and gen == p.gen
                         and i < npk and not got[i] and nbytes >= proto.HDR_LEN + 4 * numel

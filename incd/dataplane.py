@@ -14,7 +14,7 @@ from hostagent import proto
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SWITCH_SRC = BPF_DIR / "inc_switch.bpf.c"
-MAP_NAMES = ("jobs", "pool", "members", "stats", "tx_ports")
+MAP_NAMES = ("jobs", "pool", "members", "job_ps", "stats", "tx_ports")
 XDP_FLAGS_DRV_MODE = 1 << 2
 
 
@@ -51,12 +51,20 @@ class Dataplane:
                 cflags=[f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", "-w"],
             )
             self.ingress = self.bpf.load_func(b"xdp_inc_ingress", bcc.BPF.XDP)
+            self.mode_fns = {
+                proto.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),
+                proto.MODE_HASH: self.bpf.load_func(b"xdp_inc_hash", bcc.BPF.XDP),
+            }
             self.egress = self.bpf.load_func(
                 b"xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP
             )
         except Exception as e:  # bcc raises bare Exception on compile/verifier errors
             raise DataplaneError(f"cannot build the XDP program: {e}") from e
+        modes = self.bpf[b"mode_progs"]
+        for mode, fn in self.mode_fns.items():
+            modes[ct.c_int(mode)] = ct.c_int(fn.fd)
         self.jobs = self.bpf[b"jobs"]
+        self.job_ps = self.bpf[b"job_ps"]
         self.pool = self.bpf[b"pool"]
         self.members = self.bpf[b"members"]
         self.stats = self.bpf[b"stats"]

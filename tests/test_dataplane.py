@@ -33,7 +33,7 @@ def inc(job, gen, rank, psn, vals, *, op=proto.OP_SUM, typ=proto.T_DATA, version
         numel=None, cut=0, dport=proto.PORT) -> bytes:
     h = np.zeros(1, proto.HDR_DTYPE)
     vals = np.asarray(vals, dtype="<i4")
-    h[0] = (version, typ, 0, op, job, gen, psn, 0, rank, len(vals) if numel is None else numel, 0)
+    h[0] = (version, typ, 0, op, job, gen, psn, 0, rank, len(vals) if numel is None else numel, 0, 0)
     payload = h.tobytes() + vals.tobytes()
     pkt = bytes(Ether(src=W_MAC, dst=SW_MAC) / IP(src=W_IP, dst=SW_IP)
                 / UDP(sport=W_PORT, dport=dport) / Raw(payload))

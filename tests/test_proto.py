@@ -21,7 +21,7 @@ def test_build_packets_round_trip(n, elems):
     for i in range(npk):
         pkt = buf[i : i + 1].tobytes()[: sizes[i]]
         h = proto.HDR_STRUCT.unpack_from(pkt)
-        version, typ, flags, op, job, gen, psn, slot, rank, numel, _ = h
+        version, typ, flags, op, job, gen, psn, slot, rank, numel, _, _ = h
         assert (version, typ, flags, op, job, gen, rank) == (proto.VERSION, proto.T_DATA, 0, proto.OP_SUM, 12, 3, 2)
         assert psn == (2**32 - 2 + i) & 0xFFFFFFFF  # wraps
         assert sizes[i] == proto.HDR_LEN + 4 * numel
