@@ -76,10 +76,14 @@ def build_config(args) -> daemon.Config:
             cfg.listen_port = int(port)
     if args.pool_slots is not None:
         cfg.pool_slots = args.pool_slots
+    if args.hash_slots is not None:
+        cfg.hash_slots = args.hash_slots
     if args.register_timeout is not None:
         cfg.register_timeout = args.register_timeout
     if not 1 <= cfg.pool_slots <= 1 << 20:
         raise CliError(f"--pool-slots must be in 1..{1 << 20}")
+    if cfg.hash_slots is not None and not 1 <= cfg.hash_slots <= cfg.pool_slots:
+        raise CliError(f"--hash-slots must be in 1..{cfg.pool_slots} (the pool size)")
     return cfg
 
 
@@ -153,8 +157,12 @@ def _fmt_counters(c: dict | None) -> str:
     if not c:
         return "-"
     drops = {k: v for k, v in c["drops"].items() if v}
-    return (f"in={c['pkts_in']} completed={c['slots_completed']} mcast={c['results_mcast']} "
-            f"retx_answered={c['retrans_answered']} overflow={c['overflows']} drops={drops or 0}")
+    out = (f"in={c['pkts_in']} completed={c['slots_completed']} mcast={c['results_mcast']} "
+           f"retx_answered={c['retrans_answered']} overflow={c['overflows']} drops={drops or 0}")
+    if c.get("to_ps") or c.get("fallbacks") or c.get("releases"):
+        out += (f" to_ps={c['to_ps']} collisions={c['collisions']} fallbacks={c['fallbacks']} "
+                f"releases={c['releases']} reclaims={c['reclaims']}")
+    return out
 
 
 def cmd_status(args) -> int:
@@ -176,12 +184,17 @@ def cmd_status(args) -> int:
     print("ports: " + ", ".join(f"{p['name']}(ifindex {p['ifindex']}, mtu {p['mtu']}, xdp {p['xdp']})"
                                 for p in s["ports"]))
     print(f"pool: {s['pool_slots']} slots, {s['free_slots']} free")
+    if s.get("hash_region"):
+        h = s["hash_region"]
+        print(f"hash region: {h['offset']}+{h['slots']}, held {h['held'] or 'none'}")
     if not s["jobs"]:
         print("jobs: none")
     for j in s["jobs"]:
         members = " ".join(f"{m['rank']}@{m['addr']}:{m['port']}/{m['switch_port']}" for m in j["members"])
         print(f"job {j['job']} [{j['state']}] {j['mode']} gen={j['gen']} world={j['world']} "
               f"window={j['window']} region={j['offset']}+{j['slots']} elems/pkt={j['elems_per_packet']}")
+        if j.get("ps"):
+            members += f" ps@{j['ps']['addr']}:{j['ps']['port']}/{j['ps']['switch_port']}"
         print(f"    members: {members}")
         print(f"    {_fmt_counters(j['counters'])}")
     for j in s["finished"][-5:]:
@@ -204,11 +217,13 @@ def parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     s.add_argument("--ports", help="comma-separated switch ports, e.g. eth1,eth2 (real NICs)")
     s.add_argument("--netns", help="network namespace the ports live in (default: current)")
-    s.add_argument("--config", help="JSON file: netns, ports, listen, listen_port, pool_slots, allow, "
-                   "register_timeout")
+    s.add_argument("--config", help="JSON file: netns, ports, listen, listen_port, pool_slots, hash_slots, "
+                   "allow, register_timeout")
     s.add_argument("--listen", help=f"control API address[:port] (default 0.0.0.0:{proto.CTRL_PORT})")
     s.add_argument("--pool-slots", type=int, help="aggregator slots in the switch "
                    f"(default {proto.C['INC_POOL_SLOTS_DEFAULT']})")
+    s.add_argument("--hash-slots", type=int, help="slots of the region all hash-mode jobs share "
+                   "(default: half the pool)")
     s.add_argument("--register-timeout", type=float, help="seconds a rank waits for the others (default 30)")
     s.add_argument("--wait", type=float, default=60.0, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_start)

@@ -32,6 +32,7 @@ class Config:
     listen: str = "0.0.0.0"
     listen_port: int = proto.CTRL_PORT
     pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"]
+    hash_slots: int | None = None  # region shared by hash-mode jobs; default half the pool
     allow: list[str] = field(default_factory=list)  # CIDRs; empty = the ports' networks
     register_timeout: float = 30.0
 
@@ -100,7 +101,7 @@ def run(cfg: Config) -> int:
     try:
         dp.attach([Port(p.name, p.ifindex) for p in ports])
         dp.pin(pin_dir(cfg.instance))
-        registry = Registry(dp, cfg.pool_slots, {p.ifindex: p.name for p in ports})
+        registry = Registry(dp, cfg.pool_slots, {p.ifindex: p.name for p in ports}, cfg.hash_slots)
         ctrl = ControlServer((cfg.listen, cfg.listen_port), registry, netinfo,
                              {p.ifindex for p in ports}, allow, cfg.register_timeout)
         servers.append(ctrl)

@@ -124,18 +124,30 @@ class Dataplane:
     def clear_job(self, job: int) -> None:
         self.jobs[ct.c_int(job)] = self.jobs.Leaf()
 
-    def set_member(self, job: int, ifindex: int, *, mac: bytes, port_mac: bytes, addr: bytes,
-                   switch_addr: bytes, port: int, rank: int) -> None:
-        k = self.members.Key()
-        k.job, k.ifindex = job, ifindex
-        v = self.members.Leaf()
+    def _member_value(self, leaf_t, *, mac: bytes, port_mac: bytes, addr: bytes, switch_addr: bytes,
+                      port: int, rank: int, ifindex: int):
+        v = leaf_t()
         ct.memmove(v.mac, mac, 6)
         ct.memmove(v.port_mac, port_mac, 6)
         v.addr = int.from_bytes(addr, "little")          # keeps network order in memory
         v.switch_addr = int.from_bytes(switch_addr, "little")
         v.port = int.from_bytes(port.to_bytes(2, "big"), "little")
         v.rank = rank
-        self.members[k] = v
+        v.ifindex = ifindex
+        return v
+
+    def set_member(self, job: int, **fields) -> None:
+        """A job's worker behind port fields["ifindex"]: where its results go."""
+        k = self.members.Key()
+        k.job, k.ifindex = job, fields["ifindex"]
+        self.members[k] = self._member_value(self.members.Leaf, **fields)
+
+    def set_ps(self, job: int, **fields) -> None:
+        """Hash mode: where the job's parameter server is."""
+        self.job_ps[ct.c_int(job)] = self._member_value(self.job_ps.Leaf, **fields)
+
+    def clear_ps(self, job: int) -> None:
+        self.job_ps[ct.c_int(job)] = self.job_ps.Leaf()
 
     def del_member(self, job: int, ifindex: int) -> None:
         k = self.members.Key()
@@ -163,6 +175,29 @@ class Dataplane:
 
     def read_slot(self, idx: int):
         return self.pool[ct.c_int(idx)]
+
+    def held_slots(self, offset: int, size: int) -> dict:
+        """Non-empty slots of a region: by live job, and those whose job is gone."""
+        held: dict[str, int] = {}
+        for i in range(offset, offset + size):
+            s = self.pool[ct.c_int(i)]
+            if s.state == proto.C["INC_SLOT_EMPTY"]:
+                continue
+            j = self.jobs[ct.c_int(s.job)] if 0 < s.job < proto.MAX_JOBS else None
+            key = str(s.job) if j is not None and j.mode and j.gen == s.gen else "reclaimable"
+            held[key] = held.get(key, 0) + 1
+        return held
+
+    def clear_slots(self, offset: int, size: int, job: int) -> int:
+        """Empty the region's slots still tagged with this job (its unacknowledged
+        and partial psns), so a finished job holds nothing."""
+        n = 0
+        for i in range(offset, offset + size):
+            s = self.pool[ct.c_int(i)]
+            if s.state != proto.C["INC_SLOT_EMPTY"] and s.job == job:
+                self.pool[ct.c_int(i)] = self.pool.Leaf()
+                n += 1
+        return n
 
     def close(self) -> None:
         self.detach()

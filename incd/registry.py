@@ -1,10 +1,15 @@
 """Jobs: the registration barrier, switch programming, and release when members leave.
 
-Every rank of a job registers on its own TCP connection. When the last rank
-arrives, the job gets a region and a new generation, the switch is programmed,
-and every waiting rank gets the same answer. A job ends when all of its
-members have closed their connections (or said "done"); its region is freed
-and its final counters are kept for `incd status`.
+Every rank of a job registers on its own TCP connection, and so does the job's
+parameter server (PS) in hash and ps mode. When everyone is in, the job gets
+switch memory and a new generation, the switch is programmed, and every
+waiting member gets the same answer. A job ends when all of its workers have
+closed their connections (or said "done"); its memory is freed, the slots it
+still held are cleared, and its final counters are kept for `incd status`.
+
+Modes: "modulo" (NetReduce, switch only: 2W private slots), "hash" (ATP: a
+region shared by all hash jobs, PS fallback), "ps" (the switch only forwards;
+the plain parameter-server baseline).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from .allocator import AllocError, RegionAllocator
 from .netinfo import NetInfoError, Path
 
 MAX_WINDOW = 4096
+MODES = ("modulo", "hash", "ps")
+MODE_CODE = {"modulo": proto.MODE_MODULO, "hash": proto.MODE_HASH}
 
 
 class RegistrationError(RuntimeError):
@@ -28,22 +35,27 @@ class RegistrationError(RuntimeError):
 
 @dataclass
 class Member:
-    rank: int
+    rank: int  # -1 for the PS
     addr: str
     port: int
     path: Path
     ifname: str
     alive: bool = True
 
+    def public(self) -> dict:
+        return {"rank": self.rank, "addr": self.addr, "port": self.port, "switch_port": self.ifname,
+                "alive": self.alive}
+
 
 @dataclass
 class Job:
     id: int
     world: int
-    window: int
     mode: str
-    shape: str | None = None  # what the agents say they reduce, e.g. "1000xint32"; must agree
+    window: int | None = None  # set by the first worker
+    shape: str | None = None   # what the workers say they reduce, e.g. "1000xint32"; must agree
     members: dict[int, Member] = field(default_factory=dict)
+    ps: Member | None = None
     state: str = "pending"  # pending -> active -> ended
     gen: int = 0
     offset: int = -1
@@ -52,45 +64,77 @@ class Job:
     error: str | None = None
     started: float = field(default_factory=time.time)
 
+    @property
+    def needs_ps(self) -> bool:
+        return self.mode in ("hash", "ps")
+
+    def complete(self) -> bool:
+        return len(self.members) == self.world and (self.ps is not None or not self.needs_ps)
+
+    def missing(self) -> list:
+        out: list = sorted(set(range(self.world)) - set(self.members))
+        if self.needs_ps and self.ps is None:
+            out.append("ps")
+        return out
+
     def public(self) -> dict:
         return {
             "job": self.id, "state": self.state, "mode": self.mode, "gen": self.gen,
             "world": self.world, "window": self.window, "offset": self.offset,
             "slots": self.slots, "elems_per_packet": self.elems,
-            "members": [
-                {"rank": m.rank, "addr": m.addr, "port": m.port, "switch_port": m.ifname,
-                 "alive": m.alive}
-                for m in sorted(self.members.values(), key=lambda m: m.rank)
-            ],
+            "members": [m.public() for m in sorted(self.members.values(), key=lambda m: m.rank)],
+            "ps": self.ps.public() if self.ps else None,
         }
 
 
-def validate_register(req: dict) -> tuple[int, int, int, int, int, str, str | None]:
+@dataclass
+class Request:
+    job: int
+    role: str
+    rank: int
+    world: int
+    window: int | None
+    port: int
+    mode: str
+    shape: str | None
+
+
+def validate_register(req: dict) -> Request:
     def num(key, lo, hi):
         v = req.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise RegistrationError(f"'{key}' must be an integer in [{lo}, {hi}], got {v!r}")
         return v
 
+    role = req.get("role", "worker")
+    if role not in ("worker", "ps"):
+        raise RegistrationError(f"'role' must be 'worker' or 'ps', got {role!r}")
     job = num("job", 1, proto.MAX_JOBS - 1)
     world = num("world", 1, proto.MAX_WORKERS)
-    rank = num("rank", 0, world - 1)
-    window = num("window", 1, MAX_WINDOW)
     port = num("port", 1, 65535)
     mode = req.get("mode", "modulo")
-    if mode != "modulo":
-        raise RegistrationError(f"unsupported mode {mode!r} (this switch does: modulo)")
+    if mode not in MODES:
+        raise RegistrationError(f"unsupported mode {mode!r} (one of {', '.join(MODES)})")
+    if role == "ps":
+        if mode == "modulo":
+            raise RegistrationError("modulo jobs have no parameter server")
+        return Request(job, role, -1, world, None, port, mode, None)
+    rank = num("rank", 0, world - 1)
+    window = num("window", 1, MAX_WINDOW)
     shape = req.get("shape")
     if shape is not None and (not isinstance(shape, str) or len(shape) > 64):
         raise RegistrationError("'shape' must be a short string")
-    return job, rank, world, window, port, mode, shape
+    return Request(job, role, rank, world, window, port, mode, shape)
 
 
 class Registry:
-    def __init__(self, dataplane, pool_slots: int, port_names: dict[int, str]):
+    def __init__(self, dataplane, pool_slots: int, port_names: dict[int, str],
+                 hash_slots: int | None = None):
         self.dp = dataplane
         self.alloc = RegionAllocator(pool_slots)
         self.port_names = port_names
+        self.hash_slots = max(1, hash_slots if hash_slots else pool_slots // 2)
+        self.hash_region: tuple[int, int] | None = None  # (offset, size), shared by hash jobs
         self.jobs: dict[int, Job] = {}
         self.finished: collections.deque = collections.deque(maxlen=32)
         self.cond = threading.Condition()
@@ -101,104 +145,158 @@ class Registry:
         self._gen = self._gen % 0xFFFF + 1
         return self._gen
 
-    def register(self, req: dict, peer: str, path: Path, timeout: float) -> Job:
-        job_id, rank, world, window, port, mode, shape = validate_register(req)
+    def register(self, raw: dict, peer: str, path: Path, timeout: float) -> tuple[Job, int]:
+        """Blocks until the job is complete. Returns the job and the member's rank (-1: PS)."""
+        r = validate_register(raw)
         with self.cond:
             if self.closing:
                 raise RegistrationError("incd is stopping")
-            job = self.jobs.get(job_id)
+            job = self.jobs.get(r.job)
             if job is not None and job.state == "active":
-                if any(m.alive for m in job.members.values() if m.rank == rank):
+                current = job.ps if r.role == "ps" else job.members.get(r.rank)
+                if current is not None and current.alive:
+                    who = "its PS" if r.role == "ps" else f"rank {r.rank}"
                     raise RegistrationError(
-                        f"job {job_id} rank {rank} is running (from {job.members[rank].addr}); "
+                        f"job {r.job} {who} is running (from {current.addr}); "
                         "it must finish before the job id is reused")
                 # A new run of the job: the old one's stragglers are cut off by the new generation.
                 self._end(job, "replaced by a new registration")
                 job = None
             if job is None:
-                job = Job(job_id, world, window, mode, shape)
-                self.jobs[job_id] = job
-            if (job.world, job.window, job.mode, job.shape) != (world, window, mode, shape):
+                job = Job(r.job, r.world, r.mode)
+                self.jobs[r.job] = job
+            if (job.world, job.mode) != (r.world, r.mode):
                 raise RegistrationError(
-                    f"job {job_id} is being registered with world={job.world} window={job.window} "
-                    f"mode={job.mode} data={job.shape}; this request says world={world} "
-                    f"window={window} mode={mode} data={shape}")
-            if rank in job.members:
-                raise RegistrationError(
-                    f"job {job_id} rank {rank} is already registered from {job.members[rank].addr}")
-            for m in job.members.values():
-                if m.path.ifindex == path.ifindex:
+                    f"job {r.job} is being registered with world={job.world} mode={job.mode}; "
+                    f"this request says world={r.world} mode={r.mode}")
+            if r.role == "worker":
+                if job.window is None:
+                    job.window, job.shape = r.window, r.shape
+                elif (job.window, job.shape) != (r.window, r.shape):
                     raise RegistrationError(
-                        f"job {job_id}: rank {m.rank} already sits behind switch port "
-                        f"{self.port_names.get(path.ifindex)}; one member per port per job")
-            job.members[rank] = Member(rank, peer, port, path, self.port_names.get(path.ifindex, "?"))
-            if len(job.members) == world:
+                        f"job {r.job} is being registered with window={job.window} data={job.shape}; "
+                        f"this request says window={r.window} data={r.shape}")
+                if r.rank in job.members:
+                    raise RegistrationError(
+                        f"job {r.job} rank {r.rank} is already registered from {job.members[r.rank].addr}")
+            elif job.ps is not None:
+                raise RegistrationError(f"job {r.job} already has a PS at {job.ps.addr}")
+            if r.role == "worker" and job.mode != "ps":
+                for m in job.members.values():
+                    if m.path.ifindex == path.ifindex:
+                        raise RegistrationError(
+                            f"job {r.job}: rank {m.rank} already sits behind switch port "
+                            f"{self.port_names.get(path.ifindex)}; one member per port per job")
+            member = Member(r.rank, peer, r.port, path, self.port_names.get(path.ifindex, "?"))
+            if r.role == "ps":
+                job.ps = member
+            else:
+                job.members[r.rank] = member
+            if job.complete():
                 self._activate(job)
                 self.cond.notify_all()
             deadline = time.monotonic() + timeout
             while job.state == "pending":
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closing:
-                    del job.members[rank]
-                    if not job.members:
-                        self.jobs.pop(job_id, None)
-                    missing = sorted(set(range(world)) - set(job.members) - {rank})
+                    missing = job.missing()
+                    if r.role == "ps":
+                        job.ps = None
+                    else:
+                        del job.members[r.rank]
+                    if not job.members and job.ps is None:
+                        self.jobs.pop(r.job, None)
                     why = "incd is stopping" if self.closing else (
-                        f"timed out after {timeout:.0f}s waiting for job {job_id} ranks {missing}")
+                        f"timed out after {timeout:.0f}s waiting for job {r.job} members {missing}")
                     raise RegistrationError(why)
                 self.cond.wait(left)
             if job.state != "active":
-                raise RegistrationError(job.error or f"job {job_id} ended before it started")
-            return job
+                raise RegistrationError(job.error or f"job {r.job} ended before it started")
+            return job, r.rank
+
+    def _region_for(self, job: Job) -> tuple[int, int]:
+        if job.mode == "modulo":
+            return self.alloc.alloc(2 * job.window), 2 * job.window
+        if job.mode == "hash":
+            if self.hash_region is None:
+                self.hash_region = (self.alloc.alloc(self.hash_slots), self.hash_slots)
+            return self.hash_region
+        return 0, 0
 
     def _activate(self, job: Job) -> None:
-        slots = 2 * job.window
         try:
-            job.offset = self.alloc.alloc(slots)
+            job.offset, job.slots = self._region_for(job)
         except AllocError as e:
             job.state, job.error = "ended", str(e)
             self.jobs.pop(job.id, None)
             return
-        job.slots = slots
         job.gen = self._next_gen()
-        job.elems = proto.elems_for_mtu(min(m.path.mtu for m in job.members.values()))
-        self.dp.reset_stats(job.id)
-        for m in job.members.values():
-            self.dp.set_member(
-                job.id, m.path.ifindex, mac=m.path.mac, port_mac=m.path.port_mac,
-                addr=socket.inet_aton(m.addr), switch_addr=socket.inet_aton(m.path.switch_addr),
-                port=m.port, rank=m.rank)
-        # Job entry last: the data path accepts packets only once results can be delivered.
-        self.dp.set_job(job.id, offset=job.offset, slots=slots, gen=job.gen, world=job.world)
+        job.elems = proto.elems_for_mtu(min(m.path.mtu for m in self._all_members(job)))
+        if job.mode in MODE_CODE:
+            self.dp.reset_stats(job.id)
+            for m in job.members.values():
+                self.dp.set_member(job.id, **self._member_fields(m))
+            if job.ps is not None:
+                self.dp.set_ps(job.id, **self._member_fields(job.ps))
+            # Job entry last: packets are accepted only once results can be delivered.
+            self.dp.set_job(job.id, offset=job.offset, slots=job.slots, gen=job.gen,
+                            world=job.world, mode=MODE_CODE[job.mode])
         job.state = "active"
+
+    @staticmethod
+    def _all_members(job: Job) -> list[Member]:
+        return list(job.members.values()) + ([job.ps] if job.ps else [])
+
+    @staticmethod
+    def _member_fields(m: Member) -> dict:
+        return dict(mac=m.path.mac, port_mac=m.path.port_mac, addr=socket.inet_aton(m.addr),
+                    switch_addr=socket.inet_aton(m.path.switch_addr), port=m.port,
+                    rank=max(m.rank, 0), ifindex=m.path.ifindex)
 
     def leave(self, job: Job, rank: int) -> None:
         with self.cond:
-            m = job.members.get(rank)
+            m = job.ps if rank == -1 else job.members.get(rank)
             if m is None or not m.alive:
                 return
             m.alive = False
             if job.state == "active" and not any(x.alive for x in job.members.values()):
                 self._end(job, None)
+            self.cond.notify_all()
+
+    def wait_end(self, job: Job) -> str:
+        with self.cond:
+            while job.state != "ended":
+                self.cond.wait()
+            return job.error or "all workers left"
 
     def _end(self, job: Job, reason: str | None) -> None:
+        final = None
         if job.state == "active":
-            self.dp.clear_job(job.id)
-            for m in job.members.values():
-                self.dp.del_member(job.id, m.path.ifindex)
-            self.alloc.free(job.offset)
-            final = self.dp.read_stats(job.id)
-        else:
-            final = None
+            if job.mode in MODE_CODE:
+                self.dp.clear_job(job.id)
+                for m in job.members.values():
+                    self.dp.del_member(job.id, m.path.ifindex)
+                if job.ps is not None:
+                    self.dp.clear_ps(job.id)
+                final = self.dp.read_stats(job.id)
+                if job.mode == "hash":
+                    final["slots_cleared_at_end"] = self.dp.clear_slots(job.offset, job.slots, job.id)
+            if job.mode == "modulo":
+                self.alloc.free(job.offset)
         job.state = "ended"
         job.error = reason
         if self.jobs.get(job.id) is job:
             del self.jobs[job.id]
+        if job.mode == "hash" and self.hash_region is not None and not any(
+                j.mode == "hash" and j.state == "active" for j in self.jobs.values()):
+            self.alloc.free(self.hash_region[0])
+            self.hash_region = None
         rec = job.public()
         rec["ended"] = time.time()
-        rec["end_reason"] = reason or "all members left"
+        rec["end_reason"] = reason or "all workers left"
         rec["counters"] = final
         self.finished.append(rec)
+        self.cond.notify_all()
 
     def shutdown(self) -> None:
         with self.cond:
@@ -212,12 +310,19 @@ class Registry:
             jobs = []
             for job in sorted(self.jobs.values(), key=lambda j: j.id):
                 rec = job.public()
-                rec["counters"] = self.dp.read_stats(job.id) if job.state == "active" else None
+                rec["counters"] = (self.dp.read_stats(job.id)
+                                   if job.state == "active" and job.mode in MODE_CODE else None)
                 jobs.append(rec)
+            hash_region = None
+            if self.hash_region is not None:
+                off, size = self.hash_region
+                hash_region = {"offset": off, "slots": size, "held": self.dp.held_slots(off, size)}
             return {
                 "pool_slots": self.alloc.size,
                 "free_slots": self.alloc.free_slots(),
+                "hash_slots": self.hash_slots,
                 "regions": {str(k): v for k, v in sorted(self.alloc.regions().items())},
+                "hash_region": hash_region,
                 "jobs": jobs,
                 "finished": list(self.finished),
                 "unattributed": self.dp.read_stats(0)["drops"],

@@ -87,18 +87,25 @@ class ControlHandler(socketserver.StreamRequestHandler):
                         except (TypeError, ValueError):
                             raise RegistrationError("'timeout' must be a number of seconds")
                         path = resolve_path(srv.netinfo, peer, srv.port_ifindexes)
-                        job = srv.registry.register(req, peer, path, min(max(timeout, 0.1), 600.0))
-                        joined = (job, req["rank"])
+                        job, rank = srv.registry.register(req, peer, path, min(max(timeout, 0.1), 600.0))
+                        joined = (job, rank)
                         _send(self.wfile, {
                             "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
                             "window": job.window, "offset": job.offset, "slots": job.slots,
                             "elems": job.elems, "data_addr": path.switch_addr,
                             "data_port": proto.PORT, "mode": job.mode,
+                            "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
+                            "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
+                                        for m in sorted(job.members.values(), key=lambda m: m.rank)],
                         })
                     elif op == "done":
                         if joined:
                             srv.registry.leave(*joined)
                         _send(self.wfile, {"ok": True})
+                    elif op == "wait_end":
+                        if not joined:
+                            raise RegistrationError("register first")
+                        _send(self.wfile, {"ok": True, "reason": srv.registry.wait_end(joined[0])})
                     elif op == "ping":
                         _send(self.wfile, {"ok": True})
                     else:
