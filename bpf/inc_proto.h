@@ -54,6 +54,18 @@
 #define INC_MODE_MODULO 1      /* NetReduce: idx = offset + psn % slots, switch only */
 #define INC_MODE_HASH 2        /* ATP: idx from the host, PS fallback, ACK release */
 
+/* Hash mode: the slot a host writes into inc_hdr.slot for (job, psn). Only
+ * hosts and the PS compute it (the switch checks the range); Python's copy in
+ * hostagent/proto.py is checked against this one by tests/test_layout.py. */
+#define INC_HASH_MUL_PSN 0x9E3779B1u
+#define INC_HASH_MUL_JOB 0x85EBCA77u
+static inline __u32 inc_hash_slot(__u32 job, __u32 psn, __u32 offset, __u32 size)
+{
+	__u32 h = psn * INC_HASH_MUL_PSN + job * INC_HASH_MUL_JOB;
+	h ^= h >> 15;
+	return offset + h % size;
+}
+
 /* Hash mode: a slot claimed longer ago than this by a (job, psn) that never
  * finished may be taken over; its contributors resend to the PS. */
 #define INC_SLOT_STALE_NS 200000000ULL

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import time
@@ -12,6 +13,7 @@ import numpy as np
 
 from . import inputs, proto
 from .collective import AllreduceError, Communicator
+from .ps import ParameterServer
 from .quantize import QuantizeError
 from .transport import Session, TransportError
 
@@ -56,7 +58,7 @@ def cmd_allreduce(a) -> int:
     # incd refuses ranks whose vectors differ, instead of letting them hang
     with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
                  register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                 shape=f"{x.size}x{x.dtype}") as s:
+                 shape=f"{x.size}x{x.dtype}", mode=a.mode) as s:
         comm = Communicator(s)
         times = []
         y = None
@@ -80,7 +82,7 @@ def cmd_allreduce(a) -> int:
         "job": a.job, "rank": a.rank, "world": a.world, "numel": int(x.size), "dtype": str(x.dtype),
         "iters": a.iters, "times_s": times, "median_s": med,
         "goodput_gbps": x.nbytes * 8 / med / 1e9, "retransmits": retx,
-        "elems_per_packet": params.elems, "window": params.window, "verified": verified,
+        "elems_per_packet": params.elems, "window": params.window, "mode": a.mode, "verified": verified,
         "max_abs_err": max_err,
     }
     if a.json:
@@ -91,6 +93,32 @@ def cmd_allreduce(a) -> int:
               f"median {med * 1e3:.2f} ms, {res['goodput_gbps']:.3f} Gbit/s, "
               f"{retx} retransmits{v}")
     return 0 if verified in (None, True) else 4
+
+
+def cmd_ps(a) -> int:
+    if not 1 <= a.world <= proto.MAX_WORKERS:
+        raise CliError(f"--world must be in 1..{proto.MAX_WORKERS}")
+    if not 1 <= a.job < proto.MAX_JOBS:
+        raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
+    say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    say(f"ps: registering job {a.job} ({a.mode}, {a.world} workers) with incd ...")
+    ps = ParameterServer(a.job, a.world, mode=a.mode, switch=a.switch,
+                         register_timeout=a.register_timeout)
+    stop = lambda *_: ps.stop.set()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    say(f"ps: job {a.job} gen {ps.p.gen} running; serving until its workers leave")
+    try:
+        stats = ps.serve()
+    finally:
+        ps.close()
+    out = {"job": a.job, "mode": a.mode, "world": a.world, "end": ps.end_reason or "stopped",
+           **stats.as_dict()}
+    print(json.dumps(out) if a.json else
+          f"ps job {a.job}: {stats.results} results from {stats.aggregates} switch aggregates "
+          f"({stats.partials} partial) and {stats.singles} single packets ({stats.collisions} "
+          f"collisions); {stats.results_resent} results resent; ended: {out['end']}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,11 +142,25 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress lines")
     a.add_argument("--switch", help="incd address (default: this host's default gateway)")
     a.add_argument("--window", type=int, default=64, help="packets in flight (default %(default)s)")
+    a.add_argument("--mode", choices=["modulo", "hash", "ps"], default="modulo",
+                   help="modulo: switch only (NetReduce); hash: switch with a parameter server "
+                   "fallback (ATP); ps: parameter server only, the switch just forwards (baseline)")
     a.add_argument("--timeout", type=float, default=10.0,
                    help="fail if no result arrives for this many seconds (default %(default)s)")
     a.add_argument("--register-timeout", type=float, default=30.0,
                    help="how long to wait for the other ranks to register (default %(default)s)")
     a.set_defaults(fn=cmd_allreduce)
+    q = sub.add_parser("ps", help="parameter server of one hash- or ps-mode job",
+                       description="Serve one job as its parameter server: finish the sums the "
+                       "switch could not (hash mode) or all of them (ps mode). Exits when the "
+                       "job's workers have all left.")
+    q.add_argument("--job", type=int, required=True)
+    q.add_argument("--world", type=int, required=True, help="number of worker ranks")
+    q.add_argument("--mode", choices=["hash", "ps"], default="hash")
+    q.add_argument("--switch", help="incd address (default: this host's default gateway)")
+    q.add_argument("--register-timeout", type=float, default=30.0)
+    q.add_argument("--json", action="store_true", help="print the final statistics as JSON")
+    q.set_defaults(fn=cmd_ps)
     return p
 
 

@@ -17,7 +17,7 @@ HEADER_PATH = Path(__file__).resolve().parent.parent / "bpf" / "inc_proto.h"
 
 def _parse_header(text: str) -> dict[str, int]:
     consts: dict[str, int] = {}
-    for name, value in re.findall(r"^#define\s+(INC_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text, re.M):
+    for name, value in re.findall(r"^#define\s+(INC_\w+)\s+(0x[0-9a-fA-F]+|\d+)[uUlL]*\b", text, re.M):
         consts[name] = int(value, 0)
     for name, value in re.findall(r"^\s*(INC_\w+)\s*=\s*(0x[0-9a-fA-F]+|\d+)\s*,", text, re.M):
         consts[name] = int(value, 0)
@@ -75,13 +75,23 @@ HDR_LEN = HDR_DTYPE.itemsize
 IP_UDP_OVERHEAD = 20 + 8
 
 
+def hash_slots(job: int, psns: np.ndarray, offset: int, size: int) -> np.ndarray:
+    """inc_hash_slot() of bpf/inc_proto.h for many psns at once."""
+    with np.errstate(over="ignore"):
+        h = (np.asarray(psns, dtype=np.uint32) * np.uint32(C["INC_HASH_MUL_PSN"])
+             + np.uint32((job * C["INC_HASH_MUL_JOB"]) & 0xFFFFFFFF))
+    h ^= h >> np.uint32(15)
+    return (offset + h % np.uint32(size)).astype(np.uint32)
+
+
 def elems_for_mtu(mtu: int) -> int:
     """Lanes that fit in one packet on a link of this MTU."""
     return max(0, min(MAX_ELEMS, (mtu - IP_UDP_OVERHEAD - HDR_LEN) // 4))
 
 
 def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: int,
-                  psn0: int, op: int = OP_SUM) -> tuple[np.ndarray, np.ndarray]:
+                  psn0: int, op: int = OP_SUM,
+                  hash_region: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All data packets of one reduction, built in one numpy buffer.
 
     Returns (buf, sizes): row i of buf is packet i (header + `elems` lanes, the
@@ -100,6 +110,8 @@ def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: i
     hdr["gen"] = gen
     hdr["rank"] = rank
     hdr["psn"] = (psn0 + np.arange(npk, dtype=np.uint64)) & 0xFFFFFFFF
+    if hash_region is not None:
+        hdr["slot"] = hash_slots(job, hdr["psn"], *hash_region)
     numel = np.full(npk, elems, dtype=np.uint16)
     numel[-1] = n - elems * (npk - 1) if n else 1
     hdr["numel"] = numel

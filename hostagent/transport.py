@@ -53,6 +53,62 @@ class JobParams:
     elems: int
     data_addr: str
     data_port: int
+    mode: str = "modulo"
+    offset: int = 0
+    slots: int = 0
+    ps: dict | None = None
+    members: list | None = None
+
+
+MODES = ("modulo", "hash", "ps")
+
+
+def data_socket() -> socket.socket:
+    """A UDP socket on an ephemeral port outside the INC range: the switch takes
+    a datagram to such a port for INC traffic (PS-baseline packets and results
+    are addressed to these sockets)."""
+    for _ in range(64):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+        s.bind(("0.0.0.0", 0))
+        if not proto.PORT_MIN <= s.getsockname()[1] <= proto.PORT_MAX:
+            return s
+        s.close()
+    raise TransportError("no UDP port outside the INC range")
+
+
+def control_call(ctrl: socket.socket, req: dict) -> dict:
+    ctrl.sendall((json.dumps(req) + "\n").encode())
+    buf = b""
+    try:
+        while not buf.endswith(b"\n"):
+            chunk = ctrl.recv(65536)
+            if not chunk:
+                raise TransportError("incd closed the control connection")
+            buf += chunk
+    except socket.timeout as e:
+        raise TransportError(f"incd did not answer {req['op']!r} in time") from e
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise TransportError(f"incd refused {req['op']}: {reply.get('error')}")
+    return reply
+
+
+def connect_incd(switch: str | None, ctrl_port: int) -> socket.socket:
+    switch = switch or default_gateway()
+    if not switch:
+        raise TransportError("no switch address: pass --switch (there is no default gateway)")
+    try:
+        return socket.create_connection((switch, ctrl_port), timeout=10)
+    except OSError as e:
+        raise TransportError(f"cannot reach incd at {switch}:{ctrl_port}: {e}") from e
+
+
+def params_from(reply: dict) -> JobParams:
+    return JobParams(reply["job"], reply["gen"], reply["world"], reply.get("window") or 0,
+                     reply["elems"], reply["data_addr"], reply["data_port"], reply["mode"],
+                     reply["offset"], reply["slots"], reply.get("ps"), reply.get("members"))
 
 
 @dataclass
@@ -68,33 +124,28 @@ class Session:
     def __init__(self, job: int, rank: int, world: int, *, window: int = 64,
                  switch: str | None = None, ctrl_port: int = proto.CTRL_PORT,
                  register_timeout: float = 30.0, progress_timeout: float = 10.0,
-                 shape: str | None = None):
+                 shape: str | None = None, mode: str = "modulo"):
+        if mode not in MODES:
+            raise TransportError(f"mode must be one of {MODES}")
         self.rank = rank
         self.progress_timeout = progress_timeout
-        switch = switch or default_gateway()
-        if not switch:
-            raise TransportError("no switch address: pass --switch (there is no default gateway)")
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            self.udp.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-        self.udp.bind(("0.0.0.0", 0))
+        self.ctrl = None
+        self.udp = data_socket()
         try:
-            self.ctrl = socket.create_connection((switch, ctrl_port), timeout=10)
-        except OSError as e:
-            self.udp.close()
-            raise TransportError(f"cannot reach incd at {switch}:{ctrl_port}: {e}") from e
-        try:
+            self.ctrl = connect_incd(switch, ctrl_port)
             self.ctrl.settimeout(register_timeout + 10)
             reply = self._call({
                 "op": "register", "job": job, "rank": rank, "world": world, "window": window,
-                "port": self.udp.getsockname()[1], "mode": "modulo", "timeout": register_timeout,
+                "port": self.udp.getsockname()[1], "mode": mode, "timeout": register_timeout,
                 "shape": shape,
             })
-            self.params = JobParams(reply["job"], reply["gen"], reply["world"], reply["window"],
-                                    reply["elems"], reply["data_addr"], reply["data_port"])
+            self.params = params_from(reply)
             if self.params.elems <= 0:
                 raise TransportError("switch ports' MTU too small for an INC packet")
-            self.udp.connect((self.params.data_addr, self.params.data_port))
+            if mode == "ps":  # the baseline: straight to the parameter server
+                self.udp.connect((self.params.ps["addr"], self.params.ps["port"]))
+            else:
+                self.udp.connect((self.params.data_addr, self.params.data_port))
         except BaseException:
             self.close()
             raise
@@ -105,20 +156,7 @@ class Session:
         self.stats = ReduceStats()
 
     def _call(self, req: dict) -> dict:
-        self.ctrl.sendall((json.dumps(req) + "\n").encode())
-        buf = b""
-        try:
-            while not buf.endswith(b"\n"):
-                chunk = self.ctrl.recv(65536)
-                if not chunk:
-                    raise TransportError("incd closed the control connection")
-                buf += chunk
-        except socket.timeout as e:
-            raise TransportError(f"incd did not answer {req['op']!r} in time") from e
-        reply = json.loads(buf)
-        if not reply.get("ok"):
-            raise TransportError(f"incd refused {req['op']}: {reply.get('error')}")
-        return reply
+        return control_call(self.ctrl, req)
 
     def close(self) -> None:
         for s in (getattr(self, "ctrl", None), self.udp):
@@ -150,8 +188,9 @@ class Session:
         n = values.size
         E = p.elems
         psn0 = self.next_psn
-        buf, sizes = proto.build_packets(values, E, job=p.job, gen=p.gen, rank=self.rank,
-                                         psn0=psn0, op=op)
+        hashed = p.mode == "hash"
+        buf, sizes = proto.build_packets(values, E, job=p.job, gen=p.gen, rank=self.rank, psn0=psn0,
+                                         op=op, hash_region=(p.offset, p.slots) if hashed else None)
         npk = len(buf)
         self.next_psn = (psn0 + npk) & 0xFFFFFFFF
         raw = buf.view(np.uint8).reshape(npk, -1)
@@ -211,7 +250,9 @@ class Session:
                     # Three later results overtook these: a contribution (maybe
                     # another rank's) or the result was lost. Every rank resends,
                     # so the one whose packet was lost repairs it without an RTO.
-                    while fr <= i - 3:
+                    # Not in hash or ps mode: results come in the PS's order, and
+                    # a resend there evicts the psn's partial from the switch.
+                    while fr <= i - 3 and p.mode == "modulo":
                         if fr >= base and not got[fr] and not fast_done[fr]:
                             fast_done[fr] = True
                             resend(fr, now)

@@ -39,6 +39,33 @@ def test_header_layout_matches_c(tmp_path):
         assert (py_off, dt.itemsize) == (off, size), name
 
 
+HASH_PROG = r'''
+#include <stdio.h>
+#include "inc_proto.h"
+int main(void) {
+  unsigned jobs[] = {1, 7, 1023}, sizes[] = {1, 8, 2048, 4093};
+  for (int j = 0; j < 3; j++) for (int z = 0; z < 4; z++) for (unsigned p = 0; p < 300; p += 7)
+    printf("%u %u %u %u\n", jobs[j], sizes[z], p * 2654435761u, inc_hash_slot(jobs[j], p * 2654435761u, 100, sizes[z]));
+  return 0;
+}
+'''
+
+
+def test_hash_slot_matches_c(tmp_path):
+    import numpy as np
+
+    src = tmp_path / "hash.c"
+    src.write_text(HASH_PROG)
+    exe = tmp_path / "hash"
+    subprocess.run(["gcc", "-I", str(proto.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
+    rows = [list(map(int, line.split())) for line in
+            subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()]
+    assert len(rows) > 500
+    for job, size, psn, slot in rows:
+        assert int(proto.hash_slots(job, np.array([psn]), 100, size)[0]) == slot
+        assert 100 <= slot < 100 + size
+
+
 def test_frame_fits_xdp_linear_limit():
     # Ethernet + IPv4 + UDP + header + full payload must stay under ~3.5 KiB.
     assert 14 + proto.IP_UDP_OVERHEAD + proto.HDR_LEN + 4 * proto.MAX_ELEMS <= 3500
