@@ -40,7 +40,13 @@ class RunResult:
         return VERDICT_NAMES.get(self.verdict, str(self.verdict))
 
 
-def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> RunResult:
+class _XdpMd(ct.Structure):
+    _fields_ = [(n, ct.c_uint32) for n in
+                ("data", "data_end", "data_meta", "ingress_ifindex", "rx_queue_index", "egress_ifindex")]
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex: int = 0) -> RunResult:
+    """ingress_ifindex must name a device of this namespace (1 = lo) or be 0."""
     from bcc import libbcc
 
     fn = libbcc.lib.bpf_prog_test_run_opts
@@ -55,6 +61,10 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> RunResult:
     o.data_out = ct.cast(outbuf, ct.c_void_p)
     o.data_size_out = len(outbuf)
     o.repeat = repeat
+    if ingress_ifindex:
+        md = _XdpMd(data_end=len(packet), ingress_ifindex=ingress_ifindex)
+        o.ctx_in = ct.cast(ct.pointer(md), ct.c_void_p)
+        o.ctx_size_in = ct.sizeof(md)
     rc = fn(prog_fd, ct.byref(o))
     if rc != 0:
         raise OSError(-rc, f"BPF_PROG_TEST_RUN failed: {rc}")

@@ -30,12 +30,12 @@ def dp(root):
 
 
 def inc(job, gen, rank, psn, vals, *, op=proto.OP_SUM, typ=proto.T_DATA, version=proto.VERSION,
-        numel=None, cut=0, dport=proto.PORT) -> bytes:
+        numel=None, cut=0, dport=proto.PORT, flags=0, slot=0, src=W_IP) -> bytes:
     h = np.zeros(1, proto.HDR_DTYPE)
     vals = np.asarray(vals, dtype="<i4")
-    h[0] = (version, typ, 0, op, job, gen, psn, 0, rank, len(vals) if numel is None else numel, 0, 0)
+    h[0] = (version, typ, flags, op, job, gen, psn, slot, rank, len(vals) if numel is None else numel, 0, 0)
     payload = h.tobytes() + vals.tobytes()
-    pkt = bytes(Ether(src=W_MAC, dst=SW_MAC) / IP(src=W_IP, dst=SW_IP)
+    pkt = bytes(Ether(src=W_MAC, dst=SW_MAC) / IP(src=src, dst=SW_IP)
                 / UDP(sport=W_PORT, dport=dport) / Raw(payload))
     return pkt[: len(pkt) - cut] if cut else pkt
 
@@ -213,3 +213,143 @@ def test_bad_packets_dropped_by_reason(dp, what, pkt, cjob, reason):
     after = dp.read_stats(cjob)["drops"]
     assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {reason: 1}
     assert dp.read_slot(OFFSET + 4 * SLOTS).count == slot_before  # nothing aggregated
+
+
+# --- hash mode (ATP) ---------------------------------------------------------
+PS_IP, PS_MAC, PS_PORT = "10.77.100.2", "02:00:00:00:00:99", 40100
+PS_SW_IP, PS_SW_MAC = "10.77.100.1", "02:00:00:00:00:9e"
+H_OFF, H_SIZE = 40, 8
+
+
+@pytest.fixture()
+def hash_job(dp):
+    import socket
+
+    job, gen = 20, 4
+    for i in range(H_OFF, H_OFF + H_SIZE):
+        dp.pool[__import__("ctypes").c_int(i)] = dp.pool.Leaf()
+    dp.set_job(job, offset=H_OFF, slots=H_SIZE, gen=gen, world=3, mode=proto.MODE_HASH)
+    dp.set_ps(job, mac=bytes.fromhex(PS_MAC.replace(":", "")), port_mac=bytes.fromhex(PS_SW_MAC.replace(":", "")),
+              addr=socket.inet_aton(PS_IP), switch_addr=socket.inet_aton(PS_SW_IP), port=PS_PORT, rank=0,
+              ifindex=1)  # lo: BPF_PROG_TEST_RUN needs a real device for ingress_ifindex
+    dp.reset_stats(job)
+    yield job, gen
+    dp.clear_job(job)
+    dp.clear_ps(job)
+
+
+def to_ps(r) -> tuple:
+    """Checks a packet the switch sent to the PS; returns (flags, bitmap, lanes)."""
+    assert r.verdict == XDP_REDIRECT, r.verdict_name
+    out = Ether(r.data)
+    assert (out.dst, out.src) == (PS_MAC, PS_SW_MAC)
+    assert (out[IP].dst, out[IP].src, out[UDP].dport, out[UDP].sport) == (PS_IP, PS_SW_IP, PS_PORT, proto.PORT)
+    h = hdr_of(r.data)
+    return int(h["flags"]), int(h["bitmap"]), lanes_of(r.data).tolist()
+
+
+def stat_delta(dp, job, before):
+    after = flat(dp.read_stats(job))
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def test_hash_claim_add_collision_complete_ack(dp, hash_job):
+    job, gen = hash_job
+    S = H_OFF + 3
+    run = lambda pkt, **kw: prog_test_run(dp.ingress.fd, pkt, **kw)  # noqa: E731
+    b = flat(dp.read_stats(job))
+    assert run(inc(job, gen, 0, 5, [1, 2], slot=S)).verdict == XDP_DROP            # claim
+    assert run(inc(job, gen, 1, 5, [10, 20], slot=S)).verdict == XDP_DROP          # add
+    s = dp.read_slot(S)
+    assert (s.state, s.psn, s.bitmap, s.count, list(s.lanes[:2])) == (1, 5, 0b011, 2, [11, 22])
+    assert run(inc(job, gen, 1, 5, [10, 20], slot=S)).verdict == XDP_DROP          # duplicate
+    assert stat_delta(dp, job, b) == {"pkts_in": 3, "consumed": 2, "drops.dup": 1}
+
+    b = flat(dp.read_stats(job))
+    flags, bitmap, lanes = to_ps(run(inc(job, gen, 0, 6, [7, 7], slot=S)))     # another psn: collision
+    assert (flags, bitmap, lanes) == (proto.F_COLLISION, 0b001, [7, 7])
+    assert dp.read_slot(S).psn == 5
+    assert stat_delta(dp, job, b) == {"pkts_in": 1, "collisions": 1, "fallbacks": 1}
+
+    b = flat(dp.read_stats(job))
+    flags, bitmap, lanes = to_ps(run(inc(job, gen, 2, 5, [100, 200], slot=S)))   # last: sum to the PS
+    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE, 0b111, [111, 222])
+    assert dp.read_slot(S).state == 2  # held until the ACK
+    assert stat_delta(dp, job, b) == {"pkts_in": 1, "consumed": 1, "slots_completed": 1, "to_ps": 1}
+
+    b = flat(dp.read_stats(job))
+    flags, bitmap, lanes = to_ps(run(inc(job, gen, 0, 5, [1, 2], slot=S, flags=proto.F_RETRANS)))
+    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE | proto.F_RETRANS, 0b111, [111, 222])
+    assert dp.read_slot(S).state == 2  # the complete aggregate is sent again, still held
+    assert stat_delta(dp, job, b) == {"pkts_in": 1, "fallbacks": 1}
+
+    spoof = inc(job, gen, 0, 5, [111, 222], typ=proto.T_RESULT, slot=S)          # from a worker
+    b = flat(dp.read_stats(job))
+    assert run(spoof, ingress_ifindex=1).verdict == XDP_DROP
+    assert dp.read_slot(S).state == 2
+    assert stat_delta(dp, job, b) == {"pkts_in": 1, "drops.bad_source": 1}
+
+    b = flat(dp.read_stats(job))
+    ack = inc(job, gen, 0, 5, [111, 222], typ=proto.T_RESULT, slot=S, src=PS_IP)
+    r = run(ack, ingress_ifindex=1)
+    assert r.verdict == XDP_REDIRECT and lanes_of(r.data).tolist() == [111, 222]
+    assert dp.read_slot(S).state == 0                                              # released
+    assert stat_delta(dp, job, b) == {"pkts_in": 1, "releases": 1}
+
+    b = flat(dp.read_stats(job))                                                   # a late resend
+    flags, bitmap, lanes = to_ps(run(inc(job, gen, 1, 5, [10, 20], slot=S, flags=proto.F_RETRANS)))
+    assert (flags, bitmap, lanes) == (proto.F_RETRANS, 0b010, [10, 20])
+    assert dp.read_slot(S).state == 0                                              # resends never claim
+    assert stat_delta(dp, job, b) == {"pkts_in": 1, "fallbacks": 1}
+
+
+def test_hash_resend_evicts_partial(dp, hash_job):
+    job, gen = hash_job
+    S = H_OFF + 5
+    assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 7, [3, 4], slot=S)).verdict == XDP_DROP
+    flags, bitmap, lanes = to_ps(prog_test_run(dp.ingress.fd, inc(job, gen, 2, 7, [9, 9], slot=S,
+                                                                  flags=proto.F_RETRANS)))
+    # the partial (rank 0 only) goes to the PS; the resender's own data is not added
+    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE | proto.F_RETRANS, 0b001, [3, 4])
+    assert dp.read_slot(S).state == 0
+
+
+def write_slot(dp, idx, **fields):
+    import ctypes
+
+    v = dp.pool.Leaf()
+    for k, val in fields.items():
+        setattr(v, k, val)
+    dp.pool[ctypes.c_int(idx)] = v
+
+
+def test_hash_stale_and_orphaned_slots_are_reclaimed(dp, hash_job):
+    import time
+
+    job, gen = hash_job
+    S1, S2 = H_OFF + 6, H_OFF + 7
+    write_slot(dp, S1, state=1, job=job, gen=gen, psn=9, bitmap=1, count=1, numel=1, claimed_ns=1)
+    write_slot(dp, S2, state=1, job=21, gen=1, psn=9, bitmap=1, count=1, numel=1,
+               claimed_ns=time.monotonic_ns())  # fresh, but job 21 does not exist
+    b = flat(dp.read_stats(job))
+    assert prog_test_run(dp.ingress.fd, inc(job, gen, 1, 10, [5], slot=S1)).verdict == XDP_DROP
+    assert prog_test_run(dp.ingress.fd, inc(job, gen, 1, 11, [6], slot=S2)).verdict == XDP_DROP
+    for idx, psn in ((S1, 10), (S2, 11)):
+        s = dp.read_slot(idx)
+        assert (s.job, s.psn, s.bitmap, s.state) == (job, psn, 0b010, 1)
+    assert stat_delta(dp, job, b) == {"pkts_in": 2, "consumed": 2, "reclaims": 2}
+    # a fresh slot of a live (job, psn) is not taken: that is a collision
+    flags, _, _ = to_ps(prog_test_run(dp.ingress.fd, inc(job, gen, 0, 12, [1], slot=S1)))
+    assert flags == proto.F_COLLISION
+
+
+def test_hash_slot_outside_region_and_results_for_modulo_jobs(dp, hash_job):
+    job, gen = hash_job
+    b = flat(dp.read_stats(job))
+    for slot in (H_OFF - 1, H_OFF + H_SIZE, 2**31):
+        assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 1, [1], slot=slot)).verdict == XDP_DROP
+    assert stat_delta(dp, job, b) == {"pkts_in": 3, "drops.bad_slot": 3}
+    dp.set_job(9, offset=OFFSET, slots=SLOTS, gen=3, world=2)
+    before = dp.read_stats(0)["drops"]["bad_hdr"]
+    r = prog_test_run(dp.ingress.fd, inc(9, 3, 0, 0, [1], typ=proto.T_RESULT, src=PS_IP), ingress_ifindex=1)
+    assert r.verdict == XDP_DROP and dp.read_stats(0)["drops"]["bad_hdr"] == before + 1
