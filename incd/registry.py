@@ -313,16 +313,18 @@ class Registry:
                 rec["counters"] = (self.dp.read_stats(job.id)
                                    if job.state == "active" and job.mode in MODE_CODE else None)
                 jobs.append(rec)
-            hash_region = None
+            hash_region, held = None, 0
             if self.hash_region is not None:
                 off, size = self.hash_region
                 hash_region = {"offset": off, "slots": size, "held": self.dp.held_slots(off, size)}
+                held = sum(n for k, n in hash_region["held"].items() if k != "reclaimable")
             return {
                 "pool_slots": self.alloc.size,
                 "free_slots": self.alloc.free_slots(),
                 "hash_slots": self.hash_slots,
                 "regions": {str(k): v for k, v in sorted(self.alloc.regions().items())},
                 "hash_region": hash_region,
+                "held_slots": held,  # hash-region slots a live (job, psn) holds right now
                 "jobs": jobs,
                 "finished": list(self.finished),
                 "unattributed": self.dp.read_stats(0)["drops"],

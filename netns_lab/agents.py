@@ -14,6 +14,30 @@ def agent_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "hostagent.cli", *args]
 
 
+class PSProcess:
+    """`inc-agent ps` for one job on a lab host; it exits once the job's workers leave."""
+
+    def __init__(self, lab, job: int, world: int, mode: str = "hash", host: str = "ps"):
+        self.proc = lab.popen(host, agent_argv("ps", "--job", str(job), "--world", str(world),
+                                               "--mode", mode, "--json"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(self, timeout: float = 30.0) -> dict:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AgentRunError(f"PS did not exit within {timeout}s after its workers left")
+        if self.proc.returncode != 0:
+            raise AgentRunError(f"PS exit {self.proc.returncode}: {err.strip()[-500:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def run_allreduce(lab, *, job: int, world: int, numel: int | None = None, dtype: str = "float32",
                   iters: int = 1, extra: list[str] | None = None, per_rank: dict | None = None,
                   hosts: list[str] | None = None, timeout: float = 300.0) -> list[dict]:

@@ -52,13 +52,14 @@ def lab_with(**impair):
     return Ctx()
 
 
-def allreduce_files(lab, tmp_path, job, xs, extra=()):
+def allreduce_files(lab, tmp_path, job, xs, extra=(), hosts=None):
     """Each rank's input from its own .npy; returns the outputs read back and the JSON results."""
     per_rank = {}
     for r, x in enumerate(xs):
         np.save(tmp_path / f"in{job}_{r}.npy", x)
         per_rank[r] = ["--in", str(tmp_path / f"in{job}_{r}.npy"), "--out", str(tmp_path / f"out{job}_{r}.npy")]
-    res = run_allreduce(lab, job=job, world=len(xs), per_rank=per_rank, extra=list(extra), timeout=120)
+    res = run_allreduce(lab, job=job, world=len(xs), per_rank=per_rank, extra=list(extra), timeout=120,
+                        hosts=hosts)
     return [np.load(tmp_path / f"out{job}_{r}.npy") for r in range(len(xs))], res
 
 
