@@ -39,6 +39,7 @@
 /* inc_hdr.type */
 #define INC_T_DATA 1           /* worker -> switch: a contribution */
 #define INC_T_RESULT 2         /* switch -> worker: the aggregate for a psn */
+#define INC_T_EVICT 3          /* hash mode, PS -> switch: hand me the partial of this psn */
 
 /* inc_hdr.flags */
 #define INC_F_RETRANS 0x01     /* sender had sent this psn before */
@@ -163,6 +164,7 @@ struct inc_stats {
 	__u64 to_ps;            /* hash: complete aggregates sent to the PS */
 	__u64 releases;         /* hash: slots freed by the PS's result (the ACK) */
 	__u64 reclaims;         /* hash: stale slots taken over */
+	__u64 evictions;        /* hash: partials handed to the PS on its EVICT */
 	__u64 drops[INC_DROP__COUNT];
 };
 

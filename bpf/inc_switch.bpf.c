@@ -266,11 +266,15 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 	return bpf_redirect(ps->ifindex, 0);
 }
 
-/* The PS's result for a hash-mode psn: free the slot if it still holds that
- * psn (the ACK), then broadcast; the egress program delivers to the workers. */
-static __always_inline int hash_result(struct xdp_md *ctx, struct iphdr *ip, struct udphdr *udp,
-				       struct inc_hdr *h, __u32 job_id, struct inc_job *job,
-				       struct inc_stats *st)
+/* Packets from a hash job's PS: its result for a psn (free the slot if it
+ * still holds that psn - the ACK - then broadcast; the egress program delivers
+ * to the workers), or an EVICT: a psn the PS got single packets for, whose
+ * other contributions may sit in a slot that can now never complete; the
+ * partial goes back to the PS with its bitmap and the slot is freed. */
+static __always_inline int hash_from_ps(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
+					struct udphdr *udp, struct inc_hdr *h, __s32 *payload,
+					void *end, __u32 job_id, struct inc_job *job,
+					struct inc_stats *st)
 {
 	struct inc_member *ps = job_ps.lookup(&job_id);
 	if (!ps || ps->ifindex == 0 || ps->ifindex != ctx->ingress_ifindex || ps->addr != ip->saddr)
@@ -281,17 +285,37 @@ static __always_inline int hash_result(struct xdp_md *ctx, struct iphdr *ip, str
 	struct inc_slot *s = pool.lookup(&idx);
 	if (!s)
 		return drop(job_id, INC_DROP_BAD_SLOT);
-	int released = 0;
+	int evict = h->type == INC_T_EVICT, hit = 0;
+	__u32 n = h->numel;
+	__u64 bitmap = 0;
 	bpf_spin_lock(&s->lock);
 	if (s->state != INC_SLOT_EMPTY && s->job == job_id && s->gen == job->gen && s->psn == h->psn) {
-		s->state = INC_SLOT_EMPTY;
-		released = 1;
+		if (!evict) {
+			s->state = INC_SLOT_EMPTY;
+			hit = 1;
+		} else if (s->state == INC_SLOT_PARTIAL && s->numel == n) {
+			lanes_copy_out(s, payload, end, n);
+			bitmap = s->bitmap;
+			s->state = INC_SLOT_EMPTY;
+			hit = 1;
+		}
 	}
 	bpf_spin_unlock(&s->lock);
-	if (st && released)
-		st->releases++;
 	udp->check = 0;
-	return tx_ports.redirect_map(0, BPF_F_BROADCAST);
+	if (!evict) {
+		if (st && hit)
+			st->releases++;
+		return tx_ports.redirect_map(0, BPF_F_BROADCAST);
+	}
+	if (!hit)
+		return XDP_DROP; /* nothing (left) to evict: the partial completed or was evicted */
+	if (st)
+		st->evictions++;
+	h->type = INC_T_DATA;
+	h->flags = INC_F_AGGREGATE;
+	h->bitmap = bitmap;
+	readdress(eth, ip, udp, ps);
+	return bpf_redirect(ps->ifindex, 0);
 }
 
 /* An INC packet whose headers and lanes the verifier has seen checked. */
@@ -334,7 +358,7 @@ static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 	if ((void *)(h + 1) > c.end)
 		return PARSE_DROP(INC_DROP_BAD_HDR);
 	if (h->version != INC_VERSION || h->op > INC_OP_MAX ||
-	    (h->type != INC_T_DATA && h->type != INC_T_RESULT))
+	    h->type < INC_T_DATA || h->type > INC_T_EVICT)
 		return PARSE_DROP(INC_DROP_BAD_HDR);
 	pk->h = h; /* set early: length errors are charged to the job */
 	__u32 n = h->numel;
@@ -378,7 +402,7 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	struct inc_job *job = jobs.lookup(&job_id);
 	if (!job || job->mode == 0 || job->slots == 0)
 		return drop(0, INC_DROP_NO_JOB);
-	if (h->type == INC_T_RESULT && job->mode != INC_MODE_HASH)
+	if (h->type != INC_T_DATA && job->mode != INC_MODE_HASH)
 		return drop(0, INC_DROP_BAD_HDR); /* only a hash job's PS sends results in */
 	struct inc_stats *st = stats_of(job_id);
 	if (st)
@@ -413,8 +437,8 @@ int xdp_inc_hash(struct xdp_md *ctx)
 	struct inc_stats *st;
 	if (enter_mode(ctx, &pk, &job_id, &job, &st))
 		return XDP_DROP;
-	if (pk.h->type == INC_T_RESULT)
-		return hash_result(ctx, pk.ip, pk.udp, pk.h, job_id, job, st);
+	if (pk.h->type != INC_T_DATA)
+		return hash_from_ps(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st);
 	return hash_data(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st);
 }
 

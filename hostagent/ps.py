@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,10 @@ from .transport import (TransportError, connect_incd, control_call, data_socket,
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 KEEP_RESULTS = 16384
+# How long the PS waits on a psn it got single packets for before asking the
+# switch for that psn's partial (EVICT): other ranks' packets may have claimed
+# the slot after the collision and can never complete it there.
+EVICT_AFTER_S = 0.002
 
 
 @dataclass
@@ -37,6 +42,7 @@ class PSStats:
     overlaps_ignored: int = 0
     results: int = 0
     results_resent: int = 0
+    evicts_sent: int = 0
     ignored: int = 0        # other job/generation, malformed, or a rank's repeat
 
     def as_dict(self) -> dict:
@@ -94,6 +100,7 @@ class ParameterServer:
         self.pending: dict[int, _Pending] = {}
         self.done: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self.stats = PSStats()
+        self.evict_at: dict[int, float] = {}  # psn -> when to ask the switch for its partial
         self.stop = threading.Event()
         self.end_reason: str | None = None
 
@@ -131,6 +138,7 @@ class ParameterServer:
                   self.p.job, self.p.gen, psn, acc.slot, 0, acc.numel, 0, self.all_bits)
         pkt = hdr.tobytes() + total.astype("<i4").tobytes()
         del self.pending[psn]
+        self.evict_at.pop(psn, None)
         self.done[psn] = pkt
         if len(self.done) > KEEP_RESULTS:
             self.done.popitem(last=False)
@@ -179,20 +187,38 @@ class ParameterServer:
                 st.ignored += 1
                 return
             acc.singles[rank] = lanes
+            if self.p.mode == "hash" and psn not in self.evict_at:
+                self.evict_at[psn] = time.monotonic() + EVICT_AFTER_S
         if acc.have() == self.all_bits:
             self._finish(psn, acc)
+
+    def _evict_overdue(self, now: float) -> None:
+        for psn, at in list(self.evict_at.items()):
+            acc = self.pending.get(psn)
+            if acc is None:
+                del self.evict_at[psn]
+            elif now >= at:
+                hdr = np.zeros(1, proto.HDR_DTYPE)
+                hdr[0] = (proto.VERSION, proto.C["INC_T_EVICT"], 0, acc.op, self.p.job, self.p.gen,
+                          psn, acc.slot, 0, acc.numel, 0, 0)
+                self.sock.sendto(hdr.tobytes() + bytes(4 * acc.numel), (self.p.data_addr, proto.PORT))
+                self.stats.evicts_sent += 1
+                self.evict_at[psn] = now + 4 * EVICT_AFTER_S  # again later if the partial is still short
 
     def serve(self) -> PSStats:
         threading.Thread(target=self._watch_job, daemon=True).start()
         buf = bytearray(proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
         view = memoryview(buf)
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(EVICT_AFTER_S)
+        next_check = 0.0
         while not self.stop.is_set():
             try:
                 nbytes, src = self.sock.recvfrom_into(buf)
-            except socket.timeout:
-                continue
-            except ConnectionRefusedError:
-                continue
-            self.handle(view, nbytes, src)
+                self.handle(view, nbytes, src)
+            except (socket.timeout, ConnectionRefusedError):
+                pass
+            now = time.monotonic()
+            if self.evict_at and now >= next_check:
+                self._evict_overdue(now)
+                next_check = now + EVICT_AFTER_S / 2
         return self.stats

@@ -353,3 +353,30 @@ def test_hash_slot_outside_region_and_results_for_modulo_jobs(dp, hash_job):
     before = dp.read_stats(0)["drops"]["bad_hdr"]
     r = prog_test_run(dp.ingress.fd, inc(9, 3, 0, 0, [1], typ=proto.T_RESULT, src=PS_IP), ingress_ifindex=1)
     assert r.verdict == XDP_DROP and dp.read_stats(0)["drops"]["bad_hdr"] == before + 1
+
+
+def test_hash_evict_from_ps(dp, hash_job):
+    """The PS asks for a psn's partial: it comes back with its bitmap and the slot is freed;
+    complete slots are left alone (their aggregate is on its way), strangers are refused."""
+    job, gen = hash_job
+    S = H_OFF + 2
+    T_EVICT = proto.C["INC_T_EVICT"]
+    assert prog_test_run(dp.ingress.fd, inc(job, gen, 1, 30, [5, 6], slot=S)).verdict == XDP_DROP
+    evict = inc(job, gen, 0, 30, [0, 0], typ=T_EVICT, slot=S, src=PS_IP)
+    b = flat(dp.read_stats(job))
+    assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 30, [0, 0], typ=T_EVICT, slot=S),
+                         ingress_ifindex=1).verdict == XDP_DROP  # not from the PS
+    assert dp.read_slot(S).state == 1
+    flags, bitmap, lanes = to_ps(prog_test_run(dp.ingress.fd, evict, ingress_ifindex=1))
+    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE, 0b010, [5, 6])
+    assert dp.read_slot(S).state == 0
+    assert stat_delta(dp, job, b) == {"pkts_in": 2, "drops.bad_source": 1, "evictions": 1}
+    # nothing left: a second EVICT finds no partial and is dropped
+    assert prog_test_run(dp.ingress.fd, evict, ingress_ifindex=1).verdict == XDP_DROP
+    # a complete slot is not evicted
+    for r in range(3):
+        prog_test_run(dp.ingress.fd, inc(job, gen, r, 31, [1, 1], slot=S))
+    assert dp.read_slot(S).state == 2
+    ev31 = inc(job, gen, 0, 31, [0, 0], typ=T_EVICT, slot=S, src=PS_IP)
+    assert prog_test_run(dp.ingress.fd, ev31, ingress_ifindex=1).verdict == XDP_DROP
+    assert dp.read_slot(S).state == 2
