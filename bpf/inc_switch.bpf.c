@@ -125,6 +125,43 @@ static __always_inline void lanes_copy_out(struct inc_slot *s, __s32 *p, void *e
 	}
 }
 
+/* Starts a round in s with its first contribution. Returns 1 if that
+ * completes it (a one-worker job). Called with s->lock held. */
+static __always_inline int slot_claim(struct inc_slot *s, __u32 job_id, __u16 gen, __u32 psn,
+				      __u64 bit, __u8 op, __u32 n, __u64 now, __s32 *payload,
+				      void *end, __u8 world)
+{
+	s->job = job_id;
+	s->gen = gen;
+	s->psn = psn;
+	s->bitmap = bit;
+	s->count = 1;
+	s->op = op;
+	s->numel = n;
+	s->overflow = 0;
+	s->claimed_ns = now;
+	lanes_claim(s, payload, end, n);
+	s->state = world <= 1 ? INC_SLOT_COMPLETE : INC_SLOT_PARTIAL;
+	return world <= 1;
+}
+
+/* Adds a contribution that is not in s yet; the running result is left in
+ * the packet. Returns 1 if that completes the round. Called with s->lock held. */
+static __always_inline int slot_add(struct inc_slot *s, __u8 op, __u64 bit, __s32 *payload,
+				    void *end, __u32 n, __u8 world)
+{
+	if (op == INC_OP_MAX)
+		lanes_max(s, payload, end, n);
+	else if (lanes_sum(s, payload, end, n))
+		s->overflow = 1;
+	s->bitmap |= bit;
+	s->count++;
+	if (s->count < world)
+		return 0;
+	s->state = INC_SLOT_COMPLETE;
+	return 1;
+}
+
 /* Readdress a packet to a host (member or PS) behind a switch port. */
 static __always_inline void readdress(struct ethhdr *eth, struct iphdr *ip, struct udphdr *udp,
 				      struct inc_member *m)
@@ -186,44 +223,20 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 			reason = INC_DROP_DUP;
 		} else if (s->numel != n || s->op != h->op) {
 			reason = INC_DROP_BAD_LEN;
+		} else if (slot_add(s, h->op, bit, payload, end, n, world)) {
+			agg_bitmap = s->bitmap;
+			overflow = s->overflow;
+			verdict = V_PS_AGG;
 		} else {
-			if (h->op == INC_OP_MAX)
-				lanes_max(s, payload, end, n);
-			else if (lanes_sum(s, payload, end, n))
-				s->overflow = 1;
-			s->bitmap |= bit;
-			s->count++;
-			if (s->count >= world) {
-				s->state = INC_SLOT_COMPLETE;
-				agg_bitmap = s->bitmap;
-				overflow = s->overflow;
-				verdict = V_PS_AGG;
-			} else {
-				verdict = V_CONSUMED;
-			}
+			verdict = V_CONSUMED;
 		}
 	} else {
 		int dead_owner = s->job == owner && s->gen != owner_gen;
 		int stale = now - s->claimed_ns > INC_SLOT_STALE_NS;
 		if (!resend && (s->state == INC_SLOT_EMPTY || dead_owner || stale)) {
 			reclaimed = s->state != INC_SLOT_EMPTY;
-			s->job = job_id;
-			s->gen = gen;
-			s->psn = psn;
-			s->bitmap = bit;
-			s->count = 1;
-			s->op = h->op;
-			s->numel = n;
-			s->overflow = 0;
-			s->claimed_ns = now;
-			lanes_claim(s, payload, end, n);
-			if (world <= 1) {
-				s->state = INC_SLOT_COMPLETE;
-				verdict = V_PS_AGG;
-			} else {
-				s->state = INC_SLOT_PARTIAL;
-				verdict = V_CONSUMED;
-			}
+			verdict = slot_claim(s, job_id, gen, psn, bit, h->op, n, now, payload, end, world)
+					  ? V_PS_AGG : V_CONSUMED;
 		} else {
 			collision = s->state != INC_SLOT_EMPTY;
 			verdict = V_PS_PASS;
@@ -467,6 +480,7 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 	__u64 bit = 1ULL << rank;
 	__u8 world = job->world;
 	__u16 gen = job->gen;
+	__u64 now = bpf_ktime_get_ns();
 	int verdict = V_DROP, reason = INC_DROP_STALE, overflow = 0;
 
 	bpf_spin_lock(&s->lock);
@@ -476,22 +490,8 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 		/* First contributor of this round: the previous round (psn - slots)
 		 * completed, and every worker got its result before anyone could
 		 * send this psn, because windows are half the region. */
-		s->job = job_id;
-		s->gen = gen;
-		s->psn = psn;
-		s->bitmap = bit;
-		s->count = 1;
-		s->op = h->op;
-		s->numel = n;
-		s->overflow = 0;
-		lanes_claim(s, payload, c.end, n);
-		if (world <= 1) {
-			s->state = INC_SLOT_COMPLETE;
-			verdict = V_MCAST;
-		} else {
-			s->state = INC_SLOT_PARTIAL;
-			verdict = V_CONSUMED;
-		}
+		verdict = slot_claim(s, job_id, gen, psn, bit, h->op, n, now, payload, c.end, world)
+				  ? V_MCAST : V_CONSUMED;
 	} else if (s->psn == psn) {
 		if (s->numel != n || s->op != h->op) {
 			reason = INC_DROP_BAD_LEN;
@@ -504,20 +504,11 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 			} else {
 				reason = INC_DROP_DUP;
 			}
+		} else if (slot_add(s, h->op, bit, payload, c.end, n, world)) {
+			overflow = s->overflow;
+			verdict = V_MCAST;
 		} else {
-			if (h->op == INC_OP_MAX)
-				lanes_max(s, payload, c.end, n);
-			else if (lanes_sum(s, payload, c.end, n))
-				s->overflow = 1;
-			s->bitmap |= bit;
-			s->count++;
-			if (s->count >= world) {
-				s->state = INC_SLOT_COMPLETE;
-				overflow = s->overflow;
-				verdict = V_MCAST;
-			} else {
-				verdict = V_CONSUMED;
-			}
+			verdict = V_CONSUMED;
 		}
 	} else {
 		reason = newer ? INC_DROP_AHEAD : INC_DROP_STALE;

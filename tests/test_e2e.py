@@ -16,40 +16,13 @@ from hostagent import quantize
 from incd.process import IncdProcess
 from netns_lab.agents import AgentRunError, agent_argv, run_allreduce
 from netns_lab.topology import Lab
-
-_seq = iter(range(1, 10_000))
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}{os.getpid() % 10000}{next(_seq)}"
-
+from labutil import LabWithIncd, uniq
 
 @pytest.fixture(scope="module")
 def lab4(root):
     with Lab(uniq("e"), workers=4) as lab, IncdProcess(lab.name + "d", lab=lab.name) as incd:
         lab.incd = incd
         yield lab
-
-
-def lab_with(**impair):
-    """A 4-worker lab with impairments plus incd; both torn down on exit."""
-    class Ctx:
-        def __enter__(self):
-            self.lab = Lab(uniq("i"), workers=4, **impair).up()
-            try:
-                self.lab.incd = IncdProcess(self.lab.name + "d", lab=self.lab.name).start()
-            except BaseException:
-                self.lab.down()
-                raise
-            return self.lab
-
-        def __exit__(self, *exc):
-            try:
-                self.lab.incd.stop()
-            finally:
-                self.lab.down()
-            return False
-    return Ctx()
 
 
 def allreduce_files(lab, tmp_path, job, xs, extra=(), hosts=None):
@@ -190,7 +163,7 @@ def test_dead_rank_fails_the_others_without_hanging(lab4):
 
 @pytest.mark.parametrize("impair", [{"loss_pct": 2.0}, {"reorder_pct": 20.0}], ids=["loss2pct", "reorder20pct"])
 def test_exact_under_impairment(root, tmp_path, impair):
-    with lab_with(**impair) as lab:
+    with LabWithIncd("i", **impair) as lab:
         for world, n, job in ((2, 30001, 31), (4, 200003, 32)):
             xs = int_inputs(world, n, seed=job)
             outs, res = allreduce_files(lab, tmp_path, job, xs)

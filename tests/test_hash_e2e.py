@@ -2,42 +2,17 @@
 switch, several jobs at once sharing it."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
-from incd.process import IncdProcess
+from labutil import LabWithIncd, run_concurrently
 from netns_lab.agents import PSProcess, run_allreduce
-from netns_lab.topology import Lab
-from test_e2e import allreduce_files, int_inputs, uniq
-
-
-class LabWithIncd:
-    def __init__(self, workers=4, incd_args=(), **impair):
-        self.lab = Lab(uniq("h"), workers=workers, ps=True, **impair)
-        self.incd_args = list(incd_args)
-
-    def __enter__(self):
-        self.lab.up()
-        try:
-            self.lab.incd = IncdProcess(self.lab.name + "d", lab=self.lab.name, extra=self.incd_args).start()
-        except BaseException:
-            self.lab.down()
-            raise
-        return self.lab
-
-    def __exit__(self, *exc):
-        try:
-            self.lab.incd.stop()
-        finally:
-            self.lab.down()
-        return False
+from test_e2e import allreduce_files, int_inputs
 
 
 @pytest.fixture(scope="module")
 def plab(root):
-    with LabWithIncd() as lab:
+    with LabWithIncd("h", ps=True) as lab:
         yield lab
 
 
@@ -88,58 +63,36 @@ def test_fp32_hash_verified(plab):
         ps.kill()
 
 
+def exact_run(lab, tmp_path, job, mode, hosts, n):
+    xs = int_inputs(len(hosts), n, seed=job)
+    if mode == "modulo":
+        outs, _ = allreduce_files(lab, tmp_path, job, xs, hosts=hosts)
+        ps = None
+    else:
+        outs, _, ps = run_with_ps(lab, tmp_path, job, xs, hosts=hosts)
+    return all(np.array_equal(y, exact(xs)) for y in outs), ps
+
+
 def test_three_concurrent_jobs_mixed_modes(plab, tmp_path):
     """Different member sets at once: modulo on h1,h2; hash on h2,h3,h4; hash on h1,h3."""
-    specs = [(50, "modulo", ["h1", "h2"]), (51, "hash", ["h2", "h3", "h4"]), (52, "hash", ["h1", "h3"])]
-    results, errors = {}, []
-
-    def one(job, mode, hosts):
-        try:
-            xs = int_inputs(len(hosts), 90001 + job, seed=job)
-            if mode == "modulo":
-                outs, _ = allreduce_files(plab, tmp_path, job, xs, hosts=hosts)
-            else:
-                outs, _, _ = run_with_ps(plab, tmp_path, job, xs, hosts=hosts)
-            results[job] = all(np.array_equal(y, exact(xs)) for y in outs)
-        except Exception as e:  # surfaced below with the job named
-            errors.append(f"job {job}: {e}")
-
-    threads = [threading.Thread(target=one, args=s) for s in specs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    assert results == {50: True, 51: True, 52: True}
+    specs = {50: ("modulo", ["h1", "h2"]), 51: ("hash", ["h2", "h3", "h4"]), 52: ("hash", ["h1", "h3"])}
+    res = run_concurrently({job: (lambda job=job, m=m, h=h: exact_run(plab, tmp_path, job, m, h, 90001 + job))
+                            for job, (m, h) in specs.items()})
+    assert {job: ok for job, (ok, _) in res.items()} == {50: True, 51: True, 52: True}
     st = plab.incd.status()
     assert not st["jobs"] and st["hash_region"] is None and st["free_slots"] == st["pool_slots"]
 
 
 def test_tiny_pool_three_hash_jobs_collide_and_stay_exact(root, tmp_path):
-    with LabWithIncd(incd_args=["--pool-slots", "16", "--hash-slots", "8"]) as lab:
-        specs = [(60, ["h1", "h2", "h3"]), (61, ["h2", "h4"]), (62, ["h1", "h3", "h4"])]
-        results, errors, psstats = {}, [], {}
-
-        def one(job, hosts):
-            try:
-                xs = int_inputs(len(hosts), 60001, seed=job)
-                outs, _, ps = run_with_ps(lab, tmp_path, job, xs, hosts=hosts)
-                psstats[job] = ps
-                results[job] = all(np.array_equal(y, exact(xs)) for y in outs)
-            except Exception as e:
-                errors.append(f"job {job}: {e}")
-
-        threads = [threading.Thread(target=one, args=s) for s in specs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-        assert not errors, errors
-        assert results == {60: True, 61: True, 62: True}
+    with LabWithIncd("t", ps=True, incd_args=["--pool-slots", "16", "--hash-slots", "8"]) as lab:
+        specs = {60: ["h1", "h2", "h3"], 61: ["h2", "h4"], 62: ["h1", "h3", "h4"]}
+        res = run_concurrently({job: (lambda job=job, h=h: exact_run(lab, tmp_path, job, "hash", h, 60001))
+                                for job, h in specs.items()})
+        assert {job: ok for job, (ok, _) in res.items()} == {60: True, 61: True, 62: True}
         st = lab.incd.status()
-        counters = {j: finished(lab, j)["counters"] for j, _ in specs}
+        counters = {j: finished(lab, j)["counters"] for j in specs}
         assert sum(c["collisions"] for c in counters.values()) > 100
-        assert sum(p["collisions"] for p in psstats.values()) > 100
+        assert sum(ps["collisions"] for _, ps in res.values()) > 100
         # nothing is left held once the jobs are over
         assert not st["jobs"] and st["hash_region"] is None and st["held_slots"] == 0
         assert st["free_slots"] == st["pool_slots"] == 16
@@ -147,7 +100,7 @@ def test_tiny_pool_three_hash_jobs_collide_and_stay_exact(root, tmp_path):
 
 @pytest.mark.parametrize("impair", [{"loss_pct": 2.0}], ids=["loss2pct"])
 def test_hash_exact_under_loss(root, tmp_path, impair):
-    with LabWithIncd(**impair) as lab:
+    with LabWithIncd("l", ps=True, **impair) as lab:
         xs = int_inputs(4, 120001, seed=9)
         outs, res, ps = run_with_ps(lab, tmp_path, 70, xs)
         for y in outs:
