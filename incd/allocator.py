@@ -36,6 +36,16 @@ class RegionAllocator:
             f"{self.largest_free()} of {self.size}"
         )
 
+    def reserve(self, offset: int, length: int) -> None:
+        """Take exactly [offset, offset+length), which must be free."""
+        for i, (off, ln) in enumerate(self._free):
+            if off <= offset and offset + length <= off + ln:
+                pieces = [(off, offset - off), (offset + length, off + ln - offset - length)]
+                self._free[i:i + 1] = [p for p in pieces if p[1] > 0]
+                self._used[offset] = length
+                return
+        raise AllocError(f"slots {offset}..{offset + length - 1} are not free")
+
     def free(self, offset: int) -> None:
         length = self._used.pop(offset, None)
         if length is None:
