@@ -54,11 +54,13 @@ def cmd_allreduce(a) -> int:
         raise CliError(f"--out directory {Path(a.out).parent} does not exist")
     say = (lambda *_: None) if (a.json or a.quiet) else (lambda m: print(m, file=sys.stderr, flush=True))
 
+    demand = {k: v for k, v in (("deadline_s", a.deadline), ("model_bytes", a.model_bytes),
+                                ("epochs", a.epochs), ("compute_s", a.compute_s)) if v is not None}
     say(f"rank {a.rank}/{a.world}: registering job {a.job} with incd ...")
     # incd refuses ranks whose vectors differ, instead of letting them hang
     with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
                  register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                 shape=f"{x.size}x{x.dtype}", mode=a.mode) as s:
+                 shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand) as s:
         comm = Communicator(s)
         times = []
         y = None
@@ -145,6 +147,12 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--mode", choices=["modulo", "hash", "ps"], default="modulo",
                    help="modulo: switch only (NetReduce); hash: switch with a parameter server "
                    "fallback (ATP); ps: parameter server only, the switch just forwards (baseline)")
+    a.add_argument("--deadline", type=float, metavar="S",
+                   help="the job must finish within S seconds: incd's EDF policy sizes its memory from "
+                   "--model-bytes, --epochs and --compute-s")
+    a.add_argument("--model-bytes", type=int, help="bytes reduced per epoch (for the deadline sizing)")
+    a.add_argument("--epochs", type=float, help="epochs the job runs (for the deadline sizing)")
+    a.add_argument("--compute-s", type=float, help="compute time per epoch (for the deadline sizing)")
     a.add_argument("--timeout", type=float, default=10.0,
                    help="fail if no result arrives for this many seconds (default %(default)s)")
     a.add_argument("--register-timeout", type=float, default=30.0,

@@ -124,7 +124,7 @@ class Session:
     def __init__(self, job: int, rank: int, world: int, *, window: int = 64,
                  switch: str | None = None, ctrl_port: int = proto.CTRL_PORT,
                  register_timeout: float = 30.0, progress_timeout: float = 10.0,
-                 shape: str | None = None, mode: str = "modulo"):
+                 shape: str | None = None, mode: str = "modulo", demand: dict | None = None):
         if mode not in MODES:
             raise TransportError(f"mode must be one of {MODES}")
         self.rank = rank
@@ -137,7 +137,7 @@ class Session:
             reply = self._call({
                 "op": "register", "job": job, "rank": rank, "world": world, "window": window,
                 "port": self.udp.getsockname()[1], "mode": mode, "timeout": register_timeout,
-                "shape": shape,
+                "shape": shape, **(demand or {}),
             })
             self.params = params_from(reply)
             if self.params.elems <= 0:

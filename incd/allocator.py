@@ -66,5 +66,8 @@ class RegionAllocator:
     def free_slots(self) -> int:
         return sum(ln for _, ln in self._free)
 
+    def free_runs(self) -> list[tuple[int, int]]:
+        return list(self._free)
+
     def regions(self) -> dict[int, int]:
         return dict(self._used)

@@ -15,6 +15,7 @@ from pathlib import Path
 from hostagent import proto
 
 from . import daemon
+from .memory import POLICIES
 
 LAB_STATE_DIR = Path("/run/inc-lab")
 
@@ -78,6 +79,13 @@ def build_config(args) -> daemon.Config:
         cfg.pool_slots = args.pool_slots
     if args.hash_slots is not None:
         cfg.hash_slots = args.hash_slots
+    for key in ("policy", "partitions", "rtt_us", "link_gbps"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if cfg.policy not in POLICIES:
+        raise CliError(f"policy must be one of {', '.join(POLICIES)}")
+    if cfg.partitions < 1 or cfg.rtt_us <= 0 or cfg.link_gbps <= 0:
+        raise CliError("--partitions, --rtt-us and --link-gbps must be positive")
     if args.register_timeout is not None:
         cfg.register_timeout = args.register_timeout
     if not 1 <= cfg.pool_slots <= 1 << 20:
@@ -205,6 +213,62 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _status_or_exit(args) -> dict | None:
+    try:
+        s = admin_request(args.instance, {"op": "status"})
+    except (OSError, ValueError):
+        print(json.dumps({"running": False}) if args.json else f"incd ({args.instance}) is not running")
+        return None
+    return s
+
+
+def cmd_jobs(args) -> int:
+    s = _status_or_exit(args)
+    if s is None:
+        return 3
+    if args.json:
+        print(json.dumps({"policy": s["policy"], "jobs": s["jobs"]}, indent=2))
+        return 0
+    print(f"policy {s['policy']}, pool {s['pool_slots']} slots ({s['free_slots']} free)")
+    if not s["jobs"]:
+        print("no jobs")
+        return 0
+    print(f"{'job':>5} {'mode':>6} {'state':>7} {'world':>5} {'window':>6} {'region':>11} "
+          f"{'deadline in':>11} {'need':>5}")
+    for j in s["jobs"]:
+        region = f"{j['offset']}+{j['slots']}" if j["state"] == "active" and j["slots"] else "-"
+        dl = f"{j['deadline_in_s']:.1f}s" if j["deadline_in_s"] is not None else "-"
+        print(f"{j['job']:>5} {j['mode']:>6} {j['state']:>7} {j['world']:>5} {j['window'] or '-':>6} "
+              f"{region:>11} {dl:>11} {j.get('need_slots') or '-':>5}")
+    return 0
+
+
+def cmd_mem(args) -> int:
+    s = _status_or_exit(args)
+    if s is None:
+        return 3
+    if args.json:
+        print(json.dumps({"pool_slots": s["pool_slots"], "memory": s["memory"]}, indent=2))
+        return 0
+    pool, width = s["pool_slots"], 64
+    bar = ["."] * width
+    marks = {}
+    for r in s["memory"]:
+        if r["owner"] is None:
+            continue
+        mark = "H" if r["owner"] == "hash" else chr(ord("A") + len(marks) % 26)
+        marks[r["owner"]] = mark
+        for i in range(r["offset"] * width // pool, max(r["offset"] * width // pool + 1,
+                                                        (r["offset"] + r["slots"]) * width // pool)):
+            bar[min(i, width - 1)] = mark
+    print(f"pool {pool} slots  [{''.join(bar)}]")
+    for r in s["memory"]:
+        who = r["owner"] or "free"
+        tag = f" ({marks[r['owner']]})" if r["owner"] in marks else ""
+        print(f"  {r['offset']:>7}..{r['offset'] + r['slots'] - 1:<7} {r['slots']:>7} slots  {who}{tag}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="incd", description="INC switch daemon: loads the XDP aggregation "
                                 "dataplane on the switch ports and serves the job control API.")
@@ -224,6 +288,11 @@ def parser() -> argparse.ArgumentParser:
                    f"(default {proto.C['INC_POOL_SLOTS_DEFAULT']})")
     s.add_argument("--hash-slots", type=int, help="slots of the region all hash-mode jobs share "
                    "(default: half the pool)")
+    s.add_argument("--policy", choices=POLICIES, help="how modulo jobs share switch memory: fifo, static "
+                   "(equal partitions), edf (deadline jobs first; default)")
+    s.add_argument("--partitions", type=int, help="partitions of the static policy (default 4)")
+    s.add_argument("--rtt-us", type=float, help="RTT used to size memory from throughput (default 200)")
+    s.add_argument("--link-gbps", type=float, help="host link rate used in sizing (default 10)")
     s.add_argument("--register-timeout", type=float, help="seconds a rank waits for the others (default 30)")
     s.add_argument("--wait", type=float, default=60.0, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_start)
@@ -233,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
     u = sub.add_parser("status", help="ports, jobs and per-job counters")
     u.add_argument("--json", action="store_true")
     u.set_defaults(fn=cmd_status)
+    j = sub.add_parser("jobs", help="jobs with their memory, deadline and state")
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(fn=cmd_jobs)
+    m = sub.add_parser("mem", help="a map of the switch memory: who holds which slots")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_mem)
     return p
 
 

@@ -16,6 +16,7 @@ from hostagent import proto
 
 from . import netinfo
 from .dataplane import Dataplane, Port
+from .memory import Link, MemoryManager
 from .registry import Registry
 from .server import AdminServer, ControlServer
 
@@ -33,6 +34,10 @@ class Config:
     listen_port: int = proto.CTRL_PORT
     pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"]
     hash_slots: int | None = None  # region shared by hash-mode jobs; default half the pool
+    policy: str = "edf"            # memory policy for modulo jobs: fifo, static, edf
+    partitions: int = 4            # static policy
+    rtt_us: float = 200.0          # sizing: Memory = Throughput x RTT
+    link_gbps: float = 10.0
     allow: list[str] = field(default_factory=list)  # CIDRs; empty = the ports' networks
     register_timeout: float = 30.0
 
@@ -101,7 +106,9 @@ def run(cfg: Config) -> int:
     try:
         dp.attach([Port(p.name, p.ifindex) for p in ports])
         dp.pin(pin_dir(cfg.instance))
-        registry = Registry(dp, cfg.pool_slots, {p.ifindex: p.name for p in ports}, cfg.hash_slots)
+        mm = MemoryManager(cfg.pool_slots, cfg.policy, Link(cfg.rtt_us * 1e-6, cfg.link_gbps * 1e9),
+                           cfg.partitions)
+        registry = Registry(dp, cfg.pool_slots, {p.ifindex: p.name for p in ports}, cfg.hash_slots, mm)
         ctrl = ControlServer((cfg.listen, cfg.listen_port), registry, netinfo,
                              {p.ifindex for p in ports}, allow, cfg.register_timeout)
         servers.append(ctrl)

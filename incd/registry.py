@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from hostagent import proto
 
 from .allocator import AllocError, RegionAllocator
+from .memory import MIN_SLOTS, JobDemand, MemoryManager, needed_slots
 from .netinfo import NetInfoError, Path
 
 MAX_WINDOW = 4096
@@ -52,11 +53,16 @@ class Job:
     id: int
     world: int
     mode: str
-    window: int | None = None  # set by the first worker
+    window: int | None = None  # in effect; modulo: half the slots granted
+    req_window: int | None = None  # asked for by the workers (modulo: wants 2x this)
     shape: str | None = None   # what the workers say they reduce, e.g. "1000xint32"; must agree
+    deadline: float | None = None  # absolute (time.time()); None = best effort
+    model_bytes: int = 0
+    epochs: float = 1.0
+    compute_s: float = 0.0
     members: dict[int, Member] = field(default_factory=dict)
     ps: Member | None = None
-    state: str = "pending"  # pending -> active -> ended
+    state: str = "pending"  # pending -> (queued: waiting for memory) -> active -> ended
     gen: int = 0
     offset: int = -1
     slots: int = 0
@@ -77,11 +83,17 @@ class Job:
             out.append("ps")
         return out
 
+    def demand(self) -> JobDemand:
+        return JobDemand(self.id, self.started, 2 * (self.req_window or 1), self.deadline,
+                         self.model_bytes, self.epochs, self.compute_s)
+
     def public(self) -> dict:
         return {
             "job": self.id, "state": self.state, "mode": self.mode, "gen": self.gen,
-            "world": self.world, "window": self.window, "offset": self.offset,
-            "slots": self.slots, "elems_per_packet": self.elems,
+            "world": self.world, "window": self.window, "req_window": self.req_window,
+            "offset": self.offset, "slots": self.slots, "elems_per_packet": self.elems,
+            "deadline_in_s": None if self.deadline is None else round(self.deadline - time.time(), 3),
+            "model_bytes": self.model_bytes, "epochs": self.epochs, "compute_s": self.compute_s,
             "members": [m.public() for m in sorted(self.members.values(), key=lambda m: m.rank)],
             "ps": self.ps.public() if self.ps else None,
         }
@@ -97,6 +109,10 @@ class Request:
     port: int
     mode: str
     shape: str | None
+    deadline_s: float | None = None
+    model_bytes: int = 0
+    epochs: float = 1.0
+    compute_s: float = 0.0
 
 
 def validate_register(req: dict) -> Request:
@@ -124,14 +140,28 @@ def validate_register(req: dict) -> Request:
     shape = req.get("shape")
     if shape is not None and (not isinstance(shape, str) or len(shape) > 64):
         raise RegistrationError("'shape' must be a short string")
-    return Request(job, role, rank, world, window, port, mode, shape)
+
+    def real(key, lo, hi, default):
+        v = req.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise RegistrationError(f"'{key}' must be a number in [{lo}, {hi}], got {v!r}")
+        return v
+
+    return Request(job, role, rank, world, window, port, mode, shape,
+                   deadline_s=real("deadline_s", 0.001, 10**7, None),
+                   model_bytes=int(real("model_bytes", 0, 10**13, 0)),
+                   epochs=float(real("epochs", 0.001, 10**7, 1.0)),
+                   compute_s=float(real("compute_s", 0, 10**5, 0.0)))
 
 
 class Registry:
     def __init__(self, dataplane, pool_slots: int, port_names: dict[int, str],
-                 hash_slots: int | None = None):
+                 hash_slots: int | None = None, memory: MemoryManager | None = None):
         self.dp = dataplane
         self.alloc = RegionAllocator(pool_slots)
+        self.mm = memory or MemoryManager(pool_slots)
         self.port_names = port_names
         self.hash_slots = max(1, hash_slots if hash_slots else pool_slots // 2)
         self.hash_region: tuple[int, int] | None = None  # (offset, size), shared by hash jobs
@@ -170,12 +200,16 @@ class Registry:
                     f"job {r.job} is being registered with world={job.world} mode={job.mode}; "
                     f"this request says world={r.world} mode={r.mode}")
             if r.role == "worker":
-                if job.window is None:
-                    job.window, job.shape = r.window, r.shape
-                elif (job.window, job.shape) != (r.window, r.shape):
+                if job.req_window is None:
+                    job.req_window, job.shape = r.window, r.shape
+                elif (job.req_window, job.shape) != (r.window, r.shape):
                     raise RegistrationError(
-                        f"job {r.job} is being registered with window={job.window} data={job.shape}; "
+                        f"job {r.job} is being registered with window={job.req_window} data={job.shape}; "
                         f"this request says window={r.window} data={r.shape}")
+                if r.deadline_s is not None or r.model_bytes:
+                    # the job's deadline and size, from whichever rank states them
+                    job.deadline = time.time() + r.deadline_s if r.deadline_s is not None else job.deadline
+                    job.model_bytes, job.epochs, job.compute_s = r.model_bytes, r.epochs, r.compute_s
                 if r.rank in job.members:
                     raise RegistrationError(
                         f"job {r.job} rank {r.rank} is already registered from {job.members[r.rank].addr}")
@@ -193,10 +227,14 @@ class Registry:
             else:
                 job.members[r.rank] = member
             if job.complete():
-                self._activate(job)
+                if job.mode == "modulo":
+                    job.state = "queued"
+                    self._rebalance()
+                else:
+                    self._activate(job)
                 self.cond.notify_all()
             deadline = time.monotonic() + timeout
-            while job.state == "pending":
+            while job.state in ("pending", "queued"):
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closing:
                     missing = job.missing()
@@ -206,7 +244,12 @@ class Registry:
                         del job.members[r.rank]
                     if not job.members and job.ps is None:
                         self.jobs.pop(r.job, None)
+                    elif job.state == "queued":
+                        job.state = "pending"  # it is no longer complete
                     why = "incd is stopping" if self.closing else (
+                        f"timed out after {timeout:.0f}s waiting for switch memory for job {r.job} "
+                        f"(policy {self.mm.policy}; {self.alloc.free_slots()} of {self.alloc.size} slots free)"
+                        if job.state == "queued" else
                         f"timed out after {timeout:.0f}s waiting for job {r.job} members {missing}")
                     raise RegistrationError(why)
                 self.cond.wait(left)
@@ -214,18 +257,42 @@ class Registry:
                 raise RegistrationError(job.error or f"job {r.job} ended before it started")
             return job, r.rank
 
-    def _region_for(self, job: Job) -> tuple[int, int]:
+    def _rebalance(self) -> None:
+        """Let the policy divide the memory among modulo jobs and start queued
+        jobs that now get some. (Running jobs keep their region.)"""
+        mod = sorted((j for j in self.jobs.values() if j.mode == "modulo" and j.state in ("queued", "active")),
+                     key=lambda j: (j.started, j.id))
+        if not any(j.state == "queued" for j in mod):
+            return
+        pool = self.alloc.size - (self.hash_region[1] if self.hash_region else 0)
+        self.mm.pool_slots = pool
+        targets = self.mm.targets([j.demand() for j in mod], time.time(),
+                                  {j.id: j.slots for j in mod if j.state == "active"})
+        for j in mod:
+            want = targets.get(j.id, 0)
+            if j.state != "queued" or want < MIN_SLOTS:
+                continue
+            size = min(want, self.alloc.largest_free())
+            size -= size % 2
+            if size < MIN_SLOTS:
+                continue
+            self._activate(j, size)
+        self.cond.notify_all()
+
+    def _region_for(self, job: Job, size: int | None) -> tuple[int, int]:
         if job.mode == "modulo":
-            return self.alloc.alloc(2 * job.window), 2 * job.window
+            return self.alloc.alloc(size), size
         if job.mode == "hash":
             if self.hash_region is None:
                 self.hash_region = (self.alloc.alloc(self.hash_slots), self.hash_slots)
             return self.hash_region
         return 0, 0
 
-    def _activate(self, job: Job) -> None:
+    def _activate(self, job: Job, size: int | None = None) -> None:
         try:
-            job.offset, job.slots = self._region_for(job)
+            job.offset, job.slots = self._region_for(job, size)
+            # modulo: the window follows the memory granted; otherwise it is what was asked
+            job.window = job.slots // 2 if job.mode == "modulo" else job.req_window
         except AllocError as e:
             job.state, job.error = "ended", str(e)
             self.jobs.pop(job.id, None)
@@ -283,6 +350,7 @@ class Registry:
                     final["slots_cleared_at_end"] = self.dp.clear_slots(job.offset, job.slots, job.id)
             if job.mode == "modulo":
                 self.alloc.free(job.offset)
+        freed_modulo = job.state == "active" and job.mode == "modulo"
         job.state = "ended"
         job.error = reason
         if self.jobs.get(job.id) is job:
@@ -296,6 +364,8 @@ class Registry:
         rec["end_reason"] = reason or "all workers left"
         rec["counters"] = final
         self.finished.append(rec)
+        if freed_modulo:
+            self._rebalance()  # its memory may start a queued job
         self.cond.notify_all()
 
     def shutdown(self) -> None:
@@ -318,7 +388,20 @@ class Registry:
                 off, size = self.hash_region
                 hash_region = {"offset": off, "slots": size, "held": self.dp.held_slots(off, size)}
                 held = sum(n for k, n in hash_region["held"].items() if k != "reclaimable")
+            owners = {j.offset: f"job {j.id}" for j in self.jobs.values()
+                      if j.mode == "modulo" and j.state == "active"}
+            if self.hash_region is not None:
+                owners[self.hash_region[0]] = "hash"
+            memory = sorted([{"offset": off, "slots": n, "owner": owners.get(off, "?")}
+                             for off, n in self.alloc.regions().items()] +
+                            [{"offset": off, "slots": n, "owner": None} for off, n in self.alloc.free_runs()],
+                            key=lambda r: r["offset"])
+            now = time.time()
+            for rec, job in zip(jobs, sorted(self.jobs.values(), key=lambda j: j.id)):
+                rec["need_slots"] = needed_slots(job.demand(), now, self.mm.link) if job.deadline else None
             return {
+                "policy": self.mm.policy,
+                "memory": memory,
                 "pool_slots": self.alloc.size,
                 "free_slots": self.alloc.free_slots(),
                 "hash_slots": self.hash_slots,
