@@ -64,19 +64,22 @@ def cmd_allreduce(a) -> int:
         comm = Communicator(s)
         times = []
         y = None
+        verified = max_err = None
+        if a.verify:  # every iteration is checked, so a resize or a loss in any of them shows
+            all_in = [inputs.make_input(a.seed, r, x.size, str(x.dtype)) for r in range(a.world)]
+            verified, max_err = True, 0.0
         for it in range(a.iters):
             t0 = time.perf_counter()
             y = comm.allreduce(x)
             times.append(time.perf_counter() - t0)
+            if a.verify:
+                ok, err = inputs.check_sum(y.ravel(), all_in, s.params.elems)
+                verified, max_err = verified and ok, max(max_err, err)
             say(f"  iter {it + 1}/{a.iters}: {times[-1] * 1e3:.2f} ms")
         s.done()
         params = s.params
         retx = s.stats.retransmits
-    verified = None
-    max_err = None
-    if a.verify:
-        all_in = [inputs.make_input(a.seed, r, x.size, str(x.dtype)) for r in range(a.world)]
-        verified, max_err = inputs.check_sum(y.ravel(), all_in, params.elems)
+        resizes = s.resizes
     if a.out:
         np.save(a.out, y)
     med = statistics.median(times)
@@ -84,7 +87,8 @@ def cmd_allreduce(a) -> int:
         "job": a.job, "rank": a.rank, "world": a.world, "numel": int(x.size), "dtype": str(x.dtype),
         "iters": a.iters, "times_s": times, "median_s": med,
         "goodput_gbps": x.nbytes * 8 / med / 1e9, "retransmits": retx,
-        "elems_per_packet": params.elems, "window": params.window, "mode": a.mode, "verified": verified,
+        "elems_per_packet": params.elems, "window": params.window, "mode": a.mode, "resizes": resizes,
+        "verified": verified,
         "max_abs_err": max_err,
     }
     if a.json:

@@ -11,8 +11,10 @@ contribution or answers from the stored result.
 from __future__ import annotations
 
 import json
+import queue
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -149,7 +151,17 @@ class Session:
         except BaseException:
             self.close()
             raise
-        self.next_psn = 0
+        self.next_psn = 0          # absolute; the wire carries it mod 2^32
+        self.sent_upto = 0         # absolute psn of the next packet not yet sent
+        self.in_reduce = False
+        self.fence: int | None = None  # live resize: send no psn >= this
+        self.remap: dict | None = None
+        self.resizes = 0
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._replies: queue.Queue = queue.Queue()
+        self.ctrl.settimeout(None)
+        threading.Thread(target=self._read_control, daemon=True).start()
         self.srtt = None
         self.rttvar = 0.0
         self.rto = 0.02
@@ -157,6 +169,53 @@ class Session:
 
     def _call(self, req: dict) -> dict:
         return control_call(self.ctrl, req)
+
+    # --- control connection after registration --------------------------------
+    def _ctl_send(self, obj: dict) -> None:
+        with self._send_lock:
+            try:
+                self.ctrl.sendall((json.dumps(obj) + "\n").encode())
+            except OSError:
+                pass
+
+    def _read_control(self) -> None:
+        try:
+            for line in self.ctrl.makefile("rb"):
+                msg = json.loads(line)
+                if "event" in msg:
+                    self._on_event(msg)
+                else:
+                    self._replies.put(msg)
+        except (OSError, ValueError):
+            pass
+        self._replies.put(None)
+
+    def _on_event(self, ev: dict) -> None:
+        """Live resize, driven by incd (see incd/registry.py): report where we are
+        and stop there; drain to the fence S; switch generation and window on go."""
+        kind = ev.get("event")
+        with self._lock:
+            if kind == "remap_propose":
+                self.fence = self.sent_upto
+                self.remap = {"id": ev["remap"], "S": None, "passed": False}
+                self._ctl_send({"op": "remap_report", "remap": ev["remap"], "next_psn": self.sent_upto})
+            elif kind == "remap_fence" and self.remap and self.remap["id"] == ev["remap"]:
+                self.remap["S"] = self.fence = ev["S"]
+                if not self.in_reduce:
+                    self._maybe_passed(self.next_psn)
+            elif kind == "remap_go" and self.remap and self.remap["id"] == ev["remap"]:
+                self.params.gen = ev["gen"]
+                self.params.window = ev["window"]
+                self.params.offset, self.params.slots = ev["offset"], ev["slots"]
+                self.fence = self.remap = None
+                self.resizes += 1
+
+    def _maybe_passed(self, acked_upto: int) -> None:
+        """Called with self._lock held: all psns below acked_upto have results."""
+        rm = self.remap
+        if rm and rm["S"] is not None and not rm["passed"] and acked_upto >= rm["S"]:
+            rm["passed"] = True
+            self._ctl_send({"op": "remap_passed", "remap": rm["id"]})
 
     def close(self) -> None:
         for s in (getattr(self, "ctrl", None), self.udp):
@@ -183,16 +242,29 @@ class Session:
 
     def reduce(self, values: np.ndarray, op: int = proto.OP_SUM) -> tuple[np.ndarray, bool]:
         """Aggregate an int32 vector with the other ranks. Returns (result, overflowed)."""
+        with self._lock:
+            self.in_reduce = True
+        try:
+            return self._reduce(values, op)
+        finally:
+            with self._lock:
+                self.in_reduce = False
+                self._maybe_passed(self.sent_upto)
+
+    def _reduce(self, values: np.ndarray, op: int) -> tuple[np.ndarray, bool]:
         p = self.params
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         n = values.size
         E = p.elems
-        psn0 = self.next_psn
+        psn0_abs = self.next_psn
+        psn0 = psn0_abs & 0xFFFFFFFF
         hashed = p.mode == "hash"
         buf, sizes = proto.build_packets(values, E, job=p.job, gen=p.gen, rank=self.rank, psn0=psn0,
                                          op=op, hash_region=(p.offset, p.slots) if hashed else None)
         npk = len(buf)
-        self.next_psn = (psn0 + npk) & 0xFFFFFFFF
+        self.next_psn = psn0_abs + npk
+        hdr_gen = buf["hdr"]["gen"]
+        sent_gen = np.zeros(npk, dtype=np.int64)  # a resize changes the generation between psns
         raw = buf.view(np.uint8).reshape(npk, -1)
         pkts = [memoryview(raw[i])[: sizes[i]] for i in range(npk)]
         out = np.zeros(npk * E, dtype=np.int32)
@@ -201,7 +273,6 @@ class Session:
         sent_at = np.zeros(npk)
         fast_done = np.zeros(npk, dtype=bool)
         overflow = False
-        W = p.window
         base = nxt = ngot = fr = 0
         last_progress = time.monotonic()
         rbuf = bytearray(proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
@@ -219,11 +290,16 @@ class Session:
 
         while ngot < npk:
             now = time.monotonic()
-            while nxt < npk and nxt < base + W:
+            fence, W = self.fence, p.window
+            while nxt < npk and nxt < base + W and (fence is None or psn0_abs + nxt < fence):
+                hdr_gen[nxt] = sent_gen[nxt] = p.gen  # the generation in force when first sent
                 sock.send(pkts[nxt])
                 sent_at[nxt] = now
                 sends[nxt] = 1
                 nxt += 1
+                self.sent_upto = psn0_abs + nxt
+            if fence is not None and base == nxt:
+                last_progress = now  # paused for a resize, not starved
             sock.settimeout(self.rto)
             try:
                 nbytes = sock.recv_into(rbuf)
@@ -235,8 +311,9 @@ class Session:
             if nbytes >= proto.HDR_LEN:
                 (ver, typ, flags, _op, job, gen, psn, _slot, _rank, numel, _r, _bm) = unpack(rbuf)
                 i = (psn - psn0) & 0xFFFFFFFF
-                if (ver == proto.VERSION and typ == proto.T_RESULT and job == p.job and gen == p.gen
-                        and i < npk and not got[i] and nbytes >= proto.HDR_LEN + 4 * numel
+                if (ver == proto.VERSION and typ == proto.T_RESULT and job == p.job
+                        and i < npk and not got[i] and gen == sent_gen[i]
+                        and nbytes >= proto.HDR_LEN + 4 * numel
                         and numel == (sizes[i] - proto.HDR_LEN) // 4):
                     out[i * E: i * E + numel] = np.frombuffer(rbuf, "<i4", numel, proto.HDR_LEN)
                     got[i] = True
@@ -247,6 +324,9 @@ class Session:
                     last_progress = now
                     while base < npk and got[base]:
                         base += 1
+                    if self.remap is not None:
+                        with self._lock:
+                            self._maybe_passed(psn0_abs + base)
                     # Three later results overtook these: a contribution (maybe
                     # another rank's) or the result was lost. Every rank resends,
                     # so the one whose packet was lost repairs it without an RTO.
@@ -272,7 +352,9 @@ class Session:
         return out[:n], overflow
 
     def done(self) -> None:
+        """Tell incd this rank is finished (it frees the job once all are)."""
+        self._ctl_send({"op": "done"})
         try:
-            self._call({"op": "done"})
-        except (TransportError, OSError):
+            self._replies.get(timeout=5)
+        except queue.Empty:
             pass

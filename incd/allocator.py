@@ -60,6 +60,15 @@ class RegionAllocator:
             self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
             del self._free[i]
 
+    def fits_if_moved(self, offset: int, length: int) -> bool:
+        """Whether the region at offset could be replaced by one of `length`."""
+        old = self._used[offset]
+        self.free(offset)
+        try:
+            return self.largest_free() >= length
+        finally:
+            self.reserve(offset, old)
+
     def largest_free(self) -> int:
         return max((ln for _, ln in self._free), default=0)
 

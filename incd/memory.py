@@ -144,7 +144,7 @@ class MemoryManager:
 
     def _edf(self, demands, now):
         out, free = {d.job: 0 for d in demands}, self.pool_slots
-        for d in sorted((d for d in demands if d.has_deadline), key=lambda d: d.deadline):
+        for d in sorted((d for d in demands if d.has_deadline), key=lambda d: (d.deadline, d.arrival, d.job)):
             need = needed_slots(d, now, self.link)
             if need is not None and need <= min(free, d.want_slots):
                 out[d.job] = need

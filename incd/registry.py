@@ -42,6 +42,7 @@ class Member:
     path: Path
     ifname: str
     alive: bool = True
+    send: object = None  # pushes an event to the member's control connection
 
     def public(self) -> dict:
         return {"rank": self.rank, "addr": self.addr, "port": self.port, "switch_port": self.ifname,
@@ -69,6 +70,8 @@ class Job:
     elems: int = 0
     error: str | None = None
     started: float = field(default_factory=time.time)
+    remap: dict | None = None  # a live resize in progress (modulo)
+    remaps_done: int = 0
 
     @property
     def needs_ps(self) -> bool:
@@ -96,6 +99,7 @@ class Job:
             "model_bytes": self.model_bytes, "epochs": self.epochs, "compute_s": self.compute_s,
             "members": [m.public() for m in sorted(self.members.values(), key=lambda m: m.rank)],
             "ps": self.ps.public() if self.ps else None,
+            "resizes": self.remaps_done,
         }
 
 
@@ -262,21 +266,27 @@ class Registry:
         jobs that now get some. (Running jobs keep their region.)"""
         mod = sorted((j for j in self.jobs.values() if j.mode == "modulo" and j.state in ("queued", "active")),
                      key=lambda j: (j.started, j.id))
-        if not any(j.state == "queued" for j in mod):
+        if not mod:
             return
         pool = self.alloc.size - (self.hash_region[1] if self.hash_region else 0)
         self.mm.pool_slots = pool
         targets = self.mm.targets([j.demand() for j in mod], time.time(),
                                   {j.id: j.slots for j in mod if j.state == "active"})
+        # Shrink first: that frees memory for the rest once the resize is done.
         for j in mod:
             want = targets.get(j.id, 0)
-            if j.state != "queued" or want < MIN_SLOTS:
-                continue
-            size = min(want, self.alloc.largest_free())
-            size -= size % 2
-            if size < MIN_SLOTS:
-                continue
-            self._activate(j, size)
+            if j.state == "active" and j.remap is None and MIN_SLOTS <= want < j.slots:
+                self._start_remap(j, want)
+        for j in mod:
+            want = targets.get(j.id, 0)
+            if j.state == "queued" and want >= MIN_SLOTS:
+                size = min(want, self.alloc.largest_free())
+                size -= size % 2
+                if size >= MIN_SLOTS:
+                    self._activate(j, size)
+            elif (j.state == "active" and j.remap is None and want > j.slots
+                  and self.alloc.fits_if_moved(j.offset, want) and not any(x.state == "queued" for x in mod)):
+                self._start_remap(j, want)  # grow into memory nobody waits for
         self.cond.notify_all()
 
     def _region_for(self, job: Job, size: int | None) -> tuple[int, int]:
@@ -319,6 +329,59 @@ class Registry:
         return dict(mac=m.path.mac, port_mac=m.path.port_mac, addr=socket.inet_aton(m.addr),
                     switch_addr=socket.inet_aton(m.path.switch_addr), port=m.port,
                     rank=max(m.rank, 0), ifindex=m.path.ifindex)
+
+    # --- live resize (modulo) -------------------------------------------------
+    # 1. propose: every rank reports the next psn it would send and stops there;
+    # 2. fence: S = the largest of those; every rank finishes all psns < S;
+    # 3. go: when all have, the job's region is idle: incd moves or resizes it,
+    #    bumps the generation, and the ranks carry on from S with the new window.
+    # No psn is aggregated in two regions and no result is lost; the pause is a
+    # round trip plus the drain.
+    def _start_remap(self, job: Job, size: int) -> None:
+        self._remap_seq = getattr(self, "_remap_seq", 0) + 1
+        job.remap = {"id": self._remap_seq, "size": size, "reports": {}, "passed": set(), "S": None,
+                     "started": time.time()}
+        for m in job.members.values():
+            if m.alive and m.send:
+                m.send({"event": "remap_propose", "job": job.id, "remap": job.remap["id"]})
+
+    def remap_report(self, job: Job, rank: int, remap_id: int, next_psn: int) -> None:
+        with self.cond:
+            rm = job.remap
+            if rm is None or rm["id"] != remap_id or rm["S"] is not None:
+                return
+            rm["reports"][rank] = next_psn
+            if len(rm["reports"]) == job.world:
+                rm["S"] = max(rm["reports"].values())
+                for m in job.members.values():
+                    if m.alive and m.send:
+                        m.send({"event": "remap_fence", "job": job.id, "remap": remap_id, "S": rm["S"]})
+
+    def remap_passed(self, job: Job, rank: int, remap_id: int) -> None:
+        with self.cond:
+            rm = job.remap
+            if rm is None or rm["id"] != remap_id or rm["S"] is None or job.state != "active":
+                return
+            rm["passed"].add(rank)
+            if len(rm["passed"]) < job.world:
+                return
+            self.alloc.free(job.offset)
+            try:
+                job.offset = self.alloc.alloc(rm["size"])
+                job.slots = rm["size"]
+            except AllocError:  # could not grow after all: keep the old size
+                job.offset = self.alloc.alloc(job.slots)
+            job.window = job.slots // 2
+            job.gen = self._next_gen()
+            self.dp.set_job(job.id, offset=job.offset, slots=job.slots, gen=job.gen, world=job.world,
+                            mode=MODE_CODE[job.mode])
+            job.remap = None
+            job.remaps_done += 1
+            for m in job.members.values():
+                if m.alive and m.send:
+                    m.send({"event": "remap_go", "job": job.id, "remap": remap_id, "gen": job.gen,
+                            "window": job.window, "offset": job.offset, "slots": job.slots})
+            self._rebalance()
 
     def leave(self, job: Job, rank: int) -> None:
         with self.cond:
@@ -399,6 +462,7 @@ class Registry:
             now = time.time()
             for rec, job in zip(jobs, sorted(self.jobs.values(), key=lambda j: j.id)):
                 rec["need_slots"] = needed_slots(job.demand(), now, self.mm.link) if job.deadline else None
+                rec["resizing"] = job.remap is not None
             return {
                 "policy": self.mm.policy,
                 "memory": memory,

@@ -19,9 +19,15 @@ from .registry import RegistrationError, Registry, resolve_path
 MAX_LINE = 64 * 1024
 
 
-def _send(wfile, obj: dict) -> None:
-    wfile.write((json.dumps(obj) + "\n").encode())
-    wfile.flush()
+def _send(wfile, obj: dict, lock: threading.Lock | None = None) -> None:
+    data = (json.dumps(obj) + "\n").encode()
+    if lock is None:
+        wfile.write(data)
+        wfile.flush()
+        return
+    with lock:  # replies and pushed events share the connection
+        wfile.write(data)
+        wfile.flush()
 
 
 def _next_request(rfile, wfile) -> dict | None:
@@ -72,6 +78,14 @@ class ControlHandler(socketserver.StreamRequestHandler):
                                "(only hosts on the switch ports' networks or the configured allow list)"})
             return
         joined = None  # (job, rank)
+        lock = threading.Lock()
+
+        def push(obj: dict) -> None:
+            try:
+                _send(self.wfile, obj, lock)
+            except OSError:
+                pass
+
         try:
             while True:
                 req = _next_request(self.rfile, self.wfile)
@@ -89,6 +103,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
                         path = resolve_path(srv.netinfo, peer, srv.port_ifindexes)
                         job, rank = srv.registry.register(req, peer, path, min(max(timeout, 0.1), 600.0))
                         joined = (job, rank)
+                        member = job.ps if rank == -1 else job.members[rank]
                         _send(self.wfile, {
                             "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
                             "window": job.window, "offset": job.offset, "slots": job.slots,
@@ -97,21 +112,28 @@ class ControlHandler(socketserver.StreamRequestHandler):
                             "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
                             "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
                                         for m in sorted(job.members.values(), key=lambda m: m.rank)],
-                        })
+                        }, lock)
+                        member.send = push
                     elif op == "done":
                         if joined:
                             srv.registry.leave(*joined)
-                        _send(self.wfile, {"ok": True})
+                        _send(self.wfile, {"ok": True}, lock)
+                    elif op in ("remap_report", "remap_passed"):  # no reply: the agent's reader is async
+                        if joined and joined[1] >= 0 and isinstance(req.get("remap"), int):
+                            if op == "remap_report" and isinstance(req.get("next_psn"), int):
+                                srv.registry.remap_report(joined[0], joined[1], req["remap"], req["next_psn"])
+                            elif op == "remap_passed":
+                                srv.registry.remap_passed(joined[0], joined[1], req["remap"])
                     elif op == "wait_end":
                         if not joined:
                             raise RegistrationError("register first")
-                        _send(self.wfile, {"ok": True, "reason": srv.registry.wait_end(joined[0])})
+                        _send(self.wfile, {"ok": True, "reason": srv.registry.wait_end(joined[0])}, lock)
                     elif op == "ping":
-                        _send(self.wfile, {"ok": True})
+                        _send(self.wfile, {"ok": True}, lock)
                     else:
-                        _send(self.wfile, {"ok": False, "error": f"unknown op {op!r}"})
+                        _send(self.wfile, {"ok": False, "error": f"unknown op {op!r}"}, lock)
                 except RegistrationError as e:
-                    _send(self.wfile, {"ok": False, "error": str(e)})
+                    _send(self.wfile, {"ok": False, "error": str(e)}, lock)
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:

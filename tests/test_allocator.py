@@ -50,3 +50,14 @@ def test_bad_requests():
         a.alloc(0)
     with pytest.raises(AllocError):
         a.free(3)
+
+
+def test_reserve_and_fits_if_moved():
+    a = RegionAllocator(100)
+    a.reserve(10, 20)
+    assert a.alloc(10) == 0 and a.alloc(15) == 30
+    with pytest.raises(AllocError):
+        a.reserve(25, 10)  # overlaps the reserved region
+    # 10..29 can grow to 25 only by moving into the free tail; 70 cannot fit anywhere
+    assert a.fits_if_moved(10, 55) and not a.fits_if_moved(10, 70)
+    assert a.regions() == {0: 10, 10: 20, 30: 15}  # unchanged by the question

@@ -75,7 +75,7 @@ def test_edf_serves_deadlines_in_order(demands, pool):
     deadline order, the earlier deadlines had already taken the memory it needs."""
     t = MemoryManager(pool, "edf", LINK).targets(demands, 0.0)
     taken = 0
-    for d in sorted((d for d in demands if d.deadline is not None), key=lambda d: d.deadline):
+    for d in sorted((d for d in demands if d.deadline is not None), key=lambda d: (d.deadline, d.arrival, d.job)):
         need = needed_slots(d, 0.0, LINK)
         if need is None or need > d.want_slots:
             continue
