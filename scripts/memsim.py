@@ -49,6 +49,36 @@ def make_trace(seed: int, jobs: int, pool: int, rtt_us: float, link_gbps: float,
     return {"pool_slots": pool, "rtt_us": rtt_us, "link_gbps": link_gbps, "seed": seed, "jobs": out}
 
 
+def normalize(trace: dict) -> dict:
+    """Checks a trace and fills optional fields: job (its position), compute_s (0),
+    want_slots (half the pool), deadline_s (none)."""
+    for k in ("pool_slots", "rtt_us", "link_gbps", "jobs"):
+        if k not in trace:
+            raise ValueError(f"trace has no {k!r}")
+    pool = int(trace["pool_slots"])
+    if pool < 2 or trace["rtt_us"] <= 0 or trace["link_gbps"] <= 0:
+        raise ValueError("pool_slots >= 2, rtt_us > 0 and link_gbps > 0 please")
+    jobs = []
+    for i, j in enumerate(trace["jobs"]):
+        try:
+            job = {"job": int(j.get("job", i + 1)), "arrival_s": float(j["arrival_s"]),
+                   "model_mb": float(j["model_mb"]), "epochs": float(j["epochs"]),
+                   "compute_s": float(j.get("compute_s", 0.0)),
+                   "want_slots": int(j.get("want_slots", pool // 2)),
+                   "deadline_s": None if j.get("deadline_s") is None else float(j["deadline_s"])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"job #{i + 1}: needs arrival_s, model_mb, epochs as numbers ({e})")
+        if job["epochs"] <= 0 or job["model_mb"] < 0 or job["compute_s"] < 0 or job["want_slots"] < 2:
+            raise ValueError(f"job #{i + 1}: epochs > 0, model_mb >= 0, compute_s >= 0, want_slots >= 2")
+        job["want_slots"] -= job["want_slots"] % 2
+        jobs.append(job)
+    if len({j["job"] for j in jobs}) != len(jobs):
+        raise ValueError("job ids repeat")
+    if not jobs:
+        raise ValueError("no jobs")
+    return {**trace, "pool_slots": pool, "jobs": jobs}
+
+
 def simulate(trace: dict, policy: str) -> dict:
     link = Link(trace["rtt_us"] * 1e-6, trace["link_gbps"] * 1e9)
     mm = MemoryManager(trace["pool_slots"], policy, link)
@@ -140,12 +170,10 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     try:
-        trace = (json.loads(Path(a.trace).read_text()) if a.trace else
-                 make_trace(a.seed, a.jobs, a.pool_slots, a.rtt_us, a.link_gbps, a.mean_gap_s, a.deadline_frac))
-        for k in ("pool_slots", "rtt_us", "link_gbps", "jobs"):
-            if k not in trace:
-                raise ValueError(f"trace has no {k!r}")
-    except (OSError, ValueError) as e:
+        trace = normalize(json.loads(Path(a.trace).read_text()) if a.trace else
+                          make_trace(a.seed, a.jobs, a.pool_slots, a.rtt_us, a.link_gbps, a.mean_gap_s,
+                                     a.deadline_frac))
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         print(f"memsim: bad trace: {e}", file=sys.stderr)
         return 1
     if a.save_trace:

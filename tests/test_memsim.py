@@ -43,3 +43,17 @@ def test_cli_reads_a_trace_and_writes_json_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--trace", str(tmp_path / "nope.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "bad trace" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_hand_written_trace_with_only_the_required_fields(tmp_path):
+    trace = {"pool_slots": 64, "rtt_us": 500, "link_gbps": 100, "jobs": [
+        {"arrival_s": 0, "model_mb": 100, "epochs": 10},
+        {"arrival_s": 1, "model_mb": 100, "epochs": 2, "deadline_s": 5, "want_slots": 33}]}
+    t = memsim.normalize(trace)
+    assert [j["job"] for j in t["jobs"]] == [1, 2] and t["jobs"][1]["want_slots"] == 32
+    assert memsim.simulate(t, "edf")["jobs"] == 2
+    for bad in ({"pool_slots": 64, "rtt_us": 1, "link_gbps": 1, "jobs": [{"arrival_s": 0}]},
+                {"pool_slots": 64, "rtt_us": 1, "link_gbps": 1, "jobs": []},
+                {"rtt_us": 1, "link_gbps": 1, "jobs": []}):
+        with pytest.raises(ValueError):
+            memsim.normalize(bad)
