@@ -60,6 +60,19 @@ class RegionAllocator:
             self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
             del self._free[i]
 
+    def lower_fit(self, offset: int) -> int | None:
+        """Where first fit would put the region at offset if it were allocated
+        again, if that is lower: a move that compacts the pool."""
+        old = self._used[offset]
+        self.free(offset)
+        try:
+            for off, ln in self._free:
+                if ln >= old:
+                    return off if off < offset else None
+            return None
+        finally:
+            self.reserve(offset, old)
+
     def fits_if_moved(self, offset: int, length: int) -> bool:
         """Whether the region at offset could be replaced by one of `length`."""
         old = self._used[offset]

@@ -280,6 +280,8 @@ class Registry:
         for j in mod:
             want = targets.get(j.id, 0)
             if j.state == "queued" and want >= MIN_SLOTS:
+                if self.alloc.largest_free() < want <= self.alloc.free_slots() and self._compact(mod):
+                    continue  # fragmented: a job is moving down; this one starts when it is done
                 size = min(want, self.alloc.largest_free())
                 size -= size % 2
                 if size >= MIN_SLOTS:
@@ -288,6 +290,18 @@ class Registry:
                   and self.alloc.fits_if_moved(j.offset, want) and not any(x.state == "queued" for x in mod)):
                 self._start_remap(j, want)  # grow into memory nobody waits for
         self.cond.notify_all()
+
+    def _compact(self, mod: list[Job]) -> bool:
+        """Moves the highest-placed job that has a lower hole to go to (a resize
+        to its own size); its completion re-runs the rebalance. False if no
+        move is under way or possible."""
+        if any(j.remap is not None for j in mod):
+            return True  # one move at a time keeps the layout predictable
+        for j in sorted((j for j in mod if j.state == "active"), key=lambda j: -j.offset):
+            if self.alloc.lower_fit(j.offset) is not None:
+                self._start_remap(j, j.slots)
+                return True
+        return False
 
     def _region_for(self, job: Job, size: int | None) -> tuple[int, int]:
         if job.mode == "modulo":

@@ -61,3 +61,17 @@ def test_reserve_and_fits_if_moved():
     # 10..29 can grow to 25 only by moving into the free tail; 70 cannot fit anywhere
     assert a.fits_if_moved(10, 55) and not a.fits_if_moved(10, 70)
     assert a.regions() == {0: 10, 10: 20, 30: 15}  # unchanged by the question
+
+
+def test_lower_fit_finds_compacting_moves():
+    a = RegionAllocator(100)
+    x, y, z = a.alloc(20), a.alloc(20), a.alloc(20)
+    a.free(x)
+    assert a.lower_fit(z) == 0       # z fits in the hole at 0
+    assert a.lower_fit(y) == 0       # so does y (it would merge with its own space)
+    a.free(y)
+    assert a.lower_fit(z) == 0
+    assert a.regions() == {40: 20}
+    b = RegionAllocator(50)
+    p, q = b.alloc(30), b.alloc(20)
+    assert b.lower_fit(q) is None    # nothing lower is free

@@ -1,0 +1,105 @@
+"""incd's job registry with the real dataplane loaded (no traffic): the live
+resize protocol and compaction, with the test playing the ranks' side."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from incd.memory import Link, MemoryManager
+from incd.netinfo import Path
+from incd.registry import Registry
+
+PATH = [Path(ifindex=i, mac=bytes(6), port_mac=bytes(6), switch_addr=f"10.77.{i}.1", mtu=3400)
+        for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def dp(root):
+    from incd.dataplane import Dataplane
+
+    d = Dataplane(pool_slots=64)
+    yield d
+    d.close()
+
+
+class Rank:
+    """One rank of a one-rank job: registers in a thread, records pushed events."""
+
+    def __init__(self, reg: Registry, job: int, window: int, port: int, **demand):
+        self.reg, self.events, self.job = reg, [], None
+        req = {"job": job, "rank": 0, "world": 1, "window": window, "port": port, "mode": "modulo", **demand}
+        self.t = threading.Thread(target=self._register, args=(req, port))
+        self.t.start()
+
+    def _register(self, req, i):
+        self.job, _ = self.reg.register(req, f"10.77.{i}.2", PATH[i], timeout=10)
+        self.job.members[0].send = self.events.append
+
+    def wait(self):
+        self.t.join(10)
+        assert self.job is not None and self.job.state == "active"
+        # the reply and `send` come right after activation
+        deadline = time.time() + 2
+        while self.job.members[0].send is None and time.time() < deadline:
+            time.sleep(0.01)
+        return self.job
+
+    def serve_remap(self, next_psn: int):
+        """What hostagent.transport does: report, drain to S, and be done."""
+        ev = wait_event(self.events, "remap_propose")
+        self.reg.remap_report(self.job, 0, ev["remap"], next_psn)
+        ev = wait_event(self.events, "remap_fence")
+        assert ev["S"] == next_psn  # one rank: S is its own position
+        self.reg.remap_passed(self.job, 0, ev["remap"])
+        return wait_event(self.events, "remap_go")
+
+
+def wait_event(events, kind, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for e in events:
+            if e["event"] == kind:
+                events.remove(e)
+                return e
+        time.sleep(0.01)
+    raise AssertionError(f"no {kind} event; have {events}")
+
+
+def regions(reg):
+    return {int(k): v for k, v in reg.snapshot()["regions"].items()}
+
+
+def test_resize_protocol_and_compaction(dp):
+    reg = Registry(dp, 64, {}, memory=MemoryManager(64, "edf", Link()))
+    a, b, c = (Rank(reg, j, 8, j) for j in (1, 2, 3))
+    ja, jb, jc = a.wait(), b.wait(), c.wait()
+    assert {ja.offset, jb.offset, jc.offset} == {0, 16, 32} and regions(reg) == {0: 16, 16: 16, 32: 16}
+    gen_c = jc.gen
+    reg.leave(ja, 0)                       # a hole at 0..15, free 48..63
+    d = Rank(reg, 4, 16, 4)                # wants 32: fits in total, not in one run
+    go = c.serve_remap(next_psn=1000)      # so the highest job (c, at 32) is moved down
+    assert (go["offset"], go["slots"]) == (0, 16) and go["gen"] != gen_c
+    jd = d.wait()
+    assert (jd.offset, jd.slots) == (32, 32)
+    assert (jc.offset, jc.slots, jc.window, jc.gen) == (0, 16, 8, go["gen"])
+    assert regions(reg) == {0: 16, 16: 16, 32: 32}
+    v = dp.jobs[__import__("ctypes").c_int(3)]
+    assert (v.offset, v.slots, v.gen) == (0, 16, go["gen"])  # the switch got the new region
+
+
+def test_a_deadline_job_shrinks_a_running_one(dp):
+    reg = Registry(dp, 64, {}, memory=MemoryManager(64, "edf", Link()))
+    big = Rank(reg, 11, 32, 1)
+    jb = big.wait()
+    assert jb.slots == 64
+    urgent = Rank(reg, 12, 32, 2, deadline_s=20, model_bytes=500_000_000, epochs=5, compute_s=0.1)
+    go = big.serve_remap(next_psn=77)
+    ju = urgent.wait()
+    assert go["slots"] < 64 and jb.slots == go["slots"] and jb.window == go["slots"] // 2
+    assert ju.slots + jb.slots <= 64
+    assert not (set(range(ju.offset, ju.offset + ju.slots)) & set(range(jb.offset, jb.offset + jb.slots)))
+    reg.leave(ju, 0)                       # and the big job grows back once it is gone
+    go = big.serve_remap(next_psn=500)
+    assert go["slots"] == 64 and jb.slots == 64
