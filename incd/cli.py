@@ -173,14 +173,19 @@ def _fmt_counters(c: dict | None) -> str:
     return out
 
 
-def cmd_status(args) -> int:
+def _status_or_exit(args) -> dict | None:
     try:
         s = admin_request(args.instance, {"op": "status"})
     except (OSError, ValueError):
-        if args.json:
-            print(json.dumps({"running": False, "instance": args.instance}))
-        else:
-            print(f"incd ({args.instance}) is not running")
+        print(json.dumps({"running": False, "instance": args.instance}) if args.json
+              else f"incd ({args.instance}) is not running")
+        return None
+    return s
+
+
+def cmd_status(args) -> int:
+    s = _status_or_exit(args)
+    if s is None:
         return 3
     s.pop("ok", None)
     s["running"] = True
@@ -211,15 +216,6 @@ def cmd_status(args) -> int:
     if un:
         print(f"drops not attributable to a job: {un}")
     return 0
-
-
-def _status_or_exit(args) -> dict | None:
-    try:
-        s = admin_request(args.instance, {"op": "status"})
-    except (OSError, ValueError):
-        print(json.dumps({"running": False}) if args.json else f"incd ({args.instance}) is not running")
-        return None
-    return s
 
 
 def cmd_jobs(args) -> int:
