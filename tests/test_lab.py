@@ -449,7 +449,8 @@ def test_loss_both_directions_udp_only():
 
         # ICMP (and ARP) are untouched: all 20 pings answered
         assert ping(lab, "h1", "h2", count=20).stdout.strip() == "20"
-        # TCP is untouched: a transfer needs no retransmission at all
+        # TCP is untouched: subjected to 30% loss, about 30% of its ~2900 segments
+        # would be resent; a busy machine's timers account for a handful at most
         lab.run("h1", ["nstat", "-n"], check=True)  # reset the per-netns history
         srv = lab.popen("h2", [sys.executable, "-c",
                                "import socket; s = socket.create_server(('0.0.0.0', 9100));"
@@ -462,9 +463,10 @@ def test_loss_both_directions_udp_only():
                        "c.sendall(bytes(4 << 20)); c.close()"], check=True, timeout=30)
         out, _ = srv.communicate(timeout=30)
         assert int(out) == 4 << 20
-        nstat = lab.run("h1", ["nstat", "-az", "TcpRetransSegs"], capture_output=True,
+        nstat = lab.run("h1", ["nstat", "-az", "TcpOutSegs", "TcpRetransSegs"], capture_output=True,
                         text=True).stdout
-        assert int(nstat.split("TcpRetransSegs")[1].split()[0]) == 0, nstat
+        counts = dict(line.split()[:2] for line in nstat.splitlines() if line.startswith("Tcp"))
+        assert int(counts["TcpRetransSegs"]) < 0.03 * int(counts["TcpOutSegs"]), nstat
 
 
 def test_reorder():
