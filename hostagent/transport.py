@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import proto
+from . import batchio, proto
 
 
 # Below this, 4 agents sharing 2 cores time out on each other just by being
@@ -165,6 +165,8 @@ class Session:
         self.srtt = None
         self.rttvar = 0.0
         self.rto = 0.02
+        self.cwnd = float(self.params.window)  # AIMD congestion window, at most the job's window
+        self._rx = batchio.Receiver(self.udp.fileno(), 256, proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
         self.stats = ReduceStats()
 
     def _call(self, req: dict) -> dict:
@@ -252,6 +254,9 @@ class Session:
                 self._maybe_passed(self.sent_upto)
 
     def _reduce(self, values: np.ndarray, op: int) -> tuple[np.ndarray, bool]:
+        """The hot loop. Per step: one sendmmsg for everything the window allows,
+        one recvmmsg for whatever results arrived, and numpy over the batch; no
+        Python runs per packet."""
         p = self.params
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         n = values.size
@@ -263,93 +268,113 @@ class Session:
                                          op=op, hash_region=(p.offset, p.slots) if hashed else None)
         npk = len(buf)
         self.next_psn = psn0_abs + npk
-        hdr_gen = buf["hdr"]["gen"]
-        sent_gen = np.zeros(npk, dtype=np.int64)  # a resize changes the generation between psns
         raw = buf.view(np.uint8).reshape(npk, -1)
-        pkts = [memoryview(raw[i])[: sizes[i]] for i in range(npk)]
-        out = np.zeros(npk * E, dtype=np.int32)
+        msgs = batchio.Messages(raw, sizes.astype(np.uint64))
+        hdr_gen = buf["hdr"]["gen"]
+        sent_gen = np.full(npk, -1, dtype=np.int64)  # a resize changes the generation between psns
+        want_numel = (sizes - proto.HDR_LEN) // 4
+        out = np.zeros((npk, E), dtype=np.int32)
         got = np.zeros(npk, dtype=bool)
         sends = np.zeros(npk, dtype=np.int32)
         sent_at = np.zeros(npk)
         fast_done = np.zeros(npk, dtype=bool)
+        fd = self.udp.fileno()
+        rx = self._rx
         overflow = False
-        base = nxt = ngot = fr = 0
+        base = nxt = ngot = fr = retx = 0
         last_progress = time.monotonic()
-        rbuf = bytearray(proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
-        unpack = proto.HDR_STRUCT.unpack_from
-        sock = self.udp
-        retx = 0
 
-        def resend(i: int, now: float) -> None:
+        def resend(idx: np.ndarray, now: float) -> None:
             nonlocal retx
-            raw[i, 2] |= proto.F_RETRANS
-            sock.send(pkts[i])
-            sent_at[i] = now
-            sends[i] += 1
-            retx += 1
+            raw[idx, 2] |= proto.F_RETRANS
+            sent_at[idx] = now
+            sends[idx] += 1
+            retx += idx.size
+            batchio.send_msgs(fd, msgs.subset(idx))
 
         while ngot < npk:
             now = time.monotonic()
-            fence, W = self.fence, p.window
-            while nxt < npk and nxt < base + W and (fence is None or psn0_abs + nxt < fence):
-                hdr_gen[nxt] = sent_gen[nxt] = p.gen  # the generation in force when first sent
-                sock.send(pkts[nxt])
-                sent_at[nxt] = now
-                sends[nxt] = 1
-                nxt += 1
-                self.sent_upto = psn0_abs + nxt
-            if fence is not None and base == nxt:
-                last_progress = now  # paused for a resize, not starved
-            sock.settimeout(self.rto)
-            try:
-                nbytes = sock.recv_into(rbuf)
-            except socket.timeout:
-                nbytes = 0
-            except ConnectionRefusedError:
-                nbytes = 0  # an ICMP error from an earlier send; the data path is UDP
+            # Under the lock: a resize proposal reports sent_upto as this rank's
+            # fence, so nothing may be sent past it between reading and updating it.
+            with self._lock:
+                fence, W = self.fence, p.window
+                limit = min(npk, base + max(1, min(int(self.cwnd), W)))
+                if fence is not None:
+                    limit = min(limit, max(nxt, fence - psn0_abs))
+                if limit > nxt:
+                    hdr_gen[nxt:limit] = sent_gen[nxt:limit] = p.gen  # the generation when first sent
+                    sent_at[nxt:limit] = now
+                    sends[nxt:limit] = 1
+                    batchio.send_msgs(fd, msgs.msgs, nxt, limit - nxt)
+                    nxt = limit
+                    self.sent_upto = psn0_abs + nxt
+            if self.remap is not None:
+                with self._lock:  # S may come after the last result below it
+                    self._maybe_passed(psn0_abs + base)
+            k = rx.recv(self.rto)
             now = time.monotonic()
-            if nbytes >= proto.HDR_LEN:
-                (ver, typ, flags, _op, job, gen, psn, _slot, _rank, numel, _r, _bm) = unpack(rbuf)
-                i = (psn - psn0) & 0xFFFFFFFF
-                if (ver == proto.VERSION and typ == proto.T_RESULT and job == p.job
-                        and i < npk and not got[i] and gen == sent_gen[i]
-                        and nbytes >= proto.HDR_LEN + 4 * numel
-                        and numel == (sizes[i] - proto.HDR_LEN) // 4):
-                    out[i * E: i * E + numel] = np.frombuffer(rbuf, "<i4", numel, proto.HDR_LEN)
-                    got[i] = True
-                    ngot += 1
-                    overflow |= bool(flags & proto.F_OVERFLOW)
-                    if sends[i] == 1:
-                        self._sample_rtt(now - sent_at[i])
+            if k:
+                rows = rx.buf[:k]
+                lens = rx.m.msgs["len"][:k].astype(np.int64)
+                h = np.frombuffer(rows[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
+                idx = (h["psn"].astype(np.int64) - psn0) & 0xFFFFFFFF
+                ok = ((h["version"] == proto.VERSION) & (h["type"] == proto.T_RESULT) & (h["job"] == p.job)
+                      & (lens >= proto.HDR_LEN) & (idx < npk))
+                idx = np.where(ok, idx, 0)
+                numel = h["numel"].astype(np.int64)
+                ok &= ((h["gen"] == sent_gen[idx]) & ~got[idx] & (numel == want_numel[idx])
+                       & (lens >= proto.HDR_LEN + 4 * numel))
+                sel = np.nonzero(ok)[0]
+                if sel.size:
+                    ids, first = np.unique(idx[sel], return_index=True)
+                    sel = sel[first]
+                    full = want_numel[ids] == E
+                    if full.any():
+                        out[ids[full]] = rows[sel[full], proto.HDR_LEN:proto.HDR_LEN + 4 * E].view("<i4")
+                    for j, r in zip(ids[~full], sel[~full]):  # the short last packet, at most one
+                        m = int(want_numel[j])
+                        out[j, :m] = rows[r, proto.HDR_LEN:proto.HDR_LEN + 4 * m].view("<i4")
+                    got[ids] = True
+                    ngot += ids.size
+                    overflow |= bool(np.any(h["flags"][sel] & proto.F_OVERFLOW))
+                    clean = ids[sends[ids] == 1]
+                    if clean.size:
+                        self._sample_rtt(float(np.median(now - sent_at[clean])))
                     last_progress = now
-                    while base < npk and got[base]:
-                        base += 1
-                    if self.remap is not None:
-                        with self._lock:
-                            self._maybe_passed(psn0_abs + base)
+                    self.cwnd = min(float(W), self.cwnd + ids.size / max(self.cwnd, 1.0))
+                    if base < npk and got[base]:
+                        rest = got[base:]
+                        base = npk if rest.all() else base + int(rest.argmin())
                     # Three later results overtook these: a contribution (maybe
                     # another rank's) or the result was lost. Every rank resends,
                     # so the one whose packet was lost repairs it without an RTO.
                     # Not in hash or ps mode: results come in the PS's order, and
                     # a resend there evicts the psn's partial from the switch.
-                    while fr <= i - 3 and p.mode == "modulo":
-                        if fr >= base and not got[fr] and not fast_done[fr]:
-                            fast_done[fr] = True
-                            resend(fr, now)
-                        fr += 1
+                    hi = int(ids.max()) - 2
+                    if p.mode == "modulo" and hi > max(fr, base):
+                        cand = np.arange(max(fr, base), min(hi, nxt))
+                        cand = cand[~got[cand] & ~fast_done[cand]]
+                        if cand.size:
+                            fast_done[cand] = True
+                            resend(cand, now)
+                        fr = hi
             if base < nxt and now - sent_at[base] > self.rto:
-                for j in range(base, nxt):
-                    if not got[j] and now - sent_at[j] > self.rto:
-                        resend(j, now)
+                span = np.arange(base, nxt)
+                late = span[~got[span] & (now - sent_at[span] > self.rto)]
+                if late.size:
+                    resend(late, now)
                 self.rto = min(0.2, self.rto * 1.5)  # back off while nothing comes back
+                self.cwnd = max(1.0, self.cwnd / 2)  # and send less: AIMD
             if now - last_progress > self.progress_timeout:
+                why = (" while incd was resizing the job's memory" if self.fence is not None and base == nxt
+                       else "; another rank may have stopped, or incd is gone")
                 raise TransportError(
                     f"job {p.job}: no result for psn {psn0 + base} in {self.progress_timeout:.1f}s "
-                    f"({ngot}/{npk} packets done); another rank may have stopped, or incd is gone")
+                    f"({ngot}/{npk} packets done){why}")
         self.stats.packets += npk
         self.stats.retransmits += retx
         self.stats.rto_s = self.rto
-        return out[:n], overflow
+        return out.reshape(-1)[:n], overflow
 
     def done(self) -> None:
         """Tell incd this rank is finished (it frees the job once all are)."""

@@ -139,7 +139,7 @@ def run(cfg: Config) -> int:
         log.info("incd %s: XDP on %s, pool %d slots, control on %s:%d",
                  cfg.instance, ",".join(p.name for p in ports), cfg.pool_slots, cfg.listen, cfg.listen_port)
         while not stop.wait(1.0):
-            pass
+            registry.expire_remaps()
         log.info("stopping")
         registry.shutdown()
         return 0

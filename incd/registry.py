@@ -359,6 +359,21 @@ class Registry:
             if m.alive and m.send:
                 m.send({"event": "remap_propose", "job": job.id, "remap": job.remap["id"]})
 
+    def expire_remaps(self, max_age_s: float = 5.0) -> None:
+        """A resize that does not finish (a rank stopped answering) is called off:
+        the ranks are released unchanged, so nobody waits at the fence for ever."""
+        with self.cond:
+            now = time.time()
+            for job in list(self.jobs.values()):
+                rm = job.remap
+                if rm is not None and now - rm["started"] > max_age_s:
+                    job.remap = None
+                    for m in job.members.values():
+                        if m.alive and m.send:
+                            m.send({"event": "remap_go", "job": job.id, "remap": rm["id"], "gen": job.gen,
+                                    "window": job.window, "offset": job.offset, "slots": job.slots})
+            self._rebalance()
+
     def remap_report(self, job: Job, rank: int, remap_id: int, next_psn: int) -> None:
         with self.cond:
             rm = job.remap

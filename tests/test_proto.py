@@ -33,3 +33,55 @@ def test_elems_for_mtu():
     assert proto.elems_for_mtu(1500) == (1500 - 28 - proto.HDR_LEN) // 4
     assert proto.elems_for_mtu(9000) == proto.MAX_ELEMS
     assert proto.elems_for_mtu(40) == 0
+
+
+def test_batchio_structs_match_the_c_layout():
+    """The numpy dtypes batchio hands to sendmmsg/recvmmsg are struct iovec and
+    struct mmsghdr as the C library sees them."""
+    import ctypes as ct
+
+    from hostagent import batchio
+
+    class IOV(ct.Structure):
+        _fields_ = [("base", ct.c_void_p), ("len", ct.c_size_t)]
+
+    class MSG(ct.Structure):
+        _fields_ = [("name", ct.c_void_p), ("namelen", ct.c_uint32), ("iov", ct.c_void_p),
+                    ("iovlen", ct.c_size_t), ("control", ct.c_void_p), ("controllen", ct.c_size_t),
+                    ("flags", ct.c_int)]
+
+    class MMSG(ct.Structure):
+        _fields_ = [("hdr", MSG), ("len", ct.c_uint)]
+
+    assert batchio.IOVEC.itemsize == ct.sizeof(IOV)
+    assert batchio.MMSGHDR.itemsize == ct.sizeof(MMSG)
+    for name, c_name in (("iov", "iov"), ("iovlen", "iovlen"), ("control", "control"), ("flags", "flags")):
+        assert batchio.MMSGHDR.fields[name][1] == getattr(MSG, c_name).offset
+    assert batchio.MMSGHDR.fields["len"][1] == MMSG.len.offset
+
+
+def test_batchio_round_trip_on_loopback():
+    import socket
+
+    from hostagent import batchio
+
+    rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx_sock.bind(("127.0.0.1", 0))
+    tx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx_sock.connect(rx_sock.getsockname())
+    rows = np.arange(50 * 64, dtype=np.uint32).astype(np.uint8).reshape(50, 64)
+    lengths = np.arange(1, 51, dtype=np.uint64)
+    m = batchio.Messages(rows, lengths)
+    batchio.send_msgs(tx_sock.fileno(), m.msgs, 10, 30)      # rows 10..39 in one call
+    batchio.send_msgs(tx_sock.fileno(), m.subset(np.array([3, 7])))
+    rx = batchio.Receiver(rx_sock.fileno(), 64, 128)
+    got = []
+    while len(got) < 32:
+        k = rx.recv(1.0)
+        assert k > 0
+        got += [bytes(rx.buf[i, : rx.m.msgs["len"][i]]) for i in range(k)]
+    want = [bytes(rows[i, : i + 1]) for i in list(range(10, 40)) + [3, 7]]
+    assert got == want
+    assert rx.recv(0.05) == 0
+    rx_sock.close()
+    tx_sock.close()
