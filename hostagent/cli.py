@@ -80,6 +80,7 @@ def cmd_allreduce(a) -> int:
         params = s.params
         retx = s.stats.retransmits
         resizes = s.resizes
+        packets_per_iter = s.stats.packets / a.iters
     if a.out:
         np.save(a.out, y)
     med = statistics.median(times)
@@ -87,6 +88,7 @@ def cmd_allreduce(a) -> int:
         "job": a.job, "rank": a.rank, "world": a.world, "numel": int(x.size), "dtype": str(x.dtype),
         "iters": a.iters, "times_s": times, "median_s": med,
         "goodput_gbps": x.nbytes * 8 / med / 1e9, "retransmits": retx,
+        "packets_per_iter": packets_per_iter, "pps": packets_per_iter / med,
         "elems_per_packet": params.elems, "window": params.window, "mode": a.mode, "resizes": resizes,
         "verified": verified,
         "max_abs_err": max_err,

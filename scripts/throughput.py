@@ -83,6 +83,7 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
         "retransmits": sum(r["retransmits"] for j in jobs for r in results[j]),
         "verified": all(r["verified"] for j in jobs for r in results[j]),
         "elems_per_packet": results[jobs[0]][0]["elems_per_packet"],
+        "pps_per_agent": min(r["pps"] for j in jobs for r in results[j]),
     }
 
 
