@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up what they need and can be re-run.
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 PY := .venv/bin/python
 
@@ -12,6 +12,11 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -v tests
 
+# The benchmark suite against Gloo (needs torch: a local wheel on this machine kind).
+bench: setup
+	@.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+	@$(PY) scripts/bench.py
+
 # Leftovers of an interrupted demo or benchmark (normally they clean up themselves).
 clean:
-	-for n in incdemo incbench; do .venv/bin/incd --instance $$n-incd stop; .venv/bin/inc-lab --name $$n down; done
+	-for n in incdemo incbench incb0 incb1 incedf; do .venv/bin/incd --instance $$n-incd stop; .venv/bin/inc-lab --name $$n down; done
