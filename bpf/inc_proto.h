@@ -54,6 +54,9 @@
 /* inc_job.mode */
 #define INC_MODE_MODULO 1      /* NetReduce: idx = offset + psn % slots, switch only */
 #define INC_MODE_HASH 2        /* ATP: idx from the host, PS fallback, ACK release */
+/* Index of the program for a hash job's PS packets (results, EVICTs) in the
+ * dataplane's program array; modes index their own data programs. */
+#define INC_PROG_HASH_FROM_PS 3
 
 /* Hash mode: the slot a host writes into inc_hdr.slot for (job, psn). Only
  * hosts and the PS compute it (the switch checks the range); Python's copy in

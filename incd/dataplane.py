@@ -54,6 +54,7 @@ class Dataplane:
             self.mode_fns = {
                 proto.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),
                 proto.MODE_HASH: self.bpf.load_func(b"xdp_inc_hash", bcc.BPF.XDP),
+                proto.C["INC_PROG_HASH_FROM_PS"]: self.bpf.load_func(b"xdp_inc_hash_from_ps", bcc.BPF.XDP),
             }
             self.egress = self.bpf.load_func(
                 b"xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP

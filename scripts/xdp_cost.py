@@ -62,7 +62,7 @@ def main() -> int:
 
     bench = BPF(src_file=str(BPF_DIR / "bench_agg.bpf.c").encode(), cflags=[f"-I{BPF_DIR}", "-w"])
     variants = {name: bench.load_func(name.encode(), BPF.XDP).fd
-                for name in ("agg_spinlock", "agg_atomic", "agg_percpu")}
+                for name in ("agg_spinlock", "agg_spinlock_chunked", "agg_atomic", "agg_percpu")}
     noop = bench.load_func(b"noop", BPF.XDP).fd
     dp = Dataplane(pool_slots=4096)
     rows = []
@@ -91,18 +91,19 @@ def main() -> int:
     bench.cleanup()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"repeat": a.repeat, "rows": rows}, indent=1))
-    print(f"{'lanes':>5} {'bytes':>6} {'spin lock':>10} {'atomic':>8} {'per-CPU':>8} "
+    print(f"{'lanes':>5} {'bytes':>6} {'spin lock':>10} {'lock x8':>8} {'atomic':>8} {'per-CPU':>8} "
           f"{'switch 1st':>10} {'switch last':>11}   (ns per packet)")
     for r in rows:
-        print(f"{r['lanes']:>5} {r['bytes']:>6} {r['agg_spinlock']:>10.1f} {r['agg_atomic']:>8.1f} "
-              f"{r['agg_percpu']:>8.1f} {r['switch_first']:>10.1f} {r['switch_last']:>11.1f}")
+        print(f"{r['lanes']:>5} {r['bytes']:>6} {r['agg_spinlock']:>10.1f} {r['agg_spinlock_chunked']:>8.1f} "
+              f"{r['agg_atomic']:>8.1f} {r['agg_percpu']:>8.1f} {r['switch_first']:>10.1f} {r['switch_last']:>11.1f}")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for key, label in (("agg_spinlock", "spin lock + adds"), ("agg_atomic", "atomic per lane"),
+        for key, label in (("agg_spinlock", "spin lock + adds"), ("agg_spinlock_chunked", "spin lock, 8 lanes a check"),
+                           ("agg_atomic", "atomic per lane"),
                            ("agg_percpu", "per-CPU"), ("switch_first", "switch: first contribution"),
                            ("switch_last", "switch: last (add + result)")):
             ax.plot([r["bytes"] for r in rows], [r[key] for r in rows], marker="o", label=label)

@@ -380,3 +380,24 @@ def test_hash_evict_from_ps(dp, hash_job):
     ev31 = inc(job, gen, 0, 31, [0, 0], typ=T_EVICT, slot=S, src=PS_IP)
     assert prog_test_run(dp.ingress.fd, ev31, ingress_ifindex=1).verdict == XDP_DROP
     assert dp.read_slot(S).state == 2
+
+
+@pytest.mark.parametrize("lanes", [1, 7, 8, 9, 13, 792, 797, 800])
+def test_lane_counts_across_chunk_boundaries(dp, lanes):
+    """The add loop works in chunks of 8 lanes plus a tail: every lane count sums exactly,
+    and nothing past the packet's lanes is touched."""
+    job = 30 + lanes % 50
+    dp.set_job(job, offset=48, slots=8, gen=1, world=2)
+    rng = np.random.default_rng(lanes)
+    x = rng.integers(-2**20, 2**20, lanes, dtype=np.int32)
+    y = rng.integers(-2**20, 2**20, lanes, dtype=np.int32)
+    psn = lanes  # a fresh round of one of the job's slots for every case
+    assert prog_test_run(dp.ingress.fd, inc(job, 1, 0, psn, x)).verdict == XDP_DROP
+    r = prog_test_run(dp.ingress.fd, inc(job, 1, 1, psn, y))
+    assert r.verdict == XDP_REDIRECT
+    assert np.array_equal(lanes_of(r.data), x + y)
+    s = dp.read_slot(48 + psn % 8)
+    assert list(s.lanes[:lanes]) == (x + y).tolist()
+    # a retransmission gets the stored sum back, all lanes of it
+    r = prog_test_run(dp.ingress.fd, inc(job, 1, 0, psn, x))
+    assert np.array_equal(lanes_of(r.data), x + y)
