@@ -1,4 +1,7 @@
-"""Switch memory manager: how many aggregator slots each job gets, and where.
+"""Switch memory manager: how many aggregator slots each job gets.
+
+Where the slots are is the allocator's business (incd/allocator.py), and
+moving jobs to compact the pool is the registry's (incd/registry.py).
 
 The same code runs inside incd (real time) and in scripts/memsim.py
 (simulated time), so what the simulator reports is what the daemon does.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .allocator import AllocError, RegionAllocator
 
 POLICIES = ("fifo", "static", "edf")
 PACKET_BYTES = 3200          # payload of a full INC packet (800 int32 lanes)
@@ -157,28 +159,3 @@ class MemoryManager:
         for job, extra in _water_fill(residual, free).items():
             out[job] += extra
         return out
-
-
-def place(targets: dict[int, int], current: dict[int, tuple[int, int]], pool_slots: int
-          ) -> dict[int, tuple[int, int]]:
-    """Regions (offset, size) for the targets. Jobs whose size is unchanged stay
-    where they are when possible (a move costs a remap); if fragmentation gets in
-    the way, everything is packed from offset 0."""
-    alloc = RegionAllocator(pool_slots)
-    layout: dict[int, tuple[int, int]] = {}
-    try:
-        kept = [(off, size, j) for j, (off, size) in current.items() if targets.get(j) == size and size > 0]
-        for off, size, j in sorted(kept):
-            alloc.reserve(off, size)
-            layout[j] = (off, size)
-        for j, size in sorted(targets.items(), key=lambda kv: -kv[1]):
-            if size > 0 and j not in layout:
-                layout[j] = (alloc.alloc(size), size)
-        return layout
-    except AllocError:
-        alloc = RegionAllocator(pool_slots)
-        layout = {}
-        for j, size in sorted(targets.items(), key=lambda kv: -kv[1]):
-            if size > 0:
-                layout[j] = (alloc.alloc(size), size)  # fits: targets never exceed the pool
-        return layout

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from incd.memory import MIN_SLOTS, POLICIES, JobDemand, Link, MemoryManager, needed_slots, place
+from incd.memory import MIN_SLOTS, POLICIES, JobDemand, Link, MemoryManager, needed_slots
 
 LINK = Link(500e-6, 100e9)
 
@@ -34,25 +34,6 @@ def test_targets_fit_the_pool_and_the_asks(demands, pool, policy):
     assert sum(t.values()) <= pool
     for d in demands:
         assert t[d.job] == 0 or (MIN_SLOTS <= t[d.job] <= d.want_slots and t[d.job] % 2 == 0)
-
-
-@settings(max_examples=300, deadline=None)
-@given(demand_sets(), pools, st.sampled_from(POLICIES))
-def test_placement_never_overlaps(demands, pool, policy):
-    mm = MemoryManager(pool, policy, LINK)
-    t1 = mm.targets(demands, 0.0)
-    lay1 = place(t1, {}, pool)
-    # and again after a change: half the jobs leave, the rest are re-divided
-    rest = demands[::2]
-    t2 = mm.targets(rest, 1.0, {j: s for j, s in t1.items()})
-    lay2 = place(t2, {j: lay1[j] for j in t2 if j in lay1}, pool)
-    for targets, lay in ((t1, lay1), (t2, lay2)):
-        assert {j for j, s in targets.items() if s > 0} == set(lay)
-        spans = sorted((off, off + size) for off, size in lay.values())
-        for (a0, a1), (b0, _) in zip(spans, spans[1:]):
-            assert a1 <= b0
-        assert all(0 <= a and b <= pool for a, b in spans)
-        assert all(lay[j][1] == targets[j] for j in lay)
 
 
 @settings(max_examples=200, deadline=None)
@@ -106,9 +87,3 @@ def test_static_partitions_are_kept_by_their_holders():
     # job 1 leaves: the first waiting job (5) takes its partition; 2..4 keep theirs
     t2 = mm.targets(ds[1:], 1.0, t)
     assert {j for j in t2 if t2[j]} == {2, 3, 4, 5}
-
-
-def test_unchanged_jobs_are_not_moved():
-    lay = place({1: 10, 2: 20, 3: 30}, {}, 100)
-    lay2 = place({1: 10, 3: 30, 4: 40}, {1: lay[1], 3: lay[3]}, 100)
-    assert lay2[1] == lay[1] and lay2[3] == lay[3]
