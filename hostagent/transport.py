@@ -326,8 +326,11 @@ class Session:
                        & (lens >= proto.HDR_LEN + 4 * numel))
                 sel = np.nonzero(ok)[0]
                 if sel.size:
-                    ids, first = np.unique(idx[sel], return_index=True)
-                    sel = sel[first]
+                    if sel.size == 1:
+                        ids = idx[sel]
+                    else:  # a duplicate in one batch counts once
+                        ids, first = np.unique(idx[sel], return_index=True)
+                        sel = sel[first]
                     full = want_numel[ids] == E
                     if full.any():
                         out[ids[full]] = rows[sel[full], proto.HDR_LEN:proto.HDR_LEN + 4 * E].view("<i4")
@@ -339,7 +342,7 @@ class Session:
                     overflow |= bool(np.any(h["flags"][sel] & proto.F_OVERFLOW))
                     clean = ids[sends[ids] == 1]
                     if clean.size:
-                        self._sample_rtt(float(np.median(now - sent_at[clean])))
+                        self._sample_rtt(now - float(sent_at[clean].mean()))
                     last_progress = now
                     self.cwnd = min(float(W), self.cwnd + ids.size / max(self.cwnd, 1.0))
                     if base < npk and got[base]:
