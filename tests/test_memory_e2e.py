@@ -65,7 +65,7 @@ def test_fifo_queues_instead(root):
     with LabWithIncd("q", incd_args=["--pool-slots", "64", "--policy", "fifo"]) as lab:
         big = [lab.popen(f"h{r + 1}", agent_argv(
             "allreduce", "--job", "3", "--rank", str(r), "--world", "2", "--numel", "200000", "--dtype",
-            "int32", "--iters", "150", "--window", "32", "--json", "--quiet"),
+            "int32", "--iters", "400", "--window", "32", "--json", "--quiet"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
         try:
             wait_for(lambda: (job_rec(lab.incd.status(), 3) or {}).get("slots") == 64, what="job 3 on 64 slots")
@@ -73,12 +73,12 @@ def test_fifo_queues_instead(root):
                 "allreduce", "--job", "4", "--rank", str(r), "--world", "2", "--numel", "1000", "--dtype",
                 "int32", "--window", "32", "--verify", "--json", "--quiet", *DEADLINE_ARGS),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-            rec = wait_for(lambda: job_rec(lab.incd.status(), 4), what="job 4 registered")
-            assert wait_for(lambda: (job_rec(lab.incd.status(), 4) or {}).get("state") == "queued" or
-                            job_rec(lab.incd.status(), 3) is None, what="job 4 queued")
+            rec = wait_for(lambda: (job_rec(lab.incd.status(), 4) or {}).get("state") == "queued"
+                           and job_rec(lab.incd.status(), 4), what="job 4 queued")
             st = lab.incd.status()
-            if job_rec(st, 3) is not None:  # job 3 still runs: job 4 waits, job 3 is not shrunk
-                assert job_rec(st, 4)["state"] == "queued" and job_rec(st, 3)["slots"] == 64
+            # job 3 (400 iterations) still runs: job 4 waits, and job 3 is not shrunk for it
+            assert job_rec(st, 4)["state"] == "queued"
+            assert job_rec(st, 3)["state"] == "active" and job_rec(st, 3)["slots"] == 64
             for p in small + big:
                 out, err = p.communicate(timeout=120)
                 assert p.returncode == 0, err
