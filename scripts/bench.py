@@ -71,10 +71,10 @@ def run(args) -> dict:
                     t0 = time.time()
                     g = run_gloo(lab, world, sizes, args.iters, 29500 + world)
                     for size in sizes:
-                        rows.append({"regime": regime, "system": "gloo", "workers": world, "bytes": g[size // 4 * 4],
-                                     "median_s": g[size // 4 * 4], "verified": None})
-                        rows[-1]["bytes"] = size // 4 * 4
-                    log(f"  gloo {world} workers: {', '.join(f'{human(s)} {g[s // 4 * 4] * 1e3:.2f} ms' for s in sizes)}"
+                        nbytes = max(1, size // 4) * 4  # what gloo_rank.py reduces: whole fp32 values
+                        rows.append({"regime": regime, "system": "gloo", "workers": world, "bytes": nbytes,
+                                     "median_s": g[nbytes], "verified": None})
+                    log(f"  gloo {world} workers: {', '.join(f'{human(s)} {g[max(1, s // 4) * 4] * 1e3:.2f} ms' for s in sizes)}"
                         f" ({time.time() - t0:.0f}s)")
                 for system in (s for s in systems if s != "gloo"):
                     for size in sizes:
