@@ -11,6 +11,7 @@ import ctypes as ct
 import errno
 import os
 import select
+import socket
 
 import numpy as np
 
@@ -76,22 +77,69 @@ def send_msgs(fd: int, msgs: np.ndarray, start: int = 0, count: int | None = Non
         start += n
 
 
-class Receiver:
-    """recvmmsg into a fixed buffer of `slots` rows of `maxlen` bytes."""
+def sockaddr_in(addr: str, port: int) -> np.ndarray:
+    """struct sockaddr_in as 16 bytes."""
+    b = (socket.AF_INET.to_bytes(2, "little") + port.to_bytes(2, "big") + socket.inet_aton(addr)
+         + bytes(8))
+    return np.frombuffer(b, dtype=np.uint8)
 
-    def __init__(self, fd: int, slots: int, maxlen: int):
+
+class Outbox:
+    """Sends chosen rows of a 2-D packet buffer to each of a fixed set of
+    destinations with one sendmmsg (unconnected socket)."""
+
+    def __init__(self, rows: np.ndarray, dests: list[tuple[str, int]]):
+        self.rows = rows
+        self.names = np.stack([sockaddr_in(a, p) for a, p in dests])
+
+    def send(self, fd: int, idx: np.ndarray, lens: np.ndarray) -> None:
+        m = len(self.names)
+        k = idx.size * m
+        if not k:
+            return
+        row = np.repeat(idx.astype(np.uint64), m)
+        iov = np.zeros(k, IOVEC)
+        iov["base"] = self.rows.ctypes.data + row * np.uint64(self.rows.strides[0])
+        iov["len"] = np.repeat(lens.astype(np.uint64), m)
+        msgs = np.zeros(k, MMSGHDR)
+        msgs["iov"] = iov.ctypes.data + np.arange(k, dtype=np.uint64) * IOVEC.itemsize
+        msgs["iovlen"] = 1
+        msgs["name"] = self.names.ctypes.data + np.tile(np.arange(m, dtype=np.uint64), idx.size) * 16
+        msgs["namelen"] = 16
+        send_msgs(fd, msgs)
+
+
+class Receiver:
+    """recvmmsg into a fixed buffer of `slots` rows of `maxlen` bytes; with
+    addrs=True also each datagram's source (self.src_ip, self.src_port)."""
+
+    def __init__(self, fd: int, slots: int, maxlen: int, addrs: bool = False):
         self.fd = fd
         self.buf = np.zeros((slots, maxlen), dtype=np.uint8)
         self.m = Messages(self.buf, np.full(slots, maxlen, dtype=np.uint64))
+        self.addr = None
+        if addrs:
+            self.addr = np.zeros((slots, 16), dtype=np.uint8)
+            self.m.msgs["name"] = self.addr.ctypes.data + np.arange(slots, dtype=np.uint64) * 16
         self.poll = select.poll()
         self.poll.register(fd, select.POLLIN)
+
+    @property
+    def src_ip(self) -> np.ndarray:
+        """IPv4 sources of the last batch, the address bytes read little-endian."""
+        return self.addr[:, 4:8].copy().view("<u4").ravel()
 
     def recv(self, timeout_s: float) -> int:
         """Waits up to timeout_s for data, then takes what is there (up to the
         number of rows). Returns how many datagrams; their lengths are in
         self.m.msgs["len"][:n] and their bytes in self.buf[:n]."""
-        if not self.poll.poll(max(0, int(timeout_s * 1000))):
+        if timeout_s >= 0.005:
+            if not self.poll.poll(int(timeout_s * 1000)):
+                return 0
+        elif not select.select([self.fd], [], [], max(0.0, timeout_s))[0]:  # poll() counts whole ms
             return 0
+        if self.addr is not None:
+            self.m.msgs["namelen"] = 16
         n = _recvmmsg(self.fd, self.m.msgs.ctypes.data, len(self.m.msgs), MSG_DONTWAIT, None)
         if n < 0:
             e = ct.get_errno()
