@@ -90,7 +90,8 @@ struct inc_hdr {
 	__u32 slot;    /* host-computed aggregator index (hash mode); 0 in modulo mode */
 	__u16 rank;    /* data: sender's rank; result: the rank it is delivered to */
 	__u16 numel;   /* int32 lanes that follow */
-	__u32 reserved;
+	__u32 csum;    /* integrity: the 32-bit words of this header and of lanes[0..numel)
+			* sum to 0 mod 2^32 (see inc_csum_* in inc_switch.bpf.c) */
 	__u64 bitmap;  /* ranks whose data the lanes hold (set by the switch towards the PS) */
 } __attribute__((packed));
 
@@ -109,6 +110,13 @@ struct inc_member_key {
 	__u16 job;
 	__u16 pad;
 	__u32 ifindex;
+};
+
+/* Where a job's rank may send from: sources[job * INC_MAX_WORKERS + rank].
+ * Data packets from any other port or address are dropped (bad_source). */
+struct inc_source {
+	__u32 addr;    /* host IPv4, network order; 0 = no such member */
+	__u32 ifindex; /* switch port it is behind */
 };
 
 /* Also the value of job_ps (hash mode: where a job's PS is). */
@@ -150,8 +158,10 @@ enum inc_drop {
 	INC_DROP_STALE = 6,    /* psn older than the slot's round */
 	INC_DROP_AHEAD = 7,    /* psn newer than the slot's round while it is partial */
 	INC_DROP_BAD_SLOT = 8, /* hash mode: slot index outside the job's region */
-	INC_DROP_BAD_SOURCE = 9, /* result not from the job's PS, or no PS known */
-	INC_DROP__COUNT = 10,
+	INC_DROP_BAD_SOURCE = 9, /* data not from the rank's registered host and port, result
+				  * not from the job's PS, or no PS known */
+	INC_DROP_BAD_CSUM = 10,  /* header or lanes changed on the way (csum mismatch) */
+	INC_DROP__COUNT = 11,
 };
 
 /* Per-job counters, in a per-CPU array indexed by job id (0 = unattributable). */

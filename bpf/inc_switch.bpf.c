@@ -32,6 +32,7 @@ BPF_ARRAY(jobs, struct inc_job, INC_MAX_JOBS);
 BPF_ARRAY(pool, struct inc_slot, INC_POOL_SLOTS);
 BPF_HASH(members, struct inc_member_key, struct inc_member, INC_MAX_JOBS * 4);
 BPF_ARRAY(job_ps, struct inc_member, INC_MAX_JOBS); /* hash mode: the job's PS (ifindex 0 = none) */
+BPF_ARRAY(sources, struct inc_source, INC_MAX_JOBS * INC_MAX_WORKERS);
 BPF_PERCPU_ARRAY(stats, struct inc_stats, INC_MAX_JOBS);
 BPF_XDP_REDIRECT_MAP("devmap", struct bpf_devmap_val, tx_ports, INC_MAX_PORTS);
 
@@ -96,6 +97,42 @@ static __always_inline int drop(__u32 job, int reason)
 		}                                                                \
 	} while (0)
 
+/* Integrity (inc_hdr.csum): the 32-bit words of header and lanes sum to 0 mod
+ * 2^32. A plain sum catches every single-bit error and costs one add per lane,
+ * and it is fused into the loops that write lanes, so a packet the switch
+ * rewrites gets its new csum without another pass. Real links have a CRC;
+ * veth and software impairments do not, and XDP never sees the UDP checksum
+ * verified (senders leave it to offload), so the switch checks this itself. */
+static __always_inline __u32 hdr_words(struct inc_hdr *h)
+{
+	__u32 *w = (__u32 *)h;
+	__u32 sum = 0;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*h) / 4); i++)
+		sum += w[i];
+	return sum;
+}
+
+static __always_inline int inc_csum_ok(struct inc_hdr *h, __s32 *p, void *end, __u32 n)
+{
+	__u32 sum = hdr_words(h);
+	FOR_EACH_LANE(p, end, n, sum += (__u32)*q);
+	return sum == 0;
+}
+
+/* After rewriting the header: lanes_sum is what the packet's lanes add up to now. */
+static __always_inline void inc_csum_set(struct inc_hdr *h, __u32 lanes_sum)
+{
+	h->csum = 0;
+	h->csum = -(hdr_words(h) + lanes_sum);
+}
+
+/* The lanes of a packet whose csum checked out, before its header changed. */
+static __always_inline __u32 lanes_sum_of_verified(__u32 hdr_sum_on_arrival)
+{
+	return -hdr_sum_on_arrival;
+}
+
 static __always_inline void lanes_claim(struct inc_slot *s, __s32 *p, void *end, __u32 n)
 {
 	FOR_EACH_LANE(p, end, n, s->lanes[k] = *q);
@@ -103,9 +140,10 @@ static __always_inline void lanes_claim(struct inc_slot *s, __s32 *p, void *end,
 
 /* Adds the packet into the slot and leaves the running sum in the packet, so
  * the last contributor's packet already carries the result. */
-static __always_inline int lanes_sum(struct inc_slot *s, __s32 *p, void *end, __u32 n)
+static __always_inline int lanes_sum(struct inc_slot *s, __s32 *p, void *end, __u32 n, __u32 *tot)
 {
 	__s32 ovf = 0;
+	__u32 t = 0;
 	FOR_EACH_LANE(p, end, n, {
 		__s32 a = s->lanes[k];
 		__s32 b = *q;
@@ -113,24 +151,36 @@ static __always_inline int lanes_sum(struct inc_slot *s, __s32 *p, void *end, __
 		ovf |= (a ^ r) & (b ^ r);
 		s->lanes[k] = r;
 		*q = r;
+		t += (__u32)r;
 	});
+	*tot = t;
 	return ovf < 0;
 }
 
-static __always_inline void lanes_max(struct inc_slot *s, __s32 *p, void *end, __u32 n)
+static __always_inline __u32 lanes_max(struct inc_slot *s, __s32 *p, void *end, __u32 n)
 {
+	__u32 t = 0;
 	FOR_EACH_LANE(p, end, n, {
 		__s32 a = s->lanes[k];
 		__s32 b = *q;
 		__s32 r = a > b ? a : b;
 		s->lanes[k] = r;
 		*q = r;
+		t += (__u32)r;
 	});
+	return t;
 }
 
-static __always_inline void lanes_copy_out(struct inc_slot *s, __s32 *p, void *end, __u32 n)
+/* Returns the sum of the lanes written (for the packet's new csum). */
+static __always_inline __u32 lanes_copy_out(struct inc_slot *s, __s32 *p, void *end, __u32 n)
 {
-	FOR_EACH_LANE(p, end, n, *q = s->lanes[k]);
+	__u32 t = 0;
+	FOR_EACH_LANE(p, end, n, {
+		__s32 r = s->lanes[k];
+		*q = r;
+		t += (__u32)r;
+	});
+	return t;
 }
 
 /* Starts a round in s with its first contribution. Returns 1 if that
@@ -156,11 +206,11 @@ static __always_inline int slot_claim(struct inc_slot *s, __u32 job_id, __u16 ge
 /* Adds a contribution that is not in s yet; the running result is left in
  * the packet. Returns 1 if that completes the round. Called with s->lock held. */
 static __always_inline int slot_add(struct inc_slot *s, __u8 op, __u64 bit, __s32 *payload,
-				    void *end, __u32 n, __u8 world)
+				    void *end, __u32 n, __u8 world, __u32 *tot)
 {
 	if (op == INC_OP_MAX)
-		lanes_max(s, payload, end, n);
-	else if (lanes_sum(s, payload, end, n))
+		*tot = lanes_max(s, payload, end, n);
+	else if (lanes_sum(s, payload, end, n, tot))
 		s->overflow = 1;
 	s->bitmap |= bit;
 	s->count++;
@@ -211,6 +261,7 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 	int resend = h->flags & INC_F_RETRANS;
 	int verdict = V_DROP, reason = INC_DROP_DUP, collision = 0, reclaimed = 0, overflow = 0;
 	__u64 agg_bitmap = bit;
+	__u32 tot = lanes_sum_of_verified(hdr_words(h)); /* what the lanes add up to when it leaves */
 
 	bpf_spin_lock(&s->lock);
 	int mine = s->state != INC_SLOT_EMPTY && s->job == job_id && s->gen == gen && s->psn == psn;
@@ -218,7 +269,7 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 		if (resend) {
 			/* Its sender has no result yet: hand what the slot holds to the
 			 * PS. A partial is evicted, so it can never be added to twice. */
-			lanes_copy_out(s, payload, end, n);
+			tot = lanes_copy_out(s, payload, end, n);
 			agg_bitmap = s->bitmap;
 			overflow = s->overflow;
 			if (s->state == INC_SLOT_COMPLETE) {
@@ -231,7 +282,7 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 			reason = INC_DROP_DUP;
 		} else if (s->numel != n || s->op != h->op) {
 			reason = INC_DROP_BAD_LEN;
-		} else if (slot_add(s, h->op, bit, payload, end, n, world)) {
+		} else if (slot_add(s, h->op, bit, payload, end, n, world, &tot)) {
 			agg_bitmap = s->bitmap;
 			overflow = s->overflow;
 			verdict = V_PS_AGG;
@@ -283,6 +334,7 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 		h->flags = INC_F_AGGREGATE | (h->flags & INC_F_RETRANS) | (overflow ? INC_F_OVERFLOW : 0);
 	}
 	h->bitmap = agg_bitmap;
+	inc_csum_set(h, tot);
 	readdress(eth, ip, udp, ps);
 	return bpf_redirect(ps->ifindex, 0);
 }
@@ -309,13 +361,14 @@ static __always_inline int hash_from_ps(struct xdp_md *ctx, struct ethhdr *eth, 
 	int evict = h->type == INC_T_EVICT, hit = 0;
 	__u32 n = h->numel;
 	__u64 bitmap = 0;
+	__u32 tot = 0;
 	bpf_spin_lock(&s->lock);
 	if (s->state != INC_SLOT_EMPTY && s->job == job_id && s->gen == job->gen && s->psn == h->psn) {
 		if (!evict) {
 			s->state = INC_SLOT_EMPTY;
 			hit = 1;
 		} else if (s->state == INC_SLOT_PARTIAL && s->numel == n) {
-			lanes_copy_out(s, payload, end, n);
+			tot = lanes_copy_out(s, payload, end, n);
 			bitmap = s->bitmap;
 			s->state = INC_SLOT_EMPTY;
 			hit = 1;
@@ -335,6 +388,7 @@ static __always_inline int hash_from_ps(struct xdp_md *ctx, struct ethhdr *eth, 
 	h->type = INC_T_DATA;
 	h->flags = INC_F_AGGREGATE;
 	h->bitmap = bitmap;
+	inc_csum_set(h, tot);
 	readdress(eth, ip, udp, ps);
 	return bpf_redirect(ps->ifindex, 0);
 }
@@ -418,6 +472,11 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 		return drop(0, rc - 1);
 	struct inc_hdr *h = pk.h;
 	__u32 job_id = h->job;
+	if (!inc_csum_ok(h, pk.payload, pk.end, h->numel)) {
+		/* nothing in it can be trusted, the job id included */
+		struct inc_job *jj = jobs.lookup(&job_id);
+		return drop(jj && jj->mode ? job_id : 0, INC_DROP_BAD_CSUM);
+	}
 	if (job_id == 0 || job_id >= INC_MAX_JOBS)
 		return drop(0, INC_DROP_NO_JOB);
 	struct inc_job *job = jobs.lookup(&job_id);
@@ -432,6 +491,14 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 		return drop(job_id, INC_DROP_BAD_GEN);
 	if (h->type == INC_T_DATA && (h->rank >= job->world || h->rank >= INC_MAX_WORKERS))
 		return drop(job_id, INC_DROP_BAD_RANK);
+	if (h->type == INC_T_DATA) {
+		/* Only the rank's registered host, behind its registered port. */
+		__u32 sidx = job_id * INC_MAX_WORKERS + h->rank;
+		struct inc_source *src = sources.lookup(&sidx);
+		if (!src || src->addr == 0 || src->addr != pk.ip->saddr ||
+		    src->ifindex != ctx->ingress_ifindex)
+			return drop(job_id, INC_DROP_BAD_SOURCE);
+	}
 	/* Each program holds a few 800-lane loops at most, so each passes the
 	 * verifier on its own. */
 	__u32 prog = job->mode;
@@ -504,6 +571,7 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 	__u16 gen = job->gen;
 	__u64 now = bpf_ktime_get_ns();
 	int verdict = V_DROP, reason = INC_DROP_STALE, overflow = 0;
+	__u32 tot = lanes_sum_of_verified(hdr_words(h)); /* what the lanes add up to when it leaves */
 
 	bpf_spin_lock(&s->lock);
 	int owned = s->job == job_id && s->gen == gen && s->state != INC_SLOT_EMPTY;
@@ -520,13 +588,13 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 		} else if (s->bitmap & bit) {
 			if (s->state == INC_SLOT_COMPLETE) {
 				/* Its result was lost: answer from the stored sum. */
-				lanes_copy_out(s, payload, c.end, n);
+				tot = lanes_copy_out(s, payload, c.end, n);
 				overflow = s->overflow;
 				verdict = V_RETX;
 			} else {
 				reason = INC_DROP_DUP;
 			}
-		} else if (slot_add(s, h->op, bit, payload, c.end, n, world)) {
+		} else if (slot_add(s, h->op, bit, payload, c.end, n, world, &tot)) {
 			overflow = s->overflow;
 			verdict = V_MCAST;
 		} else {
@@ -547,6 +615,7 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 
 	h->type = INC_T_RESULT;
 	h->flags = overflow ? INC_F_OVERFLOW : 0;
+	inc_csum_set(h, tot);
 	udp->check = 0; /* payload rewritten; 0 = no checksum is valid for IPv4 UDP */
 	if (verdict == V_RETX) {
 		/* Unicast back the way it came; swapping addresses keeps the IP checksum. */
@@ -600,6 +669,7 @@ int xdp_inc_egress(struct xdp_md *ctx)
 		return XDP_DROP; /* the job has nobody behind this port */
 
 	readdress(eth, ip, udp, m);
+	h->csum += (__u32)h->rank - (__u32)m->rank; /* keeps the words' sum at 0 */
 	h->rank = m->rank;
 
 	struct inc_stats *st = stats_of(h->job);

@@ -67,11 +67,13 @@ HDR_DTYPE = np.dtype(
         ("slot", "<u4"),
         ("rank", "<u2"),
         ("numel", "<u2"),
-        ("reserved", "<u4"),
+        ("csum", "<u4"),
         ("bitmap", "<u8"),
     ]
 )
 HDR_LEN = HDR_DTYPE.itemsize
+_NUMEL_AT = HDR_DTYPE.fields["numel"][1]
+_CSUM_AT = HDR_DTYPE.fields["csum"][1]
 IP_UDP_OVERHEAD = 20 + 8
 
 
@@ -120,8 +122,48 @@ def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: i
     padded = np.zeros(npk * elems, dtype="<i4")
     padded[:n] = values
     buf["data"] = padded.reshape(npk, elems)
+    seal(buf, slice(None), lane_sums(buf))
     sizes = HDR_LEN + numel.astype(np.int64) * 4
     return buf, sizes
+
+
+def lane_sums(buf: np.ndarray) -> np.ndarray:
+    """Per packet of build_packets' buffer: its lanes as uint32 words, summed
+    mod 2^32 (the padding past numel is zero)."""
+    return buf["data"].view("<u4").sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
+
+
+def seal(buf: np.ndarray, idx, lanes: np.ndarray) -> None:
+    """Sets inc_hdr.csum of packets buf[idx] (after any header change): header
+    and lane words then sum to 0 mod 2^32, as the switch checks."""
+    hdr = buf["hdr"]
+    hdr["csum"][idx] = 0
+    words = np.ascontiguousarray(hdr[idx]).view("<u4").reshape(-1, HDR_LEN // 4).sum(axis=1, dtype=np.uint64)
+    hdr["csum"][idx] = (-(words + lanes[idx]).astype(np.int64)) & 0xFFFFFFFF
+
+
+def csum_ok(rows: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """For received datagrams (uint8 rows, stale bytes past each length):
+    which carry an INC header and numel lanes whose words sum to 0 mod 2^32.
+    Rows too short for what their header claims are not ok."""
+    k = rows.shape[0]
+    width = (rows.shape[1] // 4) * 4
+    words = rows[:, :width].view("<u4")
+    numel = rows[:, _NUMEL_AT:_NUMEL_AT + 2].copy().view("<u2").ravel().astype(np.int64)
+    nwords = HDR_LEN // 4 + numel
+    ok = (lens >= HDR_LEN) & (lens >= 4 * nwords) & (4 * nwords <= width)
+    live = np.arange(words.shape[1])[None, :] < nwords[:, None]
+    s = np.where(live, words, 0).sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
+    return ok & (s == 0) if k else ok
+
+
+def seal_bytes(pkt: bytes) -> bytes:
+    """One INC packet (header + lanes) with its csum set."""
+    a = np.frombuffer(pkt, np.uint8).copy()
+    a[_CSUM_AT:_CSUM_AT + 4] = 0
+    s = int(a.view("<u4").sum(dtype=np.uint64)) & 0xFFFFFFFF
+    a[_CSUM_AT:_CSUM_AT + 4] = np.frombuffer(((-s) & 0xFFFFFFFF).to_bytes(4, "little"), np.uint8)
+    return a.tobytes()
 
 
 def parse_header(data: bytes | memoryview) -> np.void:

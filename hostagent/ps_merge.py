@@ -50,6 +50,7 @@ class PSStats:
     results_resent: int = 0
     evicts_sent: int = 0
     ignored: int = 0        # other job/generation, malformed, wrong source, or a rank's repeat
+    corrupt: int = 0        # csum mismatch: dropped, the sender resends
     slow_path: int = 0      # packets handled one by one
 
     def as_dict(self) -> dict:
@@ -133,6 +134,12 @@ class Merger:
         self.done_rows[d, :proto.HDR_LEN] = hdr.view(np.uint8).reshape(psn.size, -1)
         self.done_rows[d, proto.HDR_LEN:] = lanes.astype("<i4").view(np.uint8)
         self.done_len[d] = proto.HDR_LEN + 4 * numel
+        # csum over header and the numel lanes sent (the row may hold more)
+        words = self.done_rows[d].view("<u4")
+        live = np.arange(words.shape[1])[None, :] < (proto.HDR_LEN // 4 + numel)[:, None]
+        s = np.where(live, words, 0).sum(axis=1, dtype=np.uint64)
+        words[:, proto.HDR_DTYPE.fields["csum"][1] // 4] = (-s.astype(np.int64)) & 0xFFFFFFFF
+        self.done_rows[d] = words.view(np.uint8)
         self.done_tag[d] = psn
         self.stats.results += psn.size
         return d
@@ -165,6 +172,9 @@ class Merger:
               & (h["job"] == self.job) & (h["gen"] == self.gen) & (numel > 0)
               & (numel <= proto.MAX_ELEMS) & (lens >= proto.HDR_LEN + 4 * numel) & (rank < self.world)
               & ((h["op"] == proto.OP_SUM) | (h["op"] == proto.OP_MAX)))
+        intact = proto.csum_ok(rows, lens)  # changed on the way: as if lost
+        st.corrupt += int((~intact & (lens >= proto.HDR_LEN + 4 * numel) & (numel > 0)).sum())
+        ok &= intact
         agg = (h["flags"] & proto.F_AGGREGATE) != 0
         if self.mode == "ps":
             ok &= ~agg & (src_ip == self.member_ip[np.minimum(rank, proto.MAX_WORKERS - 1)])
@@ -309,7 +319,7 @@ class Merger:
                 hdr = np.zeros(1, proto.HDR_DTYPE)
                 hdr[0] = (proto.VERSION, proto.C["INC_T_EVICT"], 0, acc.op, self.job, self.gen,
                           psn, acc.slot, 0, acc.numel, 0, 0)
-                out.append(hdr.tobytes() + bytes(4 * acc.numel))
+                out.append(proto.seal_bytes(hdr.tobytes() + bytes(4 * acc.numel)))
                 self.stats.evicts_sent += 1
                 self.evict_at[psn] = now + 4 * EVICT_AFTER_S  # again later if the partial is still short
         return out

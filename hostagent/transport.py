@@ -117,6 +117,7 @@ def params_from(reply: dict) -> JobParams:
 class ReduceStats:
     packets: int = 0
     retransmits: int = 0
+    corrupt: int = 0
     rto_s: float = 0.0
 
 
@@ -269,6 +270,7 @@ class Session:
         npk = len(buf)
         self.next_psn = psn0_abs + npk
         raw = buf.view(np.uint8).reshape(npk, -1)
+        lsum = proto.lane_sums(buf)  # for resealing after header changes
         msgs = batchio.Messages(raw, sizes.astype(np.uint64))
         hdr_gen = buf["hdr"]["gen"]
         sent_gen = np.full(npk, -1, dtype=np.int64)  # a resize changes the generation between psns
@@ -286,7 +288,8 @@ class Session:
 
         def resend(idx: np.ndarray, now: float) -> None:
             nonlocal retx
-            raw[idx, 2] |= proto.F_RETRANS
+            buf["hdr"]["flags"][idx] |= proto.F_RETRANS
+            proto.seal(buf, idx, lsum)
             sent_at[idx] = now
             sends[idx] += 1
             retx += idx.size
@@ -303,6 +306,7 @@ class Session:
                     limit = min(limit, max(nxt, fence - psn0_abs))
                 if limit > nxt:
                     hdr_gen[nxt:limit] = sent_gen[nxt:limit] = p.gen  # the generation when first sent
+                    proto.seal(buf, slice(nxt, limit), lsum)
                     sent_at[nxt:limit] = now
                     sends[nxt:limit] = 1
                     batchio.send_msgs(fd, msgs.msgs, nxt, limit - nxt)
@@ -320,6 +324,9 @@ class Session:
                 idx = (h["psn"].astype(np.int64) - psn0) & 0xFFFFFFFF
                 ok = ((h["version"] == proto.VERSION) & (h["type"] == proto.T_RESULT) & (h["job"] == p.job)
                       & (lens >= proto.HDR_LEN) & (idx < npk))
+                intact = proto.csum_ok(rows, lens)  # changed on the way: as if lost
+                self.stats.corrupt += int((ok & ~intact).sum())
+                ok &= intact
                 idx = np.where(ok, idx, 0)
                 numel = h["numel"].astype(np.int64)
                 ok &= ((h["gen"] == sent_gen[idx]) & ~got[idx] & (numel == want_numel[idx])

@@ -14,7 +14,7 @@ from hostagent import proto
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SWITCH_SRC = BPF_DIR / "inc_switch.bpf.c"
-MAP_NAMES = ("jobs", "pool", "members", "job_ps", "stats", "tx_ports")
+MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports")
 XDP_FLAGS_DRV_MODE = 1 << 2
 
 
@@ -68,6 +68,7 @@ class Dataplane:
         self.job_ps = self.bpf[b"job_ps"]
         self.pool = self.bpf[b"pool"]
         self.members = self.bpf[b"members"]
+        self.sources = self.bpf[b"sources"]
         self.stats = self.bpf[b"stats"]
         self.tx_ports = self.bpf[b"tx_ports"]
         self.ports: list[Port] = []
@@ -138,10 +139,22 @@ class Dataplane:
         return v
 
     def set_member(self, job: int, **fields) -> None:
-        """A job's worker behind port fields["ifindex"]: where its results go."""
+        """A job's worker behind port fields["ifindex"]: where its results go,
+        and the only host and port its rank's data is accepted from."""
         k = self.members.Key()
         k.job, k.ifindex = job, fields["ifindex"]
         self.members[k] = self._member_value(self.members.Leaf, **fields)
+        self.set_source(job, fields["rank"], fields["addr"], fields["ifindex"])
+
+    def set_source(self, job: int, rank: int, addr: bytes, ifindex: int) -> None:
+        """Data of (job, rank) is accepted only from addr (4 bytes) behind ifindex."""
+        src = self.sources.Leaf()
+        src.addr = int.from_bytes(addr, "little")  # keeps network order in memory
+        src.ifindex = ifindex
+        self.sources[ct.c_int(job * proto.MAX_WORKERS + rank)] = src
+
+    def clear_source(self, job: int, rank: int) -> None:
+        self.sources[ct.c_int(job * proto.MAX_WORKERS + rank)] = self.sources.Leaf()
 
     def set_ps(self, job: int, **fields) -> None:
         """Hash mode: where the job's parameter server is."""
@@ -154,9 +167,11 @@ class Dataplane:
         k = self.members.Key()
         k.job, k.ifindex = job, ifindex
         try:
+            rank = self.members[k].rank
             del self.members[k]
         except KeyError:
-            pass
+            return
+        self.clear_source(job, rank)
 
     # --- counters -----------------------------------------------------------
     def read_stats(self, job: int) -> dict:

@@ -2,6 +2,7 @@
 BPF_PROG_TEST_RUN: verdict, output packet, counters and slot state per step."""
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,19 +26,32 @@ def dp(root):
     from incd.dataplane import Dataplane
 
     d = Dataplane(pool_slots=64)
+    for job in range(1, 128):  # the tests' workers all send from W_IP on lo
+        for rank in range(8):
+            d.set_source(job, rank, socket.inet_aton(W_IP), 1)
     yield d
     d.close()
 
 
 def inc(job, gen, rank, psn, vals, *, op=proto.OP_SUM, typ=proto.T_DATA, version=proto.VERSION,
-        numel=None, cut=0, dport=proto.PORT, flags=0, slot=0, src=W_IP) -> bytes:
+        numel=None, cut=0, dport=proto.PORT, flags=0, slot=0, src=W_IP, flip_bit=None) -> bytes:
     h = np.zeros(1, proto.HDR_DTYPE)
     vals = np.asarray(vals, dtype="<i4")
     h[0] = (version, typ, flags, op, job, gen, psn, slot, rank, len(vals) if numel is None else numel, 0, 0)
-    payload = h.tobytes() + vals.tobytes()
+    payload = proto.seal_bytes(h.tobytes() + vals.tobytes())
+    if flip_bit is not None:  # corrupted after sealing, as on a bad link
+        b = bytearray(payload)
+        b[flip_bit // 8] ^= 1 << flip_bit % 8
+        payload = bytes(b)
     pkt = bytes(Ether(src=W_MAC, dst=SW_MAC) / IP(src=src, dst=SW_IP)
                 / UDP(sport=W_PORT, dport=dport) / Raw(payload))
     return pkt[: len(pkt) - cut] if cut else pkt
+
+
+def sealed(out: bytes) -> bool:
+    """The INC packet the switch sent carries a csum that checks out."""
+    inc_part = np.frombuffer(out[42:], np.uint8)
+    return bool(proto.csum_ok(inc_part[None, :], np.array([inc_part.size]))[0])
 
 
 def lanes_of(out: bytes) -> np.ndarray:
@@ -73,6 +87,7 @@ def run_steps(dp, job, psn_slot, steps):
         assert r.verdict == st.verdict, f"{st.what}: verdict {r.verdict_name}"
         if st.lanes is not None:
             assert lanes_of(r.data).tolist() == list(st.lanes), st.what
+            assert sealed(r.data), f"{st.what}: csum of the packet sent"
         after = flat(dp.read_stats(cjob))
         delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
         assert delta == st.counters, f"{st.what}: counter deltas {delta}"
@@ -200,12 +215,18 @@ def bad_cases():
         ("numel zero", inc(j, g, 0, 0, good, numel=0), j, "bad_len"),
         ("numel above max", inc(j, g, 0, 0, good, numel=proto.MAX_ELEMS + 1), j, "bad_len"),
         ("payload cut short", inc(j, g, 0, 0, good, cut=4), j, "bad_len"),
+        ("lane bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * (proto.HDR_LEN + 4) + 3), j, "bad_csum"),
+        ("psn bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * 8 + 1), j, "bad_csum"),
+        ("rank bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * 16), j, "bad_csum"),
+        ("another host as rank 0", inc(j, g, 0, 0, good, src="10.77.2.2"), j, "bad_source"),
+        ("unregistered rank", inc(j, g, 1, 0, good), j, "bad_source"),
     ]
 
 
 @pytest.mark.parametrize("what,pkt,cjob,reason", bad_cases(), ids=[c[0] for c in bad_cases()])
 def test_bad_packets_dropped_by_reason(dp, what, pkt, cjob, reason):
     dp.set_job(9, offset=OFFSET + 4 * SLOTS, slots=SLOTS, gen=3, world=2)
+    dp.clear_source(9, 1)  # rank 1 of job 9 has not registered
     before = dp.read_stats(cjob)["drops"]
     slot_before = dp.read_slot(OFFSET + 4 * SLOTS).count
     r = prog_test_run(dp.ingress.fd, pkt)
@@ -245,6 +266,7 @@ def to_ps(r) -> tuple:
     assert (out.dst, out.src) == (PS_MAC, PS_SW_MAC)
     assert (out[IP].dst, out[IP].src, out[UDP].dport, out[UDP].sport) == (PS_IP, PS_SW_IP, PS_PORT, proto.PORT)
     h = hdr_of(r.data)
+    assert sealed(r.data), "csum of the packet sent to the PS"
     return int(h["flags"]), int(h["bitmap"]), lanes_of(r.data).tolist()
 
 

@@ -12,7 +12,7 @@ PROG = r'''
 #define F(f) printf("\"%s\": [%zu, %zu],", #f, offsetof(struct inc_hdr, f), sizeof(((struct inc_hdr *)0)->f));
 int main(void) {
   printf("{");
-  F(version) F(type) F(flags) F(op) F(job) F(gen) F(psn) F(slot) F(rank) F(numel) F(reserved) F(bitmap)
+  F(version) F(type) F(flags) F(op) F(job) F(gen) F(psn) F(slot) F(rank) F(numel) F(csum) F(bitmap)
   printf("\"__size\": [%zu, 0], \"INC_MAX_ELEMS\": [%d, 0], \"INC_PORT\": [%d, 0], \"INC_DROP__COUNT\": [%d, 0]}",
          sizeof(struct inc_hdr), INC_MAX_ELEMS, INC_PORT, INC_DROP__COUNT);
   return 0;

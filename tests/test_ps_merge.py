@@ -20,7 +20,13 @@ def packet(psn: int, lanes: np.ndarray, *, rank: int = 0, flags: int = 0, bitmap
            op: int = proto.OP_SUM, job: int = JOB, gen: int = GEN, typ: int = proto.T_DATA) -> bytes:
     hdr = np.zeros(1, proto.HDR_DTYPE)
     hdr[0] = (proto.VERSION, typ, flags, op, job, gen, psn, 0, rank, lanes.size, 0, bitmap)
-    return hdr.tobytes() + lanes.astype("<i4").tobytes()
+    return proto.seal_bytes(hdr.tobytes() + lanes.astype("<i4").tobytes())
+
+
+def flip(pkt: bytes, bit: int) -> bytes:
+    b = bytearray(pkt)
+    b[bit // 8] ^= 1 << bit % 8
+    return bytes(b)
 
 
 def feed(m: Merger, pkts: list[tuple[bytes, str]], results: dict, batch: int = 16) -> None:
@@ -35,6 +41,7 @@ def feed(m: Merger, pkts: list[tuple[bytes, str]], results: dict, batch: int = 1
         src = np.array([ip_u32(a) for _, a in chunk], dtype=np.int64)
         for d in m.feed(rows, lens, src, now=0.0):
             raw = m.done_rows[d, :m.done_len[d]].tobytes()
+            assert proto.seal_bytes(raw) == raw, "result csum"
             h = proto.parse_header(raw)
             assert h["type"] == proto.T_RESULT and h["job"] == JOB and h["gen"] == GEN
             lanes = np.frombuffer(raw, "<i4", int(h["numel"]), proto.HDR_LEN)
@@ -91,9 +98,11 @@ def test_ps_mode_drops_strangers_and_garbage():
         (packet(1, one, rank=0)[:proto.HDR_LEN + 8], ADDRS[0]),  # numel beyond the datagram
         (packet(1, one, rank=0)[:10], ADDRS[0]),       # truncated header
         (packet(1, one, rank=0, flags=proto.F_AGGREGATE, bitmap=3), ADDRS[0]),  # no switch in ps mode
+        (flip(packet(1, one, rank=0), 8 * proto.HDR_LEN + 9), ADDRS[0]),  # a lane corrupted
+        (flip(packet(1, one, rank=0), 8 * 16 + 1), ADDRS[0]),  # rank 0 -> 2, corrupted
     ]
     feed(m, bad, res)
-    assert res == {} and m.stats.ignored == len(bad)
+    assert res == {} and m.stats.ignored == len(bad) and m.stats.corrupt == 2
     feed(m, [(packet(1, one, rank=0), ADDRS[0]), (packet(1, 2 * one, rank=1), ADDRS[1])], res)
     assert res[1][0][0].tolist() == [3, 3, 3, 3]
 
@@ -171,6 +180,7 @@ def test_hash_mode_evicts_a_psn_waiting_on_the_switch():
     ev = m.evicts_due(1.0)
     assert len(ev) == 1
     h = proto.parse_header(ev[0])
+    assert proto.seal_bytes(ev[0]) == ev[0]
     assert h["type"] == proto.C["INC_T_EVICT"] and h["psn"] == 9 and h["job"] == JOB
     # the switch answers with the partial of ranks 1 and 2: done, and nothing more to evict
     feed(m, [(packet(9, np.full(2, 5), flags=proto.F_AGGREGATE, bitmap=0b110), "10.77.1.1")], res)
