@@ -92,6 +92,7 @@ def cmd_allreduce(a) -> int:
         "elems_per_packet": params.elems, "window": params.window, "mode": a.mode, "resizes": resizes,
         "verified": verified,
         "max_abs_err": max_err,
+        "widened_to_int64": comm.widened,  # int32 sums that overflowed and were redone exactly
     }
     if a.json:
         print(json.dumps(res))

@@ -17,14 +17,14 @@ class Communicator:
         self.world = session.params.world
         self.block = session.params.elems  # one shared scale per packet
         self.last_e_max: np.ndarray | None = None
+        self.widened = 0  # int32 allreduces whose sum did not fit and came back as int64
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.dtype == np.int32:
             out, overflow = self.s.reduce(x.ravel(), proto.OP_SUM)
-            if overflow:
-                raise AllreduceError("int32 sum overflowed in the switch; scale the inputs down "
-                                     "or send float32")
+            if overflow:  # every rank sees the same flag on the same results, so all take this path
+                return self._wide_sum(x.ravel()).reshape(x.shape)
             return out.reshape(x.shape)
         if x.dtype == np.float32:
             e_local = quantize.block_exponents(x, self.block)
@@ -36,3 +36,15 @@ class Communicator:
             self.last_e_max = e_max
             return quantize.dequantize(total, e_max, self.world, self.block).reshape(x.shape)
         raise AllreduceError(f"dtype {x.dtype} not supported (float32 or int32)")
+
+    def _wide_sum(self, v: np.ndarray) -> np.ndarray:
+        """The exact sum of int32 vectors whose total does not fit in int32: the
+        low and high 16-bit halves are reduced on their own (each sum fits in
+        int32 for up to 2^15 ranks) and put together in int64."""
+        v64 = v.astype(np.int64)
+        lo, o1 = self.s.reduce((v64 & 0xFFFF).astype(np.int32), proto.OP_SUM)
+        hi, o2 = self.s.reduce((v64 >> 16).astype(np.int32), proto.OP_SUM)
+        if o1 or o2:  # cannot happen with <= 64 ranks; never hand back a wrong sum
+            raise AllreduceError("int32 halves overflowed in the switch")
+        self.widened += 1
+        return hi.astype(np.int64) * 65536 + lo.astype(np.int64)
