@@ -117,6 +117,8 @@ struct inc_member_key {
 struct inc_source {
 	__u32 addr;    /* host IPv4, network order; 0 = no such member */
 	__u32 ifindex; /* switch port it is behind */
+	__u16 port;    /* its UDP port, network order (another process on the host is a stranger) */
+	__u16 pad;
 };
 
 /* Also the value of job_ps (hash mode: where a job's PS is). */

@@ -496,7 +496,7 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 		__u32 sidx = job_id * INC_MAX_WORKERS + h->rank;
 		struct inc_source *src = sources.lookup(&sidx);
 		if (!src || src->addr == 0 || src->addr != pk.ip->saddr ||
-		    src->ifindex != ctx->ingress_ifindex)
+		    src->port != pk.udp->source || src->ifindex != ctx->ingress_ifindex)
 			return drop(job_id, INC_DROP_BAD_SOURCE);
 	}
 	/* Each program holds a few 800-lane loops at most, so each passes the

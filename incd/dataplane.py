@@ -144,12 +144,13 @@ class Dataplane:
         k = self.members.Key()
         k.job, k.ifindex = job, fields["ifindex"]
         self.members[k] = self._member_value(self.members.Leaf, **fields)
-        self.set_source(job, fields["rank"], fields["addr"], fields["ifindex"])
+        self.set_source(job, fields["rank"], fields["addr"], fields["port"], fields["ifindex"])
 
-    def set_source(self, job: int, rank: int, addr: bytes, ifindex: int) -> None:
-        """Data of (job, rank) is accepted only from addr (4 bytes) behind ifindex."""
+    def set_source(self, job: int, rank: int, addr: bytes, port: int, ifindex: int) -> None:
+        """Data of (job, rank) is accepted only from addr (4 bytes):port behind ifindex."""
         src = self.sources.Leaf()
         src.addr = int.from_bytes(addr, "little")  # keeps network order in memory
+        src.port = int.from_bytes(port.to_bytes(2, "big"), "little")
         src.ifindex = ifindex
         self.sources[ct.c_int(job * proto.MAX_WORKERS + rank)] = src
 

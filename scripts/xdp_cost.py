@@ -76,7 +76,7 @@ def main() -> int:
         # the real program: fresh psns, one run each, minus a no-op run's cost
         dp.set_job(job, offset=0, slots=4096, gen=1, world=2)
         for rank in (0, 1):  # BPF_PROG_TEST_RUN's packets come in on lo
-            dp.set_source(job, rank, socket.inet_aton("10.77.1.2"), 1)
+            dp.set_source(job, rank, socket.inet_aton("10.77.1.2"), 40000, 1)
         base = float(np.median([prog_test_run(noop, pkt).duration_ns for _ in range(singles)]))
         first, last = [], []
         for psn in range(singles):

@@ -28,13 +28,14 @@ def dp(root):
     d = Dataplane(pool_slots=64)
     for job in range(1, 128):  # the tests' workers all send from W_IP on lo
         for rank in range(8):
-            d.set_source(job, rank, socket.inet_aton(W_IP), 1)
+            d.set_source(job, rank, socket.inet_aton(W_IP), W_PORT, 1)
     yield d
     d.close()
 
 
 def inc(job, gen, rank, psn, vals, *, op=proto.OP_SUM, typ=proto.T_DATA, version=proto.VERSION,
-        numel=None, cut=0, dport=proto.PORT, flags=0, slot=0, src=W_IP, flip_bit=None) -> bytes:
+        numel=None, cut=0, dport=proto.PORT, flags=0, slot=0, src=W_IP, flip_bit=None,
+        sport=W_PORT) -> bytes:
     h = np.zeros(1, proto.HDR_DTYPE)
     vals = np.asarray(vals, dtype="<i4")
     h[0] = (version, typ, flags, op, job, gen, psn, slot, rank, len(vals) if numel is None else numel, 0, 0)
@@ -44,7 +45,7 @@ def inc(job, gen, rank, psn, vals, *, op=proto.OP_SUM, typ=proto.T_DATA, version
         b[flip_bit // 8] ^= 1 << flip_bit % 8
         payload = bytes(b)
     pkt = bytes(Ether(src=W_MAC, dst=SW_MAC) / IP(src=src, dst=SW_IP)
-                / UDP(sport=W_PORT, dport=dport) / Raw(payload))
+                / UDP(sport=sport, dport=dport) / Raw(payload))
     return pkt[: len(pkt) - cut] if cut else pkt
 
 
@@ -219,6 +220,7 @@ def bad_cases():
         ("psn bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * 8 + 1), j, "bad_csum"),
         ("rank bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * 16), j, "bad_csum"),
         ("another host as rank 0", inc(j, g, 0, 0, good, src="10.77.2.2"), j, "bad_source"),
+        ("another process on rank 0's host", inc(j, g, 0, 0, good, sport=W_PORT + 1), j, "bad_source"),
         ("unregistered rank", inc(j, g, 1, 0, good), j, "bad_source"),
     ]
 
