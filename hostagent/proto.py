@@ -142,19 +142,31 @@ def seal(buf: np.ndarray, idx, lanes: np.ndarray) -> None:
     hdr["csum"][idx] = (-(words + lanes[idx]).astype(np.int64)) & 0xFFFFFFFF
 
 
+def _word_sums(words: np.ndarray, nwords: np.ndarray) -> np.ndarray:
+    """Per row, its first nwords 32-bit words summed mod 2^32 (rows may hold
+    stale bytes past their packet)."""
+    live = np.arange(words.shape[1])[None, :] < nwords[:, None]
+    return np.where(live, words, 0).sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
+
+
 def csum_ok(rows: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """For received datagrams (uint8 rows, stale bytes past each length):
     which carry an INC header and numel lanes whose words sum to 0 mod 2^32.
     Rows too short for what their header claims are not ok."""
-    k = rows.shape[0]
     width = (rows.shape[1] // 4) * 4
-    words = rows[:, :width].view("<u4")
     numel = rows[:, _NUMEL_AT:_NUMEL_AT + 2].copy().view("<u2").ravel().astype(np.int64)
     nwords = HDR_LEN // 4 + numel
     ok = (lens >= HDR_LEN) & (lens >= 4 * nwords) & (4 * nwords <= width)
-    live = np.arange(words.shape[1])[None, :] < nwords[:, None]
-    s = np.where(live, words, 0).sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
-    return ok & (s == 0) if k else ok
+    return ok & (_word_sums(rows[:, :width].view("<u4"), nwords) == 0)
+
+
+def seal_rows(rows: np.ndarray, numel: np.ndarray) -> None:
+    """Sets the csum of packets laid out one per uint8 row (header, then numel
+    lanes, maybe stale bytes after), in place."""
+    words = rows.view("<u4")
+    words[:, _CSUM_AT // 4] = 0
+    s = _word_sums(words, HDR_LEN // 4 + numel)
+    words[:, _CSUM_AT // 4] = (-s.astype(np.int64)) & 0xFFFFFFFF
 
 
 def seal_bytes(pkt: bytes) -> bytes:

@@ -134,12 +134,9 @@ class Merger:
         self.done_rows[d, :proto.HDR_LEN] = hdr.view(np.uint8).reshape(psn.size, -1)
         self.done_rows[d, proto.HDR_LEN:] = lanes.astype("<i4").view(np.uint8)
         self.done_len[d] = proto.HDR_LEN + 4 * numel
-        # csum over header and the numel lanes sent (the row may hold more)
-        words = self.done_rows[d].view("<u4")
-        live = np.arange(words.shape[1])[None, :] < (proto.HDR_LEN // 4 + numel)[:, None]
-        s = np.where(live, words, 0).sum(axis=1, dtype=np.uint64)
-        words[:, proto.HDR_DTYPE.fields["csum"][1] // 4] = (-s.astype(np.int64)) & 0xFFFFFFFF
-        self.done_rows[d] = words.view(np.uint8)
+        sealed = self.done_rows[d]  # a copy (fancy index): sealed, then written back
+        proto.seal_rows(sealed, numel)
+        self.done_rows[d] = sealed
         self.done_tag[d] = psn
         self.stats.results += psn.size
         return d
