@@ -28,13 +28,27 @@
 #define INC_POOL_SLOTS INC_POOL_SLOTS_DEFAULT
 #endif
 
-BPF_ARRAY(jobs, struct inc_job, INC_MAX_JOBS);
-BPF_ARRAY(pool, struct inc_slot, INC_POOL_SLOTS);
-BPF_HASH(members, struct inc_member_key, struct inc_member, INC_MAX_JOBS * 4);
-BPF_ARRAY(job_ps, struct inc_member, INC_MAX_JOBS); /* hash mode: the job's PS (ifindex 0 = none) */
-BPF_ARRAY(sources, struct inc_source, INC_MAX_JOBS * INC_MAX_WORKERS);
-BPF_PERCPU_ARRAY(stats, struct inc_stats, INC_MAX_JOBS);
-BPF_XDP_REDIRECT_MAP("devmap", struct bpf_devmap_val, tx_ports, INC_MAX_PORTS);
+/* incd builds with -DINC_PIN_DIR="/sys/fs/bpf/<instance>": every map, the tail
+ * call table included, is then pinned there, or reused if already pinned. The
+ * pins keep the switch aggregating while incd is down (a prog array loses its
+ * entries when its last user reference goes), and let a restarted incd adopt
+ * the running jobs' state. */
+#ifdef INC_PIN_DIR
+#define INC_TABLE(type, key, leaf, name, n) \
+	BPF_TABLE_PINNED(type, key, leaf, name, n, INC_PIN_DIR "/" #name)
+#define INC_PINNED(type, name) type ":" INC_PIN_DIR "/" #name
+#else
+#define INC_TABLE(type, key, leaf, name, n) BPF_TABLE(type, key, leaf, name, n)
+#define INC_PINNED(type, name) type
+#endif
+
+INC_TABLE("array", int, struct inc_job, jobs, INC_MAX_JOBS);
+INC_TABLE("array", int, struct inc_slot, pool, INC_POOL_SLOTS);
+INC_TABLE("hash", struct inc_member_key, struct inc_member, members, INC_MAX_JOBS * 4);
+INC_TABLE("array", int, struct inc_member, job_ps, INC_MAX_JOBS); /* hash mode: the job's PS (ifindex 0 = none) */
+INC_TABLE("array", int, struct inc_source, sources, INC_MAX_JOBS * INC_MAX_WORKERS);
+INC_TABLE("percpu_array", int, struct inc_stats, stats, INC_MAX_JOBS);
+BPF_XDP_REDIRECT_MAP(INC_PINNED("devmap", tx_ports), struct bpf_devmap_val, tx_ports, INC_MAX_PORTS);
 
 /* Keeps clang from folding the pointer into pkt_end arithmetic, which the
  * verifier rejects. */
@@ -455,7 +469,7 @@ static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 
 /* One program per mode, entered by tail call: each is verified on its own,
  * which keeps the verifier's work (800-lane loops on every path) in bounds. */
-BPF_PROG_ARRAY(mode_progs, 4);
+INC_TABLE("prog", u32, u32, mode_progs, 4);
 
 int xdp_inc_ingress(struct xdp_md *ctx)
 {

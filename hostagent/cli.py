@@ -15,7 +15,7 @@ from . import inputs, proto
 from .collective import AllreduceError, Communicator
 from .ps import ParameterServer
 from .quantize import QuantizeError
-from .transport import Session, TransportError
+from .transport import MAX_FAIL_TIMEOUT, Session, TransportError
 
 
 class CliError(Exception):
@@ -41,6 +41,8 @@ def cmd_allreduce(a) -> int:
         raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
     if a.iters < 1:
         raise CliError("--iters must be at least 1")
+    if not 0 < a.fail_timeout <= MAX_FAIL_TIMEOUT:
+        raise CliError(f"--fail-timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
     if a.inp and a.verify:
         raise CliError("--verify recomputes every rank's seeded input, so it cannot check --in data; "
                        "compare the --out files instead")
@@ -60,7 +62,7 @@ def cmd_allreduce(a) -> int:
     # incd refuses ranks whose vectors differ, instead of letting them hang
     with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
                  register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                 shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand) as s:
+                 shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand, fail_timeout=a.fail_timeout) as s:
         comm = Communicator(s)
         times = []
         y = None
@@ -77,6 +79,8 @@ def cmd_allreduce(a) -> int:
                 verified, max_err = verified and ok, max(max_err, err)
             say(f"  iter {it + 1}/{a.iters}: {times[-1] * 1e3:.2f} ms")
         s.done()
+        ctrl_lost = s.ctrl_lost
+        rejoins = s.ctl.rejoins
         params = s.params
         retx = s.stats.retransmits
         resizes = s.resizes
@@ -93,7 +97,12 @@ def cmd_allreduce(a) -> int:
         "verified": verified,
         "max_abs_err": max_err,
         "widened_to_int64": comm.widened,  # int32 sums that overflowed and were redone exactly
+        "ctrl_lost": ctrl_lost,  # incd went away during the run (the results still all came)
+        "rejoins": rejoins,  # times it reconnected to a restarted incd
     }
+    if ctrl_lost:
+        print("inc-agent: warning: lost the control connection to incd during the run; "
+              "the results kept coming through the switch", file=sys.stderr)
     if a.json:
         print(json.dumps(res))
     else:
@@ -109,10 +118,12 @@ def cmd_ps(a) -> int:
         raise CliError(f"--world must be in 1..{proto.MAX_WORKERS}")
     if not 1 <= a.job < proto.MAX_JOBS:
         raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
+    if not 0 < a.fail_timeout <= MAX_FAIL_TIMEOUT:
+        raise CliError(f"--fail-timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"ps: registering job {a.job} ({a.mode}, {a.world} workers) with incd ...")
     ps = ParameterServer(a.job, a.world, mode=a.mode, switch=a.switch,
-                         register_timeout=a.register_timeout)
+                         register_timeout=a.register_timeout, fail_timeout=a.fail_timeout)
     stop = lambda *_: ps.stop.set()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -127,6 +138,9 @@ def cmd_ps(a) -> int:
           f"ps job {a.job}: {stats.results} results from {stats.aggregates} switch aggregates "
           f"({stats.partials} partial) and {stats.singles} single packets ({stats.collisions} "
           f"collisions); {stats.results_resent} results resent; ended: {out['end']}")
+    if ps.failure:
+        print(f"inc-agent: {ps.failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -164,16 +178,24 @@ def parser() -> argparse.ArgumentParser:
                    help="fail if no result arrives for this many seconds (default %(default)s)")
     a.add_argument("--register-timeout", type=float, default=30.0,
                    help="how long to wait for the other ranks to register (default %(default)s)")
+    a.add_argument("--fail-timeout", type=float, default=2.0, metavar="S",
+                   help="fail within about S seconds when another member of the job dies or hangs "
+                   "(incd reports it), or when incd is gone and no result comes; also how long this "
+                   "rank may be silent before incd takes it for hung (default %(default)s)")
     a.set_defaults(fn=cmd_allreduce)
     q = sub.add_parser("ps", help="parameter server of one hash- or ps-mode job",
                        description="Serve one job as its parameter server: finish the sums the "
                        "switch could not (hash mode) or all of them (ps mode). Exits when the "
-                       "job's workers have all left.")
+                       "job's workers have all left (status 0) or the job failed (status 1: a "
+                       "worker died or hung, or incd stopped).")
     q.add_argument("--job", type=int, required=True)
     q.add_argument("--world", type=int, required=True, help="number of worker ranks")
     q.add_argument("--mode", choices=["hash", "ps"], default="hash")
     q.add_argument("--switch", help="incd address (default: this host's default gateway)")
     q.add_argument("--register-timeout", type=float, default=30.0)
+    q.add_argument("--fail-timeout", type=float, default=2.0, metavar="S",
+                   help="as for allreduce: how long this PS may be silent before incd takes it for "
+                   "hung, and how long it serves without packets once incd is gone (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print the final statistics as JSON")
     q.set_defaults(fn=cmd_ps)
     return p

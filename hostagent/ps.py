@@ -5,6 +5,12 @@ ps_merge.py; this is its I/O: recvmmsg in, sendmmsg out, and the EVICT timer.
 In hash mode results go back to the switch, which frees the slot as they pass
 (the ACK) and broadcasts them to the workers; in ps mode they go straight to
 every worker.
+
+The PS serves until incd says the job is over: "job_ended" when its workers
+have all finished, "job_failed" when one of them died or hung, or incd stopped
+(then `failure` says why). If the control connection to incd is lost, it tries
+to rejoin a restarted incd for REJOIN_S, serving all the while, and stops
+fail_timeout after that window and the last packet.
 """
 from __future__ import annotations
 
@@ -14,22 +20,28 @@ import time
 
 from . import batchio, proto
 from .ps_merge import EVICT_AFTER_S, Merger, PSStats
-from .transport import TransportError, connect_incd, control_call, data_socket, params_from
+from .transport import (MAX_FAIL_TIMEOUT, REJOIN_S, Control, TransportError, connect_incd, data_socket,
+                        params_from)
 
 __all__ = ["ParameterServer", "PSStats"]
 
 
 class ParameterServer:
     def __init__(self, job: int, world: int, *, mode: str = "hash", switch: str | None = None,
-                 ctrl_port: int = proto.CTRL_PORT, register_timeout: float = 30.0):
+                 ctrl_port: int = proto.CTRL_PORT, register_timeout: float = 30.0,
+                 fail_timeout: float = 2.0):
         if mode not in ("hash", "ps"):
             raise TransportError("a parameter server serves hash or ps mode")
+        if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
+            raise TransportError(f"fail_timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
+        self.fail_timeout = fail_timeout
         self.sock = data_socket()
-        self.ctrl = None
+        self.ctl = None
         try:
-            self.ctrl = connect_incd(switch, ctrl_port)
-            self.ctrl.settimeout(register_timeout + 10)
-            reply = control_call(self.ctrl, {
+            ctrl = connect_incd(switch, ctrl_port)
+            self.ctl = Control(ctrl)
+            ctrl.settimeout(register_timeout + 10)
+            reply = self.ctl.call({
                 "op": "register", "role": "ps", "job": job, "world": world, "mode": mode,
                 "port": self.sock.getsockname()[1], "timeout": register_timeout})
         except BaseException:
@@ -42,38 +54,54 @@ class ParameterServer:
         self.out = batchio.Outbox(self.merge.done_rows, dests)
         self.stop = threading.Event()
         self.end_reason: str | None = None
+        self.failure: str | None = None  # set when the job did not end normally
+
+    def _on_event(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "job_failed":
+            self.failure = self.end_reason = (f"job {ev.get('job', self.p.job)} failed: "
+                                              f"{ev.get('error') or 'no reason given'}")
+            self.stop.set()
+        elif kind == "job_ended":
+            self.end_reason = ev.get("reason") or "all workers left"
+            self.stop.set()
 
     @property
     def stats(self) -> PSStats:
         return self.merge.stats
 
     def close(self) -> None:
-        for s in (self.ctrl, self.sock):
-            if s is not None:
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def _watch_job(self) -> None:
-        """incd answers wait_end when the job's workers have all left."""
+        if self.ctl is not None:
+            self.ctl.close()
         try:
-            self.ctrl.settimeout(None)
-            self.end_reason = control_call(self.ctrl, {"op": "wait_end"}).get("reason")
-        except (TransportError, OSError, ValueError) as e:
-            self.end_reason = f"lost incd: {e}"
-        self.stop.set()
+            self.sock.close()
+        except OSError:
+            pass
 
     def serve(self) -> PSStats:
-        threading.Thread(target=self._watch_job, daemon=True).start()
+        # The workers need the PS until the job ends: after losing incd it waits
+        # for a restarted one the whole rejoin window, packets or not.
+        self.ctl.rejoin_on_loss(lambda: {"op": "rejoin", "job": self.p.job, "rank": -1, "gen": self.p.gen},
+                                REJOIN_S)
+        self.ctl.start(self._on_event, self.fail_timeout)
         fd = self.sock.fileno()
         rx = batchio.Receiver(fd, 256, proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64, addrs=True)
         m = self.merge
-        next_check = 0.0
+        next_check = last_rx = 0.0
         while not self.stop.is_set():
             k = rx.recv(EVICT_AFTER_S / 2)
             now = time.monotonic()
+            lost = self.ctl.lost_at
+            if self.ctl.refused is not None:
+                self.failure = self.end_reason = f"job {self.p.job}: the restarted incd refused the PS ({self.ctl.refused})"
+                break
+            if lost is not None and not k and now - max(lost + REJOIN_S, last_rx) > self.fail_timeout:
+                self.failure = self.end_reason = (
+                    f"job {self.p.job}: lost the control connection to incd {now - lost:.1f}s ago "
+                    f"(incd stopped or crashed) and no packet came for {self.fail_timeout:.1f}s")
+                break
             if k:
+                last_rx = now
                 send = m.feed(rx.buf[:k], rx.m.msgs["len"][:k], rx.src_ip[:k], now)
                 if send.size:
                     self.out.send(fd, send, m.done_len[send])

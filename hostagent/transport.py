@@ -80,21 +80,152 @@ def data_socket() -> socket.socket:
     raise TransportError("no UDP port outside the INC range")
 
 
-def control_call(ctrl: socket.socket, req: dict) -> dict:
-    ctrl.sendall((json.dumps(req) + "\n").encode())
-    buf = b""
-    try:
-        while not buf.endswith(b"\n"):
-            chunk = ctrl.recv(65536)
+# A member sends a heartbeat this often (as a fraction of its --fail-timeout);
+# incd declares it hung when none came for the whole fail timeout.
+HEARTBEATS_PER_TIMEOUT = 4
+MAX_FAIL_TIMEOUT = 3600.0  # incd ignores heartbeats that claim more
+# How long a member whose control connection broke keeps trying to rejoin a
+# restarted incd (which waits 10 s by default for it; starting takes seconds).
+REJOIN_S = 30.0
+
+
+class Refused(TransportError):
+    """incd answered a request with an error."""
+
+
+class Control:
+    """incd's control connection: JSON lines both ways. Replies answer requests in
+    order; events (objects with an "event" key) may come at any time, also in the
+    same read as a reply, so bytes after a line are kept for the next one.
+
+    After registration, start() runs a reader (events to a callback, replies to a
+    queue; the connection's loss is noted in lost_at) and a heartbeat that tells
+    incd this member is alive and how long a silence means it is not."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+        self.early_events: list[dict] = []  # events read while waiting for a reply
+        self.replies: queue.Queue = queue.Queue()
+        self.lost_at: float | None = None   # monotonic time the connection was lost
+        self.refused: str | None = None     # a restarted incd would not take us back: why
+        self.rejoins = 0
+        self._rejoin: dict | None = None
+        self._send_lock = threading.Lock()
+        self._closing = threading.Event()
+
+    def rejoin_on_loss(self, req, within_s: float) -> None:
+        """If the connection is lost, reconnect and send req() (a "rejoin") for up
+        to within_s: a restarted incd takes back the jobs its predecessor ran."""
+        self._rejoin = {"addr": self.sock.getpeername()[:2], "req": req, "within_s": within_s}
+
+    def _line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
             if not chunk:
                 raise TransportError("incd closed the control connection")
-            buf += chunk
-    except socket.timeout as e:
-        raise TransportError(f"incd did not answer {req['op']!r} in time") from e
-    reply = json.loads(buf)
-    if not reply.get("ok"):
-        raise TransportError(f"incd refused {req['op']}: {reply.get('error')}")
-    return reply
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def call(self, req: dict) -> dict:
+        """A request and its reply, before start() (the registration)."""
+        try:
+            self.sock.sendall((json.dumps(req) + "\n").encode())
+            while True:
+                msg = json.loads(self._line())
+                if "event" not in msg:
+                    break
+                self.early_events.append(msg)
+        except socket.timeout as e:
+            raise TransportError(f"incd did not answer {req['op']!r} in time") from e
+        except (OSError, ValueError) as e:
+            raise TransportError(f"control connection to incd failed during {req['op']!r}: {e}") from e
+        if not msg.get("ok"):
+            raise Refused(f"incd refused {req['op']}: {msg.get('error')}")
+        return msg
+
+    def send(self, obj: dict) -> None:
+        with self._send_lock:
+            try:
+                self.sock.sendall((json.dumps(obj) + "\n").encode())
+            except OSError:
+                pass
+
+    def start(self, on_event, fail_timeout: float) -> None:
+        self.sock.settimeout(None)
+        self._fail_timeout = fail_timeout
+        threading.Thread(target=self._read, args=(on_event,), daemon=True).start()
+        threading.Thread(target=self._heartbeat, args=(fail_timeout,), daemon=True).start()
+
+    def _read(self, on_event) -> None:
+        while True:
+            try:
+                for ev in self.early_events:
+                    on_event(ev)
+                self.early_events = []
+                while True:
+                    msg = json.loads(self._line())
+                    if "event" in msg:
+                        on_event(msg)
+                    else:
+                        self.replies.put(msg)
+            except Exception:  # closed, reset, or garbage: the connection is of no more use
+                pass
+            if self._closing.is_set():
+                break
+            self.lost_at = time.monotonic()
+            if not self._reconnect():
+                break
+            self.lost_at = None
+            threading.Thread(target=self._heartbeat, args=(self._fail_timeout,), daemon=True).start()
+        self.replies.put(None)
+
+    def _reconnect(self) -> bool:
+        """Tries to rejoin a restarted incd until the deadline; True when back in."""
+        rj = self._rejoin
+        if rj is None:
+            return False
+        deadline = self.lost_at + rj["within_s"]
+        while not self._closing.is_set() and time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(rj["addr"], timeout=2)
+            except OSError:
+                self._closing.wait(0.2)  # incd not (yet) listening
+                continue
+            old, self.sock, self.buf = self.sock, sock, b""
+            try:
+                old.close()
+            except OSError:
+                pass
+            try:
+                self.call(rj["req"]())
+            except Refused as e:
+                self.refused = str(e)
+                return False
+            except TransportError:
+                self._closing.wait(0.2)
+                continue
+            self.sock.settimeout(None)
+            self.rejoins += 1
+            return True
+        return False
+
+    def _heartbeat(self, fail_timeout: float) -> None:
+        beat = {"op": "alive", "fail_timeout": fail_timeout}
+        period = fail_timeout / HEARTBEATS_PER_TIMEOUT
+        sock = self.sock  # one heartbeat per connection: this one ends with it
+        while self.lost_at is None and self.sock is sock:
+            self.send(beat)
+            if self._closing.wait(period):
+                return
+
+    def close(self) -> None:
+        self._closing.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 def connect_incd(switch: str | None, ctrl_port: int) -> socket.socket:
@@ -122,22 +253,36 @@ class ReduceStats:
 
 
 class Session:
-    """One rank's membership in one job: control connection plus data socket."""
+    """One rank's membership in one job: control connection plus data socket.
+
+    Failures reach the reduce loop within about fail_timeout: incd tells the job's
+    members when one of them is gone (killed: its control connection closed;
+    hung: its heartbeats stopped) or when incd stops, and the loop raises with
+    that reason. If the control connection itself is lost, the rank carries on
+    while results keep coming (the switch works without incd) and fails after
+    fail_timeout without one, since nobody can tell it about failures any more."""
 
     def __init__(self, job: int, rank: int, world: int, *, window: int = 64,
                  switch: str | None = None, ctrl_port: int = proto.CTRL_PORT,
                  register_timeout: float = 30.0, progress_timeout: float = 10.0,
-                 shape: str | None = None, mode: str = "modulo", demand: dict | None = None):
+                 shape: str | None = None, mode: str = "modulo", demand: dict | None = None,
+                 fail_timeout: float = 2.0):
         if mode not in MODES:
             raise TransportError(f"mode must be one of {MODES}")
+        if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
+            raise TransportError(f"fail_timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
         self.rank = rank
         self.progress_timeout = progress_timeout
-        self.ctrl = None
+        self.fail_timeout = fail_timeout
+        self.failure: str | None = None  # why the job failed, as incd said
+        self.ctl = None
+        self._done = False
         self.udp = data_socket()
         try:
-            self.ctrl = connect_incd(switch, ctrl_port)
-            self.ctrl.settimeout(register_timeout + 10)
-            reply = self._call({
+            sock = connect_incd(switch, ctrl_port)
+            self.ctl = Control(sock)
+            sock.settimeout(register_timeout + 10)
+            reply = self.ctl.call({
                 "op": "register", "job": job, "rank": rank, "world": world, "window": window,
                 "port": self.udp.getsockname()[1], "mode": mode, "timeout": register_timeout,
                 "shape": shape, **(demand or {}),
@@ -159,10 +304,9 @@ class Session:
         self.remap: dict | None = None
         self.resizes = 0
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._replies: queue.Queue = queue.Queue()
-        self.ctrl.settimeout(None)
-        threading.Thread(target=self._read_control, daemon=True).start()
+        self.ctl.rejoin_on_loss(lambda: {"op": "rejoin", "job": job, "rank": rank, "gen": self.params.gen},
+                                REJOIN_S)
+        self.ctl.start(self._on_event, fail_timeout)
         self.srtt = None
         self.rttvar = 0.0
         self.rto = 0.02
@@ -170,33 +314,23 @@ class Session:
         self._rx = batchio.Receiver(self.udp.fileno(), 256, proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
         self.stats = ReduceStats()
 
-    def _call(self, req: dict) -> dict:
-        return control_call(self.ctrl, req)
+    @property
+    def ctrl_lost(self) -> bool:
+        return self.ctl is not None and self.ctl.lost_at is not None
 
     # --- control connection after registration --------------------------------
     def _ctl_send(self, obj: dict) -> None:
-        with self._send_lock:
-            try:
-                self.ctrl.sendall((json.dumps(obj) + "\n").encode())
-            except OSError:
-                pass
-
-    def _read_control(self) -> None:
-        try:
-            for line in self.ctrl.makefile("rb"):
-                msg = json.loads(line)
-                if "event" in msg:
-                    self._on_event(msg)
-                else:
-                    self._replies.put(msg)
-        except (OSError, ValueError):
-            pass
-        self._replies.put(None)
+        self.ctl.send(obj)
 
     def _on_event(self, ev: dict) -> None:
-        """Live resize, driven by incd (see incd/registry.py): report where we are
-        and stop there; drain to the fence S; switch generation and window on go."""
+        """Job failures, and the live resize driven by incd (see incd/registry.py):
+        report where we are and stop there; drain to the fence S; switch
+        generation and window on go."""
         kind = ev.get("event")
+        if kind == "job_failed":
+            if self.failure is None:
+                self.failure = f"job {ev.get('job', self.params.job)} failed: {ev.get('error') or 'no reason given'}"
+            return
         with self._lock:
             if kind == "remap_propose":
                 self.fence = self.sent_upto
@@ -220,19 +354,36 @@ class Session:
             rm["passed"] = True
             self._ctl_send({"op": "remap_passed", "remap": rm["id"]})
 
+    def _check_failed(self, now: float, last_progress: float, what: str) -> None:
+        """Raises if incd said the job failed, or if incd is gone and results stopped."""
+        if self.failure is not None:
+            raise TransportError(self.failure)
+        if self.ctl.refused is not None:
+            raise TransportError(f"job {self.params.job}: lost the control connection to incd, and the "
+                                 f"restarted incd would not take this rank back ({self.ctl.refused})")
+        lost = self.ctl.lost_at
+        if lost is not None and now - max(lost, last_progress) > self.fail_timeout:
+            raise TransportError(
+                f"job {self.params.job}: lost the control connection to incd {now - lost:.1f}s ago "
+                f"(incd stopped or crashed) and no result came for {now - last_progress:.1f}s ({what})")
+
     def close(self) -> None:
-        for s in (getattr(self, "ctrl", None), self.udp):
-            if s is not None:
-                try:
-                    s.close()
-                except OSError:
-                    pass
+        if self.ctl is not None:
+            self.ctl.close()
+        try:
+            self.udp.close()
+        except OSError:
+            pass
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None and not self._done:
+                self.done()  # finished normally: the other members must not take it for a crash
+        finally:
+            self.close()
 
     # --- data path ----------------------------------------------------------
     def _sample_rtt(self, rtt: float) -> None:
@@ -297,6 +448,8 @@ class Session:
 
         while ngot < npk:
             now = time.monotonic()
+            if self.failure is not None or self.ctl.lost_at is not None:
+                self._check_failed(now, last_progress, f"psn {psn0 + base}, {ngot}/{npk} packets done")
             # Under the lock: a resize proposal reports sent_upto as this rank's
             # fence, so nothing may be sent past it between reading and updating it.
             with self._lock:
@@ -387,9 +540,13 @@ class Session:
         return out.reshape(-1)[:n], overflow
 
     def done(self) -> None:
-        """Tell incd this rank is finished (it frees the job once all are)."""
+        """Tell incd this rank is finished (it frees the job once all are). A
+        rank that leaves without this is taken for crashed: its job fails."""
+        self._done = True
+        if self.ctrl_lost:
+            return
         self._ctl_send({"op": "done"})
         try:
-            self._replies.get(timeout=5)
+            self.ctl.replies.get(timeout=5)
         except queue.Empty:
             pass

@@ -88,6 +88,10 @@ def build_config(args) -> daemon.Config:
         raise CliError("--partitions, --rtt-us and --link-gbps must be positive")
     if args.register_timeout is not None:
         cfg.register_timeout = args.register_timeout
+    if args.rejoin_grace is not None:
+        cfg.rejoin_grace = args.rejoin_grace
+    if not 0 < cfg.rejoin_grace <= 3600:
+        raise CliError("--rejoin-grace must be in (0, 3600] seconds")
     if not 1 <= cfg.pool_slots <= 1 << 20:
         raise CliError(f"--pool-slots must be in 1..{1 << 20}")
     if cfg.hash_slots is not None and not 1 <= cfg.hash_slots <= cfg.pool_slots:
@@ -101,7 +105,10 @@ def cmd_start(args) -> int:
     if st and daemon.pid_alive(st.get("pid", -1)):
         raise CliError(f"incd ({cfg.instance}) is already running, pid {st['pid']}; `incd stop` first")
     if st:
-        daemon.cleanup_leftovers(cfg.instance)  # a previous incd died without cleaning up
+        if daemon.recoverable(cfg.instance):
+            print(f"incd ({cfg.instance}) pid {st.get('pid')} died with jobs running: taking them over")
+        else:
+            daemon.cleanup_leftovers(cfg.instance)  # a previous incd died without cleaning up
     if args.foreground:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s incd: %(message)s")
         try:
@@ -278,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ports", help="comma-separated switch ports, e.g. eth1,eth2 (real NICs)")
     s.add_argument("--netns", help="network namespace the ports live in (default: current)")
     s.add_argument("--config", help="JSON file: netns, ports, listen, listen_port, pool_slots, hash_slots, "
-                   "allow, register_timeout")
+                   "allow, register_timeout, rejoin_grace")
     s.add_argument("--listen", help=f"control API address[:port] (default 0.0.0.0:{proto.CTRL_PORT})")
     s.add_argument("--pool-slots", type=int, help="aggregator slots in the switch "
                    f"(default {proto.C['INC_POOL_SLOTS_DEFAULT']})")
@@ -290,6 +297,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rtt-us", type=float, help="RTT used to size memory from throughput (default 200)")
     s.add_argument("--link-gbps", type=float, help="host link rate used in sizing (default 10)")
     s.add_argument("--register-timeout", type=float, help="seconds a rank waits for the others (default 30)")
+    s.add_argument("--rejoin-grace", type=float, help="after a crash and restart: seconds the running jobs "
+                   "taken over wait for their members to reconnect before they are failed (default 10)")
     s.add_argument("--wait", type=float, default=60.0, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_start)
     t = sub.add_parser("stop", help="detach XDP, unpin maps, stop the daemon")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from hostagent import proto
 
-from . import netinfo
-from .dataplane import Dataplane, Port
+from . import jobstate, netinfo
+from .dataplane import Dataplane, Port, unpin_dir
 from .memory import Link, MemoryManager
 from .registry import Registry
 from .server import AdminServer, ControlServer
@@ -40,6 +40,7 @@ class Config:
     link_gbps: float = 10.0
     allow: list[str] = field(default_factory=list)  # CIDRs; empty = the ports' networks
     register_timeout: float = 30.0
+    rejoin_grace: float = 10.0  # after a restart: how long recovered jobs wait for their members
 
 
 def state_path(instance: str) -> Path:
@@ -57,6 +58,11 @@ def log_path(instance: str) -> Path:
 def config_copy_path(instance: str) -> Path:
     """The config a background start hands to the daemon process."""
     return RUN_DIR / f"{instance}.config.json"
+
+
+def jobs_path(instance: str) -> Path:
+    """The running jobs, saved on every change, read back by a restarted incd."""
+    return RUN_DIR / f"{instance}.jobs.json"
 
 
 def pin_dir(instance: str) -> Path:
@@ -100,15 +106,34 @@ def run(cfg: Config) -> int:
     ports = [netinfo.port_info(n) for n in cfg.ports]
     allow = [ipaddress.ip_network(a, strict=False) for a in cfg.allow] or netinfo.connected_networks(ports)
 
+    fp = jobstate.fingerprint(cfg.pool_slots, cfg.hash_slots, [p.name for p in ports])
+    saved, why = jobstate.load(jobs_path(cfg.instance), fp) if old else (None, "")
+    if saved is None:
+        if old:
+            log.info("not recovering the jobs of the previous incd: %s", why)
+        unpin_dir(pin_dir(cfg.instance))  # fresh maps, not a dead incd's
     stop = threading.Event()
-    dp = Dataplane(cfg.pool_slots)
+    dp = Dataplane(cfg.pool_slots, pin_dir(cfg.instance))
     servers = []
     try:
-        dp.attach([Port(p.name, p.ifindex) for p in ports])
-        dp.pin(pin_dir(cfg.instance))
+        if saved is not None and not dp.adopted:
+            log.info("not recovering the jobs of the previous incd: its pinned maps are gone")
+            saved = None
         mm = MemoryManager(cfg.pool_slots, cfg.policy, Link(cfg.rtt_us * 1e-6, cfg.link_gbps * 1e9),
                            cfg.partitions)
         registry = Registry(dp, cfg.pool_slots, {p.ifindex: p.name for p in ports}, cfg.hash_slots, mm)
+        recovered = jobstate.restore(registry, saved, cfg.rejoin_grace) if saved else []
+        for j in dp.programmed_jobs():
+            if j not in recovered:
+                dp.forget_job(j)
+        # The new program replaces the old one on each port; the maps, and so the
+        # recovered jobs' slots, stay as they are.
+        dp.attach([Port(p.name, p.ifindex) for p in ports])
+        registry.on_change = lambda: jobstate.save(jobs_path(cfg.instance), jobstate.dump(registry, fp))
+        with registry.cond:
+            registry.on_change()
+        if recovered:
+            log.info("recovered jobs %s; their members have %.0fs to rejoin", recovered, cfg.rejoin_grace)
         ctrl = ControlServer((cfg.listen, cfg.listen_port), registry, netinfo,
                              {p.ifindex for p in ports}, allow, cfg.register_timeout)
         servers.append(ctrl)
@@ -140,6 +165,8 @@ def run(cfg: Config) -> int:
                  cfg.instance, ",".join(p.name for p in ports), cfg.pool_slots, cfg.listen, cfg.listen_port)
         while not stop.wait(1.0):
             registry.expire_remaps()
+            registry.expire_rejoins()
+            registry.watchdog()  # hung members, stale hash slots
         log.info("stopping")
         registry.shutdown()
         return 0
@@ -148,12 +175,18 @@ def run(cfg: Config) -> int:
             s.shutdown()
             s.server_close()
         dp.close()
-        for p in (state_path(cfg.instance), admin_path(cfg.instance), config_copy_path(cfg.instance)):
+        for p in (state_path(cfg.instance), admin_path(cfg.instance), config_copy_path(cfg.instance),
+                  jobs_path(cfg.instance)):
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
         log.info("stopped: XDP detached, maps unpinned")
+
+
+def recoverable(instance: str) -> bool:
+    """A dead incd left running jobs that a new one can take over."""
+    return jobs_path(instance).exists() and pin_dir(instance).exists()
 
 
 def cleanup_leftovers(instance: str) -> list[str]:
@@ -173,7 +206,7 @@ def cleanup_leftovers(instance: str) -> list[str]:
     if pin_dir(instance).exists():
         unpin_dir(pin_dir(instance))
         done.append(f"unpinned {pin_dir(instance)}")
-    for p in (state_path(instance), admin_path(instance), config_copy_path(instance)):
+    for p in (state_path(instance), admin_path(instance), config_copy_path(instance), jobs_path(instance)):
         if p.exists():
             p.unlink()
     return done

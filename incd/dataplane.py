@@ -14,7 +14,7 @@ from hostagent import proto
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SWITCH_SRC = BPF_DIR / "inc_switch.bpf.c"
-MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports")
+MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports", "mode_progs")
 XDP_FLAGS_DRV_MODE = 1 << 2
 
 
@@ -40,16 +40,23 @@ def _bcc():
 
 
 class Dataplane:
-    def __init__(self, pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"]):
+    def __init__(self, pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"], pin_dir: Path | None = None):
+        """pin_dir: maps live there (bpffs); maps already pinned there are reused
+        as they are (`adopted`), which is how a restarted incd takes over."""
         bcc = _bcc()
         if not 1 <= pool_slots <= 1 << 20:
             raise DataplaneError(f"pool size {pool_slots} out of range 1..{1 << 20}")
         self.pool_slots = pool_slots
+        cflags = [f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", "-w"]
+        self.adopted = False
+        if pin_dir is not None:
+            ensure_bpffs()
+            pin_dir.mkdir(parents=True, exist_ok=True)
+            self.adopted = all((pin_dir / n).exists() for n in MAP_NAMES)
+            cflags.append(f'-DINC_PIN_DIR="{pin_dir}"')
+        self.pin_dir = pin_dir
         try:
-            self.bpf = bcc.BPF(
-                src_file=str(SWITCH_SRC).encode(),
-                cflags=[f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", "-w"],
-            )
+            self.bpf = bcc.BPF(src_file=str(SWITCH_SRC).encode(), cflags=cflags)
             self.ingress = self.bpf.load_func(b"xdp_inc_ingress", bcc.BPF.XDP)
             self.mode_fns = {
                 proto.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),
@@ -72,7 +79,6 @@ class Dataplane:
         self.stats = self.bpf[b"stats"]
         self.tx_ports = self.bpf[b"tx_ports"]
         self.ports: list[Port] = []
-        self.pin_dir: Path | None = None
 
     # --- ports -----------------------------------------------------------
     def attach(self, ports: list[Port]) -> None:
@@ -98,19 +104,6 @@ class Dataplane:
         self.ports = []
 
     # --- pinning ----------------------------------------------------------
-    def pin(self, pin_dir: Path) -> None:
-        from bcc import libbcc
-
-        ensure_bpffs()
-        pin_dir.mkdir(parents=True, exist_ok=True)
-        self.pin_dir = pin_dir
-        for name in MAP_NAMES:
-            path = pin_dir / name
-            if path.exists():
-                path.unlink()
-            if libbcc.lib.bpf_obj_pin(self.bpf[name.encode()].map_fd, str(path).encode()) != 0:
-                raise DataplaneError(f"cannot pin map {name} at {path}: errno {ct.get_errno()}")
-
     def unpin(self) -> None:
         if self.pin_dir is not None:
             unpin_dir(self.pin_dir)
@@ -173,6 +166,19 @@ class Dataplane:
         except KeyError:
             return
         self.clear_source(job, rank)
+
+    def programmed_jobs(self) -> list[int]:
+        """Job ids the switch accepts packets for (an adopted map may hold some)."""
+        return [j for j in range(1, proto.MAX_JOBS) if self.jobs[ct.c_int(j)].mode]
+
+    def forget_job(self, job: int) -> None:
+        """Removes every trace of a job incd no longer knows (after a restart)."""
+        self.clear_job(job)
+        for k in [k for k in self.members.keys() if k.job == job]:
+            del self.members[k]
+        self.clear_ps(job)
+        for rank in range(proto.MAX_WORKERS):
+            self.clear_source(job, rank)
 
     # --- counters -----------------------------------------------------------
     def read_stats(self, job: int) -> dict:

@@ -3,8 +3,11 @@ so that what they exercise is what a user runs."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 
 class IncdProcess:
@@ -31,6 +34,16 @@ class IncdProcess:
         out = self._cli("stop", check=False).stdout
         self.purge()
         return out
+
+    def kill(self) -> int:
+        """SIGKILL, as a crash would do it: incd cleans up nothing. Returns the pid."""
+        from . import daemon
+
+        pid = daemon.read_state(self.instance)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        while daemon.pid_alive(pid):
+            time.sleep(0.02)
+        return pid
 
     def purge(self) -> None:
         """Remove the instance's log and config copy: scripts and tests leave nothing behind."""

@@ -4,8 +4,11 @@ Every rank of a job registers on its own TCP connection, and so does the job's
 parameter server (PS) in hash and ps mode. When everyone is in, the job gets
 switch memory and a new generation, the switch is programmed, and every
 waiting member gets the same answer. A job ends when all of its workers have
-closed their connections (or said "done"); its memory is freed, the slots it
+said "done" (or closed their connections); its memory is freed, the slots it
 still held are cleared, and its final counters are kept for `incd status`.
+A member whose connection closes before it said "done", or whose heartbeats
+stop, fails the job: the others get a "job_failed" event naming it, and the job
+ends the same way (see leave() and heartbeat()).
 
 Modes: "modulo" (NetReduce, switch only: 2W private slots), "hash" (ATP: a
 region shared by all hash jobs, PS fallback), "ps" (the switch only forwards;
@@ -14,6 +17,7 @@ the plain parameter-server baseline).
 from __future__ import annotations
 
 import collections
+import ctypes
 import socket
 import threading
 import time
@@ -43,6 +47,12 @@ class Member:
     ifname: str
     alive: bool = True
     send: object = None  # pushes an event to the member's control connection
+    last_seen: float | None = None     # monotonic time of its last heartbeat (None: sends none)
+    fail_timeout: float | None = None  # silent this long = hung (from its heartbeats)
+
+    @property
+    def who(self) -> str:
+        return f"the parameter server ({self.addr})" if self.rank == -1 else f"rank {self.rank} ({self.addr})"
 
     def public(self) -> dict:
         return {"rank": self.rank, "addr": self.addr, "port": self.port, "switch_port": self.ifname,
@@ -72,6 +82,9 @@ class Job:
     started: float = field(default_factory=time.time)
     remap: dict | None = None  # a live resize in progress (modulo)
     remaps_done: int = 0
+    rejoin_by: float | None = None  # recovered by a restarted incd: members must rejoin by then
+    rejoin_wait: set = field(default_factory=set)  # ranks (-1: PS) not back yet
+    last_beat: float | None = None  # monotonic time of the last heartbeat from any member
 
     @property
     def needs_ps(self) -> bool:
@@ -120,21 +133,27 @@ class Request:
 
 
 def validate_register(req: dict) -> Request:
+    """The request's fields, checked; a RegistrationError names the first bad one
+    (values are echoed cut short: a request may be 64 KiB of anything)."""
+    def short(v):
+        s = repr(v)
+        return s if len(s) <= 40 else s[:40] + "..."
+
     def num(key, lo, hi):
         v = req.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            raise RegistrationError(f"'{key}' must be an integer in [{lo}, {hi}], got {v!r}")
+            raise RegistrationError(f"'{key}' must be an integer in [{lo}, {hi}], got {short(v)}")
         return v
 
     role = req.get("role", "worker")
     if role not in ("worker", "ps"):
-        raise RegistrationError(f"'role' must be 'worker' or 'ps', got {role!r}")
+        raise RegistrationError(f"'role' must be 'worker' or 'ps', got {short(role)}")
     job = num("job", 1, proto.MAX_JOBS - 1)
     world = num("world", 1, proto.MAX_WORKERS)
     port = num("port", 1, 65535)
     mode = req.get("mode", "modulo")
     if mode not in MODES:
-        raise RegistrationError(f"unsupported mode {mode!r} (one of {', '.join(MODES)})")
+        raise RegistrationError(f"unsupported mode {short(mode)} (one of {', '.join(MODES)})")
     if role == "ps":
         if mode == "modulo":
             raise RegistrationError("modulo jobs have no parameter server")
@@ -150,7 +169,7 @@ def validate_register(req: dict) -> Request:
         if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise RegistrationError(f"'{key}' must be a number in [{lo}, {hi}], got {v!r}")
+            raise RegistrationError(f"'{key}' must be a number in [{lo}, {hi}], got {short(v)}")
         return v
 
     return Request(job, role, rank, world, window, port, mode, shape,
@@ -174,6 +193,13 @@ class Registry:
         self.cond = threading.Condition()
         self._gen = 0
         self.closing = False
+        self.on_change = None  # called (under self.cond) when the running jobs change: saves them
+        self._next_scan = 0.0    # watchdog: next stale-slot scan (monotonic)
+        self.stale_cleared = 0   # hash-region slots the watchdog emptied so far
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _next_gen(self) -> int:
         self._gen = self._gen % 0xFFFF + 1
@@ -185,7 +211,14 @@ class Registry:
         with self.cond:
             if self.closing:
                 raise RegistrationError("incd is stopping")
+            # Every check first: a refused request changes nothing (not the running
+            # job it collides with, not the deadline of the job it would join).
             job = self.jobs.get(r.job)
+            replaces = None
+            if job is not None and (job.world, job.mode) != (r.world, r.mode):
+                raise RegistrationError(
+                    f"job {r.job} is {'running' if job.state == 'active' else 'being registered'} with "
+                    f"world={job.world} mode={job.mode}; this request says world={r.world} mode={r.mode}")
             if job is not None and job.state == "active":
                 current = job.ps if r.role == "ps" else job.members.get(r.rank)
                 if current is not None and current.alive:
@@ -193,38 +226,39 @@ class Registry:
                     raise RegistrationError(
                         f"job {r.job} {who} is running (from {current.addr}); "
                         "it must finish before the job id is reused")
-                # A new run of the job: the old one's stragglers are cut off by the new generation.
-                self._end(job, "replaced by a new registration")
-                job = None
+                # A new run of the job (this member's old run is gone): the old run's
+                # stragglers are cut off by the new generation.
+                replaces, job = job, None
+            if job is not None:
+                if r.role == "worker":
+                    if job.req_window is not None and (job.req_window, job.shape) != (r.window, r.shape):
+                        raise RegistrationError(
+                            f"job {r.job} is being registered with window={job.req_window} data={job.shape}; "
+                            f"this request says window={r.window} data={r.shape}")
+                    if r.rank in job.members:
+                        raise RegistrationError(
+                            f"job {r.job} rank {r.rank} is already registered from {job.members[r.rank].addr}")
+                elif job.ps is not None:
+                    raise RegistrationError(f"job {r.job} already has a PS at {job.ps.addr}")
+                if r.role == "worker" and job.mode != "ps":
+                    for m in job.members.values():
+                        if m.path.ifindex == path.ifindex:
+                            raise RegistrationError(
+                                f"job {r.job}: rank {m.rank} already sits behind switch port "
+                                f"{self.port_names.get(path.ifindex)}; one member per port per job")
+            # Accepted: from here on the request takes effect.
+            if replaces is not None:
+                self._end(replaces, "replaced by a new registration")
             if job is None:
                 job = Job(r.job, r.world, r.mode)
                 self.jobs[r.job] = job
-            if (job.world, job.mode) != (r.world, r.mode):
-                raise RegistrationError(
-                    f"job {r.job} is being registered with world={job.world} mode={job.mode}; "
-                    f"this request says world={r.world} mode={r.mode}")
             if r.role == "worker":
                 if job.req_window is None:
                     job.req_window, job.shape = r.window, r.shape
-                elif (job.req_window, job.shape) != (r.window, r.shape):
-                    raise RegistrationError(
-                        f"job {r.job} is being registered with window={job.req_window} data={job.shape}; "
-                        f"this request says window={r.window} data={r.shape}")
                 if r.deadline_s is not None or r.model_bytes:
                     # the job's deadline and size, from whichever rank states them
                     job.deadline = time.time() + r.deadline_s if r.deadline_s is not None else job.deadline
                     job.model_bytes, job.epochs, job.compute_s = r.model_bytes, r.epochs, r.compute_s
-                if r.rank in job.members:
-                    raise RegistrationError(
-                        f"job {r.job} rank {r.rank} is already registered from {job.members[r.rank].addr}")
-            elif job.ps is not None:
-                raise RegistrationError(f"job {r.job} already has a PS at {job.ps.addr}")
-            if r.role == "worker" and job.mode != "ps":
-                for m in job.members.values():
-                    if m.path.ifindex == path.ifindex:
-                        raise RegistrationError(
-                            f"job {r.job}: rank {m.rank} already sits behind switch port "
-                            f"{self.port_names.get(path.ifindex)}; one member per port per job")
             member = Member(r.rank, peer, r.port, path, self.port_names.get(path.ifindex, "?"))
             if r.role == "ps":
                 job.ps = member
@@ -333,6 +367,7 @@ class Registry:
             self.dp.set_job(job.id, offset=job.offset, slots=job.slots, gen=job.gen,
                             world=job.world, mode=MODE_CODE[job.mode])
         job.state = "active"
+        self._changed()
 
     @staticmethod
     def _all_members(job: Job) -> list[Member]:
@@ -406,20 +441,31 @@ class Registry:
                             mode=MODE_CODE[job.mode])
             job.remap = None
             job.remaps_done += 1
+            self._changed()
             for m in job.members.values():
                 if m.alive and m.send:
                     m.send({"event": "remap_go", "job": job.id, "remap": remap_id, "gen": job.gen,
                             "window": job.window, "offset": job.offset, "slots": job.slots})
             self._rebalance()
 
-    def leave(self, job: Job, rank: int) -> None:
+    def leave(self, job: Job, rank: int, done: bool = False) -> None:
+        """A member is gone: it said "done" (done=True), or its control connection
+        closed. One that goes without "done" while workers still run (killed,
+        crashed) fails the job at once: the others are told who ("job_failed"),
+        and the job ends and frees its switch memory, instead of the others
+        waiting for their timeouts."""
         with self.cond:
             m = job.ps if rank == -1 else job.members.get(rank)
             if m is None or not m.alive:
                 return
             m.alive = False
-            if job.state == "active" and not any(x.alive for x in job.members.values()):
-                self._end(job, None)
+            running = any(x.alive for x in job.members.values())
+            if job.state == "active":
+                if not done and running:
+                    self._end(job, f"{m.who} left before finishing: its control connection closed "
+                                   "(killed or crashed?)", culprits=[rank])
+                elif not running:
+                    self._end(job, None)
             self.cond.notify_all()
 
     def wait_end(self, job: Job) -> str:
@@ -428,7 +474,15 @@ class Registry:
                 self.cond.wait()
             return job.error or "all workers left"
 
-    def _end(self, job: Job, reason: str | None) -> None:
+    def _end(self, job: Job, reason: str | None, culprits: list | None = None) -> None:
+        """Ends a job (reason None: its workers finished) and frees what it held.
+        Members still connected learn how it ended, first: "job_ended", or
+        "job_failed" with the reason and the ranks to blame (-1: the PS)."""
+        if reason is None:
+            self._notify(job, {"event": "job_ended", "job": job.id, "reason": "all workers left"})
+        else:
+            self._notify(job, {"event": "job_failed", "job": job.id, "error": reason,
+                               "ranks": sorted(culprits or [])})
         final = None
         if job.state == "active":
             if job.mode in MODE_CODE:
@@ -456,6 +510,7 @@ class Registry:
         rec["end_reason"] = reason or "all workers left"
         rec["counters"] = final
         self.finished.append(rec)
+        self._changed()
         if freed_modulo:
             self._rebalance()  # its memory may start a queued job
         self.cond.notify_all()
@@ -466,6 +521,119 @@ class Registry:
             for job in list(self.jobs.values()):
                 self._end(job, "incd stopped")
             self.cond.notify_all()
+
+    # --- failure detection: heartbeats and the watchdog -------------------------
+    # A killed member is seen at once (its control connection closes: leave()).
+    # A hung one (stopped, livelocked host) is seen by its heartbeats stopping:
+    # each member sends one every fail_timeout/4 and is declared hung after
+    # fail_timeout without one, checked whenever any heartbeat of its job comes
+    # and by the watchdog. Silence of the whole job says nothing about any one
+    # member (incd itself may have been stalled), so it blames nobody.
+    def heartbeat(self, job: Job, rank: int, fail_timeout=None) -> None:
+        """The member is alive and is hung after fail_timeout seconds of silence."""
+        ft = fail_timeout
+        if isinstance(ft, bool) or not isinstance(ft, (int, float)) or not 0.05 <= ft <= 3600:
+            return
+        with self.cond:
+            m = job.ps if rank == -1 else job.members.get(rank)
+            if m is None or not m.alive or job.state != "active":
+                return
+            now = time.monotonic()
+            if job.last_beat is not None and now - job.last_beat > self._quiet_limit(job):
+                for x in self._all_members(job):  # a stall of incd, not of the others
+                    if x.last_seen is not None:
+                        x.last_seen = now
+            m.last_seen, m.fail_timeout = now, float(ft)
+            job.last_beat = now
+            self._check_hung(job, now)
+
+    def _quiet_limit(self, job: Job) -> float:
+        """No heartbeat from anyone in the job for this long: incd was stalled."""
+        return 0.5 * min((x.fail_timeout for x in self._all_members(job) if x.fail_timeout), default=1.0)
+
+    def _check_hung(self, job: Job, now: float) -> None:
+        if job.state != "active" or job.last_beat is None or now - job.last_beat > self._quiet_limit(job):
+            return
+        hung = [x for x in self._all_members(job)
+                if x.alive and x.last_seen is not None and now - x.last_seen > x.fail_timeout]
+        if hung:
+            self._end(job, "; ".join(f"{x.who} stopped responding: no heartbeat for {now - x.last_seen:.1f}s "
+                                     f"(its limit {x.fail_timeout:g}s; hung or stopped?)" for x in hung),
+                      culprits=[x.rank for x in hung])
+
+    STALE_SCAN_S = 5.0
+
+    def watchdog(self) -> None:
+        """Called by the daemon about once a second: ends jobs with a hung member
+        and, every STALE_SCAN_S, empties hash-region slots no running job owns."""
+        with self.cond:
+            now = time.monotonic()
+            for job in list(self.jobs.values()):
+                self._check_hung(job, now)
+            if now >= self._next_scan:
+                self._next_scan = now + self.STALE_SCAN_S
+                self.clear_stale_slots()
+
+    def clear_stale_slots(self) -> int:
+        """Empties slots of the hash region tagged with a job (and generation)
+        that is not running: left by a run that ended while its packets were in
+        flight, or by an incd that died. The switch would take them over when a
+        packet needs them; this keeps `held_slots` honest and nothing lingering.
+        Returns how many were cleared."""
+        with self.cond:
+            if self.hash_region is None:
+                return 0
+            live = {(j.id, j.gen) for j in self.jobs.values() if j.mode == "hash" and j.state == "active"}
+            off, size = self.hash_region
+            empty = proto.C["INC_SLOT_EMPTY"]
+            n = 0
+            for i in range(off, off + size):
+                s = self.dp.read_slot(i)
+                if s.state != empty and (s.job, s.gen) not in live:
+                    self.dp.pool[ctypes.c_int(i)] = self.dp.pool.Leaf()
+                    n += 1
+            self.stale_cleared += n
+            return n
+
+    # --- recovery after an incd restart (see jobstate.py) -----------------------
+    def rejoin(self, raw: dict, peer: str) -> tuple[Job, int]:
+        """A member of a recovered job reconnects: same job, generation, rank and host."""
+        try:
+            job_id, rank, gen = (int(raw[k]) for k in ("job", "rank", "gen"))
+        except (KeyError, TypeError, ValueError):
+            raise RegistrationError("rejoin needs integer 'job', 'rank' (-1: PS) and 'gen'")
+        with self.cond:
+            job = self.jobs.get(job_id)
+            if job is None or job.state != "active":
+                raise RegistrationError(f"job {job_id} is not running here (incd restarted without it, "
+                                        "or it ended while incd was down)")
+            if gen != job.gen:
+                raise RegistrationError(f"job {job_id} is at generation {job.gen}, not {gen}")
+            m = job.ps if rank == -1 else job.members.get(rank)
+            if m is None or rank not in job.rejoin_wait:
+                raise RegistrationError(f"job {job_id} has no absent member with rank {rank}")
+            if m.addr != peer:
+                raise RegistrationError(f"job {job_id} rank {rank} is {m.addr}, not {peer}")
+            m.alive = True
+            job.rejoin_wait.discard(rank)
+            if not job.rejoin_wait:
+                job.rejoin_by = None
+            return job, rank
+
+    def expire_rejoins(self) -> None:
+        """Recovered jobs whose members did not all come back in time end, as if those had died."""
+        with self.cond:
+            now = time.time()
+            for job in list(self.jobs.values()):
+                if job.rejoin_by is not None and now > job.rejoin_by:
+                    who = ", ".join("the PS" if r == -1 else f"rank {r}" for r in sorted(job.rejoin_wait))
+                    self._end(job, f"incd restarted and {who} did not reconnect in time",
+                              culprits=sorted(job.rejoin_wait))
+
+    def _notify(self, job: Job, event: dict) -> None:
+        for m in self._all_members(job):
+            if m.alive and m.send:
+                m.send(event)
 
     def snapshot(self) -> dict:
         with self.cond:
@@ -501,6 +669,7 @@ class Registry:
                 "regions": {str(k): v for k, v in sorted(self.alloc.regions().items())},
                 "hash_region": hash_region,
                 "held_slots": held,  # hash-region slots a live (job, psn) holds right now
+                "stale_slots_cleared": self.stale_cleared,  # by the watchdog, since start
                 "jobs": jobs,
                 "finished": list(self.finished),
                 "unattributed": self.dp.read_stats(0)["drops"],

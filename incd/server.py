@@ -3,13 +3,31 @@ and a root-only unix socket for local administration (status, stop).
 
 Both speak JSON lines: one request object per line, one reply object per line,
 always with "ok" and, on failure, a one-line "error".
+
+Who may talk to incd (see README, "Who may talk to incd"):
+- control API: a connection is accepted only from an address in the allow list
+  (default: the switch ports' own networks); a registration must also come from
+  a host that incd reaches through one of its switch ports (route + neighbour
+  lookup on the connection's source address, never an address in the request).
+- admin socket: root only. The socket file is 0600 and owned by root, and every
+  connection's peer credentials (SO_PEERCRED) must say uid 0.
+
+A bad request (not UTF-8, not JSON, NaN/Infinity, too deeply nested, not an
+object, unknown op, missing or wrong fields, a conflict) is answered with
+{"ok": false, "error": "..."} and changes nothing; the connection stays usable,
+except after a line longer than MAX_LINE (the stream is out of step then), which
+is answered and the connection closed.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import math
 import os
+import socket
 import socketserver
+import struct
 import threading
 
 from hostagent import proto
@@ -17,6 +35,22 @@ from hostagent import proto
 from .registry import RegistrationError, Registry, resolve_path
 
 MAX_LINE = 64 * 1024
+MAX_REGISTER_TIMEOUT = 600.0  # how long a registration may wait for the rest of its job
+log = logging.getLogger("incd")
+
+
+class BadRequest(ValueError):
+    """A request that cannot be read; fatal: the connection is out of step and must end."""
+
+    def __init__(self, msg: str, fatal: bool = False):
+        super().__init__(msg)
+        self.fatal = fatal
+
+
+def short(v: object, n: int = 40) -> str:
+    """repr of something a client sent, cut to n characters for an error message."""
+    s = repr(v)
+    return s if len(s) <= n else s[:n] + "..."
 
 
 def _send(wfile, obj: dict, lock: threading.Lock | None = None) -> None:
@@ -30,27 +64,77 @@ def _send(wfile, obj: dict, lock: threading.Lock | None = None) -> None:
         wfile.flush()
 
 
-def _next_request(rfile, wfile) -> dict | None:
-    """The next request; None at EOF or after answering a malformed one (then the
-    connection ends, since the stream can no longer be trusted)."""
-    try:
-        return _read_request(rfile)
-    except (ValueError, UnicodeDecodeError) as e:
-        _send(wfile, {"ok": False, "error": f"bad request: {e}"})
-        return None
+def _next_request(rfile, wfile, lock: threading.Lock | None = None) -> dict | None:
+    """The next request; a malformed one is answered and skipped. None at EOF or
+    after an oversized line (then the connection ends: the stream is out of step)."""
+    while True:
+        try:
+            return _read_request(rfile)
+        except BadRequest as e:
+            _send(wfile, {"ok": False, "error": f"bad request: {e}"}, lock)
+            if e.fatal:
+                return None
+
+
+def _no_constant(name: str):
+    raise BadRequest(f"{name} is not a number incd accepts")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise BadRequest(f"{text[:20]} is out of range")
+    return v
 
 
 def _read_request(rfile) -> dict | None:
-    """None at EOF; raises ValueError for a malformed or oversized line."""
+    """None at EOF; raises BadRequest for a malformed or oversized line."""
     line = rfile.readline(MAX_LINE + 1)
     if not line:
         return None
     if len(line) > MAX_LINE:
-        raise ValueError(f"request longer than {MAX_LINE} bytes")
-    req = json.loads(line)
+        raise BadRequest(f"request longer than {MAX_LINE} bytes", fatal=True)
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise BadRequest("empty line; a request is a JSON object on one line")
+    try:
+        req = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except BadRequest:
+        raise
+    except ValueError as e:  # JSONDecodeError, or an integer with too many digits
+        if "integer string conversion" in str(e):
+            raise BadRequest("an integer with too many digits") from None
+        raise BadRequest(f"not JSON: {str(e)[:120]}") from None
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-        raise ValueError("a request is a JSON object with an 'op' string")
+        raise BadRequest("a request is a JSON object with an 'op' string")
     return req
+
+
+def register_timeout(req: dict, default: float) -> float:
+    """The request's "timeout" (seconds to wait for the rest of the job), clamped to [0.1, 600]."""
+    v = req.get("timeout", default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10**6:
+        raise RegistrationError(f"'timeout' must be a number of seconds in [0, 1000000], got {short(v)}")
+    return min(max(float(v), 0.1), MAX_REGISTER_TIMEOUT)
+
+
+def joined_reply(job, rank: int) -> dict:
+    """What a member needs to take part: the job's switch programming and peers."""
+    member = job.ps if rank == -1 else job.members[rank]
+    return {
+        "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
+        "window": job.window, "offset": job.offset, "slots": job.slots,
+        "elems": job.elems, "data_addr": member.path.switch_addr,
+        "data_port": proto.PORT, "mode": job.mode,
+        "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
+        "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
+                    for m in sorted(job.members.values(), key=lambda m: m.rank)],
+    }
 
 
 class ControlServer(socketserver.ThreadingTCPServer):
@@ -74,6 +158,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
         peer = self.client_address[0]
         srv = self.server
         if not any(ipaddress.ip_address(peer) in net for net in srv.allow):
+            log.warning("control connection from %s refused: not in the allow list", peer)
             _send(self.wfile, {"ok": False, "error": f"{peer} may not use this switch "
                                "(only hosts on the switch ports' networks or the configured allow list)"})
             return
@@ -88,52 +173,60 @@ class ControlHandler(socketserver.StreamRequestHandler):
 
         try:
             while True:
-                req = _next_request(self.rfile, self.wfile)
+                req = _next_request(self.rfile, self.wfile, lock)
                 if req is None:
                     return
                 op = req["op"]
                 try:
-                    if op == "register":
+                    if op in ("register", "rejoin"):
                         if joined:
                             raise RegistrationError("this connection already registered; open another")
-                        try:
-                            timeout = float(req.get("timeout", srv.register_timeout))
-                        except (TypeError, ValueError):
-                            raise RegistrationError("'timeout' must be a number of seconds")
-                        path = resolve_path(srv.netinfo, peer, srv.port_ifindexes)
-                        job, rank = srv.registry.register(req, peer, path, min(max(timeout, 0.1), 600.0))
+                        if op == "register":
+                            timeout = register_timeout(req, srv.register_timeout)
+                            path = resolve_path(srv.netinfo, peer, srv.port_ifindexes)
+                            job, rank = srv.registry.register(req, peer, path, timeout)
+                        else:  # a member of a job a restarted incd recovered
+                            job, rank = srv.registry.rejoin(req, peer)
                         joined = (job, rank)
-                        member = job.ps if rank == -1 else job.members[rank]
-                        _send(self.wfile, {
-                            "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
-                            "window": job.window, "offset": job.offset, "slots": job.slots,
-                            "elems": job.elems, "data_addr": path.switch_addr,
-                            "data_port": proto.PORT, "mode": job.mode,
-                            "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
-                            "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
-                                        for m in sorted(job.members.values(), key=lambda m: m.rank)],
-                        }, lock)
-                        member.send = push
-                    elif op == "done":
-                        if joined:
-                            srv.registry.leave(*joined)
-                        _send(self.wfile, {"ok": True}, lock)
-                    elif op in ("remap_report", "remap_passed"):  # no reply: the agent's reader is async
-                        if joined and joined[1] >= 0 and isinstance(req.get("remap"), int):
+                        _send(self.wfile, joined_reply(job, rank), lock)
+                        # events only after the reply: the agent reads that first
+                        (job.ps if rank == -1 else job.members[rank]).send = push
+                    elif op in ("done", "wait_end"):
+                        # Only about this connection's own membership: there is no way to
+                        # end or watch somebody else's job from here.
+                        if not joined:
+                            raise RegistrationError(f"{op!r} before 'register': this connection is in no job")
+                        if "job" in req and req["job"] != joined[0].id:
+                            raise RegistrationError(f"job {short(req['job'])} is not this connection's job "
+                                                    f"(job {joined[0].id})")
+                        if op == "done":
+                            srv.registry.leave(*joined, done=True)  # leaving without it fails the job
+                            _send(self.wfile, {"ok": True}, lock)
+                        else:
+                            _send(self.wfile, {"ok": True, "reason": srv.registry.wait_end(joined[0])}, lock)
+                    elif op in ("remap_report", "remap_passed"):
+                        if not joined:
+                            raise RegistrationError(f"{op!r} before 'register': this connection is in no job")
+                        # No reply, even to a malformed one: the agent's reader is async.
+                        if joined[1] >= 0 and isinstance(req.get("remap"), int):
                             if op == "remap_report" and isinstance(req.get("next_psn"), int):
                                 srv.registry.remap_report(joined[0], joined[1], req["remap"], req["next_psn"])
                             elif op == "remap_passed":
                                 srv.registry.remap_passed(joined[0], joined[1], req["remap"])
-                    elif op == "wait_end":
-                        if not joined:
-                            raise RegistrationError("register first")
-                        _send(self.wfile, {"ok": True, "reason": srv.registry.wait_end(joined[0])}, lock)
+                    elif op == "alive":  # heartbeat; no reply (see Registry.heartbeat)
+                        if joined:
+                            srv.registry.heartbeat(*joined, req.get("fail_timeout"))
                     elif op == "ping":
                         _send(self.wfile, {"ok": True}, lock)
                     else:
-                        _send(self.wfile, {"ok": False, "error": f"unknown op {op!r}"}, lock)
+                        _send(self.wfile, {"ok": False, "error": f"unknown op {short(op)}"}, lock)
                 except RegistrationError as e:
                     _send(self.wfile, {"ok": False, "error": str(e)}, lock)
+                except (BrokenPipeError, ConnectionResetError):
+                    raise
+                except Exception as e:  # a bug: say so, keep the daemon and this connection up
+                    log.exception("control request %s from %s", short(op), peer)
+                    _send(self.wfile, {"ok": False, "error": f"internal error: {type(e).__name__}"}, lock)
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
@@ -142,6 +235,8 @@ class ControlHandler(socketserver.StreamRequestHandler):
 
 
 class AdminServer(socketserver.ThreadingUnixStreamServer):
+    """Root only: it can stop the switch. The socket is created 0600 (umask, so
+    there is no moment it is open to others), and each peer's uid is checked."""
     daemon_threads = True
 
     def __init__(self, path: str, status_fn, stop_fn):
@@ -149,17 +244,29 @@ class AdminServer(socketserver.ThreadingUnixStreamServer):
         self.stop_fn = stop_fn
         if os.path.exists(path):
             os.unlink(path)
-        old = os.umask(0o077)  # root only: the socket can stop the switch
+        old = os.umask(0o177)
         try:
             super().__init__(path, AdminHandler)
         finally:
             os.umask(old)
+        os.chmod(path, 0o600)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    pid, uid, gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("iII")))
+    return uid
 
 
 class AdminHandler(socketserver.StreamRequestHandler):
     server: AdminServer
 
     def handle(self) -> None:
+        uid = peer_uid(self.connection)
+        if uid != 0:  # file permissions already say so; this holds even for a peer with CAP_DAC_OVERRIDE
+            log.warning("admin connection from uid %d refused", uid)
+            _send(self.wfile, {"ok": False, "error": f"uid {uid} may not administer incd (root only)"})
+            return
         req = _next_request(self.rfile, self.wfile)
         if req is None:
             return
@@ -169,4 +276,4 @@ class AdminHandler(socketserver.StreamRequestHandler):
             _send(self.wfile, {"ok": True})
             threading.Thread(target=self.server.stop_fn, daemon=True).start()
         else:
-            _send(self.wfile, {"ok": False, "error": f"unknown op {req['op']!r}"})
+            _send(self.wfile, {"ok": False, "error": f"unknown op {short(req['op'])}"})

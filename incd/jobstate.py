@@ -1,0 +1,117 @@
+"""The job table on disk, so that an incd killed mid-job can be restarted and
+take its running jobs back.
+
+incd rewrites /run/incd/<instance>.jobs.json whenever a job starts, moves or
+ends. The switch state itself is not in the file: it is in the pinned maps,
+which the XDP program kept using while incd was down. After a restart the
+recovered jobs wait `grace_s` for their members to reconnect ("rejoin" on the
+control API); a job whose members do not all come back in time is ended and its
+memory freed, like a job whose member died.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path as FsPath
+
+from .dataplane import BPF_DIR
+from .netinfo import Path
+from .registry import Job, Member, Registry
+
+VERSION = 1
+
+
+def fingerprint(pool_slots: int, hash_slots: int | None, ports: list[str]) -> str:
+    """What must not change for pinned maps to be reused: their sizes and
+    layouts (the BPF sources) and the ports the programs are attached to."""
+    h = hashlib.sha256()
+    for f in sorted(BPF_DIR.glob("*.h")) + [BPF_DIR / "inc_switch.bpf.c"]:
+        h.update(f.read_bytes())
+    h.update(json.dumps([pool_slots, hash_slots, ports]).encode())
+    return h.hexdigest()[:16]
+
+
+def _member(m: Member) -> dict:
+    p = m.path
+    return {"rank": m.rank, "addr": m.addr, "port": m.port, "ifname": m.ifname, "alive": m.alive,
+            "path": {"ifindex": p.ifindex, "mac": p.mac.hex(), "port_mac": p.port_mac.hex(),
+                     "switch_addr": p.switch_addr, "mtu": p.mtu}}
+
+
+def _unmember(d: dict) -> Member:
+    p = d["path"]
+    return Member(d["rank"], d["addr"], d["port"],
+                  Path(p["ifindex"], bytes.fromhex(p["mac"]), bytes.fromhex(p["port_mac"]),
+                       p["switch_addr"], p["mtu"]),
+                  d["ifname"], alive=False)  # until it rejoins
+
+
+def dump(reg: Registry, fp: str) -> dict:
+    """The running jobs (caller holds reg.cond). Pending registrations are left
+    out: their connections die with incd and the agents see that."""
+    jobs = []
+    for j in reg.jobs.values():
+        if j.state != "active":
+            continue
+        jobs.append({
+            "id": j.id, "world": j.world, "mode": j.mode, "window": j.window, "req_window": j.req_window,
+            "shape": j.shape, "deadline": j.deadline, "model_bytes": j.model_bytes, "epochs": j.epochs,
+            "compute_s": j.compute_s, "gen": j.gen, "offset": j.offset, "slots": j.slots,
+            "elems": j.elems, "started": j.started, "remaps_done": j.remaps_done,
+            "members": [_member(m) for m in j.members.values()],
+            "ps": _member(j.ps) if j.ps is not None else None,
+        })
+    return {"version": VERSION, "fingerprint": fp, "saved": time.time(), "gen": reg._gen,
+            "hash_region": reg.hash_region, "jobs": jobs}
+
+
+def save(path: FsPath, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # a reader (the next incd) never sees half a file
+
+
+def load(path: FsPath, fp: str) -> tuple[dict | None, str]:
+    """The saved table if it can be adopted, else None and why not."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, "no saved job table"
+    except (OSError, ValueError) as e:
+        return None, f"saved job table unreadable ({e})"
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return None, "saved job table has another format"
+    if data.get("fingerprint") != fp:
+        return None, "the dataplane or its configuration changed since the job table was saved"
+    return data, ""
+
+
+def restore(reg: Registry, data: dict, grace_s: float) -> list[int]:
+    """Puts the saved jobs back as running, members absent until they rejoin.
+    Returns the job ids."""
+    with reg.cond:
+        reg._gen = int(data.get("gen", 0))
+        if data.get("hash_region"):
+            off, size = data["hash_region"]
+            reg.alloc.reserve(off, size)
+            reg.hash_region = (off, size)
+        ids = []
+        for d in data["jobs"]:
+            j = Job(d["id"], d["world"], d["mode"])
+            for k in ("window", "req_window", "shape", "deadline", "model_bytes", "epochs", "compute_s",
+                      "gen", "offset", "slots", "elems", "started", "remaps_done"):
+                setattr(j, k, d[k])
+            for md in d["members"]:
+                j.members[md["rank"]] = _unmember(md)
+            j.ps = _unmember(d["ps"]) if d["ps"] else None
+            # those connected when incd died must come back; who had left stays gone
+            j.rejoin_wait = {md["rank"] for md in d["members"] + [d["ps"] or {}] if md.get("alive")}
+            if j.mode == "modulo":
+                reg.alloc.reserve(j.offset, j.slots)
+            j.state = "active"
+            j.rejoin_by = time.time() + grace_s
+            reg.jobs[j.id] = j
+            ids.append(j.id)
+        return ids

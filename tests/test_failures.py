@@ -1,0 +1,352 @@
+"""Failure detection and notification: a member that dies or hangs mid-job, the
+PS too, incd stopping or dying. The other members fail within the fail timeout
+with an error naming who, the job's switch memory is reclaimed, and the next job
+runs normally. Also the watchdog's stale-slot cleanup and the control stream's
+framing (an event in the same read as a reply)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from hostagent import proto
+from hostagent.transport import Control
+from incd.registry import Registry
+from labutil import LabWithIncd
+from netns_lab.agents import PSProcess, agent_argv, run_allreduce
+from test_registry import PATH, dp, wait_event  # noqa: F401  (dp: the real dataplane fixture)
+
+FAIL_TIMEOUT = 2.0   # the agents' default, passed explicitly
+SLACK = 1.5          # scheduling on a shared 2-core machine, process exit
+DETECTED = {}        # what the lab tests measured: kill -> each survivor's exit, seconds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_detection_times():
+    """Prints what the lab tests measured, once they are done (pytest -s shows it)."""
+    yield
+    for what, took in DETECTED.items():
+        print(f"\ndetection {what}: " + ", ".join("-" if t is None else f"{t:.2f}s" for t in took))
+
+
+# --- the control stream -----------------------------------------------------------
+
+def test_event_in_the_same_read_as_the_reply_is_kept():
+    a, b = socket.socketpair()
+    try:
+        ctl = Control(a)
+        ev = {"event": "job_failed", "job": 7, "error": "rank 1 (x) left before finishing", "ranks": [1]}
+        early = {"event": "remap_propose", "job": 7, "remap": 1}
+        # an event before the reply, the reply, and an event, all in one write
+        b.sendall(b"".join((json.dumps(o) + "\n").encode() for o in (early, {"ok": True, "job": 7}, ev)))
+        assert ctl.call({"op": "register"}) == {"ok": True, "job": 7}
+        got = []
+        ctl.start(got.append, fail_timeout=10.0)
+        deadline = time.time() + 5
+        while len(got) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert got == [early, ev]
+        b.settimeout(5)
+        sent = b.makefile("rb")
+        assert json.loads(sent.readline())["op"] == "register"
+        assert json.loads(sent.readline()) == {"op": "alive", "fail_timeout": 10.0}  # at once, then every 2.5 s
+        sent.close()
+        b.close()  # incd gone: noticed
+        deadline = time.time() + 5
+        while ctl.lost_at is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert ctl.lost_at is not None and ctl.replies.get(timeout=1) is None
+    finally:
+        a.close()
+        b.close()
+
+
+# --- the registry, with the real dataplane loaded (no traffic) ----------------------
+
+def start_job(reg: Registry, job: int, world: int, mode: str = "modulo", ps: bool = False):
+    """Registers ranks 0..world-1 (and a PS) from threads, as the control server does;
+    returns the job and each member's pushed events by rank (-1: the PS)."""
+    events: dict[int, list] = {}
+    jobs = []
+
+    def one(rank):
+        req = {"job": job, "world": world, "port": 41000 + rank, "mode": mode}
+        req.update({"role": "ps"} if rank == -1 else {"rank": rank, "window": 4})
+        j, r = reg.register(req, f"10.77.{rank + 2}.2", PATH[rank + 2], timeout=10)
+        events[r] = []
+        (j.ps if r == -1 else j.members[r]).send = events[r].append
+        jobs.append(j)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in list(range(world)) + ([-1] if ps else [])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(jobs) == len(threads) and jobs[0].state == "active"
+    return jobs[0], events
+
+
+def test_member_leaving_without_done_fails_the_job(dp):
+    reg = Registry(dp, 64, {})
+    job, ev = start_job(reg, 5, 3)
+    reg.leave(job, 0, done=True)   # finished: no failure
+    assert job.state == "active"
+    reg.leave(job, 1)              # its connection closed without "done": killed
+    assert job.state == "ended" and "rank 1" in job.error and "before finishing" in job.error
+    failed = wait_event(ev[2], "job_failed")
+    assert failed["ranks"] == [1] and failed["job"] == 5 and "rank 1" in failed["error"]
+    assert not ev[0]               # it had left already
+    snap = reg.snapshot()
+    assert not snap["jobs"] and snap["free_slots"] == 64
+    assert snap["finished"][-1]["end_reason"] == job.error
+    # a normal end: the PS is told the job ended; nobody is told it failed
+    job, ev = start_job(reg, 6, 2, mode="hash", ps=True)
+    reg.leave(job, 0, done=True)
+    reg.leave(job, 1, done=True)
+    assert job.state == "ended" and job.error is None
+    assert wait_event(ev[-1], "job_ended")["job"] == 6
+    # the PS dying fails the job, naming it; incd stopping fails what runs
+    job, ev = start_job(reg, 7, 2, mode="hash", ps=True)
+    reg.leave(job, -1)
+    assert "parameter server" in wait_event(ev[0], "job_failed")["error"]
+    job, ev = start_job(reg, 8, 1)
+    reg.shutdown()
+    assert wait_event(ev[0], "job_failed")["error"] == "incd stopped"
+    assert reg.snapshot()["free_slots"] == 64
+
+
+def test_hung_member_is_found_by_its_heartbeats(dp):
+    reg = Registry(dp, 64, {})
+    job, ev = start_job(reg, 9, 2)
+    ft = 0.3
+    for bad in (None, "2", True, 0.0, float("nan"), 1e9):  # nonsense is ignored, not trusted
+        reg.heartbeat(job, 1, bad)
+    assert job.members[1].last_seen is None
+    for r in (0, 1):
+        reg.heartbeat(job, r, ft)
+    time.sleep(2 * ft)           # nobody's heartbeat came: incd was stalled, nobody is blamed
+    reg.heartbeat(job, 0, ft)
+    reg.watchdog()
+    assert job.state == "active"
+    deadline = time.time() + 5   # rank 0 keeps beating, rank 1 is silent
+    while job.state == "active" and time.time() < deadline:
+        reg.heartbeat(job, 0, ft)
+        time.sleep(ft / 4)
+    failed = wait_event(ev[0], "job_failed")
+    assert failed["ranks"] == [1] and "rank 1" in failed["error"] and "no heartbeat" in failed["error"]
+    assert reg.snapshot()["free_slots"] == 64
+
+
+def test_watchdog_clears_stale_hash_slots(dp):
+    reg = Registry(dp, 64, {}, hash_slots=16)
+    job, _ = start_job(reg, 12, 1, mode="hash", ps=True)
+    off, size = reg.hash_region
+    pool = dp.bpf[b"pool"]
+
+    def put(i, owner, gen):
+        v = pool.Leaf()
+        v.job, v.gen, v.state, v.count, v.psn = owner, gen, proto.C["INC_SLOT_PARTIAL"], 1, 3
+        pool[ctypes.c_int(i)] = v
+
+    put(off, job.id, job.gen)             # the running job's: kept
+    put(off + 1, 99, 4)                   # a job that is not running
+    put(off + 2, job.id, job.gen ^ 0x55)  # an older run of the same job id
+    reg.watchdog()                        # the first call scans at once
+    states = [dp.read_slot(off + i).state for i in range(3)]
+    assert states == [proto.C["INC_SLOT_PARTIAL"], proto.C["INC_SLOT_EMPTY"], proto.C["INC_SLOT_EMPTY"]]
+    assert reg.snapshot()["stale_slots_cleared"] == 2
+    assert reg.clear_stale_slots() == 0
+    reg.leave(job, 0, done=True)          # the job's own slots go at its end
+    assert reg.snapshot()["hash_region"] is None and dp.read_slot(off).state == proto.C["INC_SLOT_EMPTY"]
+    assert reg.alloc.free_slots() == 64 and size == 16
+
+
+# --- the lab: real daemon, real agents ------------------------------------------------
+
+class Agent:
+    """One inc-agent process; its stderr is collected as it comes."""
+
+    def __init__(self, lab, host: str, *args: str):
+        self.proc = lab.popen(host, agent_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.err: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.err.append(line)
+
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait()
+
+
+def workers(lab, job: int, world: int, mode: str, *extra: str) -> list[Agent]:
+    return [Agent(lab, f"h{r + 1}", "allreduce", "--job", str(job), "--rank", str(r), "--world", str(world),
+                  "--mode", mode, "--numel", "400000", "--dtype", "int32", "--iters", "100000",
+                  "--timeout", "60", "--fail-timeout", str(FAIL_TIMEOUT), *extra) for r in range(world)]
+
+
+def wait_running(agents: list[Agent], timeout: float = 60.0) -> None:
+    """Until every worker has finished an iteration: the job is mid-way."""
+    deadline = time.time() + timeout
+    while not all("iter 1/" in a.stderr() for a in agents):
+        assert time.time() < deadline, [a.stderr()[-300:] for a in agents]
+        assert all(a.proc.poll() is None for a in agents), [a.stderr()[-300:] for a in agents]
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+
+def exits_after(agents: list[Agent], t0: float, timeout: float = 30.0) -> list[float]:
+    """Seconds from t0 until each agent exited (polled every 10 ms)."""
+    out = [None] * len(agents)
+    deadline = t0 + timeout
+    while None in out and time.monotonic() < deadline:
+        for i, a in enumerate(agents):
+            if out[i] is None and a.proc.poll() is not None:
+                out[i] = time.monotonic() - t0
+        time.sleep(0.01)
+    for a in agents:
+        a.kill()
+    return out
+
+
+def assert_reclaimed(lab, job: int) -> dict:
+    st = lab.incd.status()
+    assert not [j for j in st["jobs"] if j["job"] == job], st["jobs"]
+    assert st["free_slots"] == st["pool_slots"] and st["held_slots"] == 0 and st["hash_region"] is None
+    return [j for j in st["finished"] if j["job"] == job][-1]
+
+
+def next_job_is_exact(lab, job: int, mode: str, world: int = 3) -> None:
+    ps = PSProcess(lab, job, world) if mode == "hash" else None
+    try:
+        res = run_allreduce(lab, job=job, world=world, numel=30001, dtype="int32", iters=2,
+                            extra=["--mode", mode, "--verify"], timeout=120)
+        assert all(r["verified"] for r in res)
+        if ps:
+            ps.result()
+    finally:
+        if ps:
+            ps.kill()
+
+
+@pytest.fixture(scope="module")
+def flab(root):
+    with LabWithIncd("f", workers=3, ps=True) as lab:
+        yield lab
+
+
+@pytest.mark.parametrize("mode,victim", [("modulo", 1), ("hash", 1), ("hash", "ps")],
+                         ids=["modulo-rank1", "hash-rank1", "hash-ps"])
+def test_killed_member_fails_the_job(flab, mode, victim):
+    job = {"modulo": 80, "hash": 81}[mode] + (2 if victim == "ps" else 0)
+    ps = Agent(flab, "ps", "ps", "--job", str(job), "--world", "3", "--fail-timeout", str(FAIL_TIMEOUT)) \
+        if mode == "hash" else None
+    ws = workers(flab, job, 3, mode)
+    everyone = ws + ([ps] if ps else [])
+    try:
+        wait_running(ws)
+        dead = ps if victim == "ps" else ws[victim]
+        dead.proc.kill()
+        t0 = time.monotonic()
+        rest = [a for a in everyone if a is not dead]
+        took = exits_after(rest, t0)
+        DETECTED[f"{mode} kill {victim}"] = took
+        name = "the parameter server" if victim == "ps" else f"rank {victim}"
+        for a, t in zip(rest, took):
+            err = a.stderr()
+            assert t is not None and t < FAIL_TIMEOUT + SLACK, (took, err[-500:])
+            assert a.proc.returncode == 1 and f"job {job} failed: {name}" in err and "Traceback" not in err, err[-500:]
+        rec = assert_reclaimed(flab, job)
+        assert name in rec["end_reason"]
+    finally:
+        for a in everyone:
+            a.kill()
+    next_job_is_exact(flab, job, mode)
+
+
+def test_stopped_member_is_taken_for_hung(flab):
+    """SIGSTOP: still connected, but silent. The others fail after --fail-timeout,
+    not after --timeout (60 s here)."""
+    ws = workers(flab, 84, 3, "modulo")
+    try:
+        wait_running(ws)
+        os.kill(ws[2].proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        took = exits_after(ws[:2], t0)
+        DETECTED["modulo SIGSTOP 2"] = took
+        for a, t in zip(ws[:2], took):
+            err = a.stderr()
+            # its last heartbeat came up to a quarter of the timeout before it stopped
+            assert t is not None and FAIL_TIMEOUT * 0.7 < t < FAIL_TIMEOUT + SLACK + 1.0, (took, err[-500:])
+            assert a.proc.returncode == 1 and "rank 2" in err and "no heartbeat" in err, err[-500:]
+        assert "rank 2" in assert_reclaimed(flab, 84)["end_reason"]
+    finally:
+        for a in ws:
+            a.kill()
+    next_job_is_exact(flab, 84, "modulo")
+
+
+def test_incd_stop_fails_running_jobs(root):
+    with LabWithIncd("g", workers=2, ps=True) as lab:
+        ps = Agent(lab, "ps", "ps", "--job", "85", "--world", "2")
+        ws = workers(lab, 86, 2, "modulo") + workers(lab, 85, 2, "hash")
+        try:
+            wait_running(ws)
+            t0 = time.monotonic()  # from running `incd stop` (a CLI process) on
+            stopper = threading.Thread(target=lab.incd.stop)
+            stopper.start()
+            took = exits_after(ws + [ps], t0)
+            stopper.join(60)
+            DETECTED["incd stop"] = took
+            for a, t in zip(ws + [ps], took):
+                err = a.stderr()
+                assert t is not None and a.proc.returncode == 1, (took, err[-500:])
+                assert "failed: incd stopped" in err and "Traceback" not in err, err[-500:]
+        finally:
+            for a in ws + [ps]:
+                a.kill()
+
+
+def test_incd_killed(root):
+    """incd dies (SIGKILL): the agents notice their control connection is gone.
+    The switch keeps aggregating (its maps and programs stay), so a job whose
+    ranks are all alive finishes; once a rank also dies, nobody can tell the
+    others, and they fail after --fail-timeout without a result."""
+    with LabWithIncd("k", workers=3) as lab:
+        ws = workers(lab, 87, 2, "modulo")
+        short = [Agent(lab, "h3", "allreduce", "--job", "88", "--rank", "0", "--world", "1", "--numel", "400000",
+                       "--dtype", "int32", "--iters", "400", "--verify", "--json")]
+        try:
+            wait_running(ws)
+            assert short[0].proc.poll() is None, short[0].stderr()
+            os.kill(lab.incd.status()["pid"], signal.SIGKILL)
+            t0 = time.monotonic()
+            time.sleep(0.5)
+            ws[1].proc.kill()
+            took = exits_after(ws[:1] + short, t0, timeout=120)
+            DETECTED["incd SIGKILL + rank 1"] = took[:1]
+            err = ws[0].stderr()
+            assert ws[0].proc.returncode == 1 and "lost the control connection to incd" in err, err[-500:]
+            assert took[0] < 0.5 + FAIL_TIMEOUT + SLACK, took
+            out = short[0].proc.stdout.read()
+            assert short[0].proc.returncode == 0, short[0].stderr()[-500:]
+            res = json.loads(out.strip().splitlines()[-1])
+            assert res["verified"] and res["ctrl_lost"]
+            assert "lost the control connection" in short[0].stderr()
+        finally:
+            for a in ws + short:
+                a.kill()
