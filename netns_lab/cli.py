@@ -11,7 +11,7 @@ import sys
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import nsutil, plan
+from . import impair, nsutil, plan
 from .errors import LabConfigError, LabError
 from .topology import Lab, require_root, state_path, status, teardown
 
@@ -26,20 +26,32 @@ written to /run/inc-lab/{name}.json, which incd reads to find the switch ports.
 Needs root."""
 
 UP_EPILOG = """\
-impairments (applied at the host end of every link, this kernel has no netem):
-  --loss    random drop of IPv4 UDP, independently in each direction
-            (a tc BPF program); TCP, ICMP and ARP are never dropped, so control
-            traffic and ping keep working
+impairments (applied at the host end of every link; this kernel has no netem,
+so they are tc BPF programs, HTB and IFB devices, see netns_lab/impair.py):
+  --loss    random drop of IPv4 UDP, independently in each direction;
+            TCP, ICMP and ARP are never dropped, so control traffic and ping
+            keep working
+  --dup     that fraction of IPv4 UDP packets is sent twice, each direction
+  --corrupt that fraction of IPv4 UDP packets gets one random bit of its UDP
+            payload flipped, each direction; the UDP checksum is not fixed up
+            (nothing checks it on this path), so the INC header's csum is what
+            catches it
   --reorder host->switch only: that fraction of IPv4 UDP packets goes through a
             slow HTB class (20 Mbit) and is overtaken by later packets; it also
             caps the throughput of a sender that keeps the slow class busy
+            (with --delay/--jitter: they are held 2 ms longer instead)
+  --delay   holds every IPv4 packet (UDP, TCP, ICMP) that long, each direction:
+            h1 -> h2 takes 2 x MS more, a round trip 4 x MS
+  --jitter  each packet's delay is uniform in [max(0, delay - MS), delay + MS]
+            (--jitter alone: [0, MS]); packets overtake each other
   --rate    shapes all traffic in both directions (HTB on eth0, and an IFB
-            device for switch->host, because XDP_REDIRECT skips switch qdiscs)
-  --delay   needs netem; refused on kernels without it
+            device for switch->host, because XDP_REDIRECT skips switch qdiscs);
+            not together with --delay/--jitter
 
 examples:
   inc-lab up --workers 4 --ps
   inc-lab --name t1 up --workers 2 --loss 1 --rate 1gbit
+  inc-lab --name t2 up --workers 4 --ps --dup 2 --corrupt 1 --delay 1 --jitter 0.5
   inc-lab exec h1 -- ip -4 addr
   inc-lab exec sw -- tc -s qdisc
   inc-lab down"""
@@ -55,13 +67,14 @@ def _pct(text: str) -> float:
     return v
 
 
-def _positive_float(text: str) -> float:
+def _ms(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    if not 0 < v <= impair.MAX_DELAY_MS:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {impair.MAX_DELAY_MS:g} ms (got {text})")
     return v
 
 
@@ -105,8 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random IPv4 UDP loss per link and direction, percent")
     up.add_argument("--reorder", type=_pct, default=0.0, metavar="PCT",
                     help="percent of host->switch IPv4 UDP packets delayed so others overtake them")
-    up.add_argument("--delay", type=_positive_float, metavar="MS",
-                    help="added one-way delay per link and direction (needs netem)")
+    up.add_argument("--dup", type=_pct, default=0.0, metavar="PCT",
+                    help="percent of IPv4 UDP packets duplicated, per link and direction")
+    up.add_argument("--corrupt", type=_pct, default=0.0, metavar="PCT",
+                    help="percent of IPv4 UDP packets with one payload bit flipped, "
+                         "per link and direction")
+    up.add_argument("--delay", type=_ms, metavar="MS",
+                    help="added one-way delay of IPv4 packets per link and direction")
+    up.add_argument("--jitter", type=_ms, metavar="MS",
+                    help="delay varies uniformly by +-MS per packet (reorders)")
     up.add_argument("--json", action="store_true", help="print the lab state as JSON")
 
     down = sub.add_parser("down", parents=[name_opt], help="remove the lab",
@@ -132,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_up(args) -> int:
     lab = Lab(args.name, workers=args.workers, ps=args.ps, mtu=args.mtu, rate=args.rate,
-              loss_pct=args.loss, reorder_pct=args.reorder, delay_ms=args.delay)
+              loss_pct=args.loss, reorder_pct=args.reorder, delay_ms=args.delay,
+              dup_pct=args.dup, corrupt_pct=args.corrupt, jitter_ms=args.jitter)
     lab.up()
     if args.json:
         print(json.dumps(lab.state, indent=2))
@@ -158,9 +179,43 @@ def cmd_down(args) -> int:
     return 0
 
 
+def _counters(s: dict) -> tuple[dict | None, str | None]:
+    """The impair programs' counters of a lab that is up: (counters, None) or (None, why not)."""
+    if not s["up"]:
+        return None, None
+    if os.geteuid() != 0:
+        return None, "counters need root"
+    try:
+        return impair.read_counters(s["state"]), None
+    except (LabError, OSError, ImportError, ValueError) as e:
+        return None, str(e)
+
+
+def _counter_lines(counters: dict) -> list[str]:
+    lines = []
+    for host, per in counters.items():
+        for d, c in per.items():
+            if not any(c.values()):
+                continue
+            parts = [f"{c['udp']} udp"] + [f"{c[k]} {k}" for k in
+                                           ("lost", "dup", "corrupt", "reorder") if c[k]]
+            if c["delayed"]:
+                parts.append(f"{c['delayed']} held, mean {c['delay_us_sum'] / c['delayed'] / 1e3:.3f} ms")
+            if c["undelayed"]:
+                parts.append(f"{c['undelayed']} not held (delay drawn ~0)")
+            if c["primer_err"]:
+                parts.append(f"{c['primer_err']} primer errors")
+            lines.append(f"  {host:<4} {d:<7} " + ", ".join(parts))
+    return lines
+
+
 def cmd_status(args) -> int:
     s = status(args.name)
+    counters, why = _counters(s)
     if args.json:
+        s["impair_counters"] = counters
+        if why:
+            s["impair_counters_error"] = why
         print(json.dumps(s, indent=2))
         return 0 if s["up"] else 1
     st = s["state"]
@@ -178,6 +233,9 @@ def cmd_status(args) -> int:
         if st["switch_netns"] in s["missing_netns"]:
             print(f"  switch namespace {st['switch_netns']} missing")
         print("impairments: " + Lab.load(args.name).impair.describe())
+        if counters:
+            print("impairment counters (packets per host end of each link):")
+            print("\n".join(_counter_lines(counters)) or "  none yet")
     if s["stray_netns"]:
         what = "not in the state file" if st is not None else "left over"
         print(f"namespaces {what}: {' '.join(s['stray_netns'])} "

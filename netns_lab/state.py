@@ -6,6 +6,10 @@ Format (keys and order are fixed; "hosts" lists h1..hN, then ps if present):
      "hosts": [{"name": "h1", "netns": "inc-h1", "ifname": "eth0", "addr": "10.77.1.2",
                 "prefix": 24, "gateway": "10.77.1.1", "switch_port": "p1", "role": "worker"},
                ...]}
+
+"impair" has the four keys above always, and after them "dup_pct",
+"corrupt_pct" and "jitter_ms" when those impairments are set (so files of
+labs without them read as before); impair.Impairments.from_state() reads both.
 """
 
 from __future__ import annotations

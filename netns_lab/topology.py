@@ -41,7 +41,8 @@ class Lab:
     def __init__(self, name: str = "inc", workers: int = 2, ps: bool = False,
                  mtu: int = plan.MTU_DEFAULT, rate: str | None = None,
                  loss_pct: float = 0.0, reorder_pct: float = 0.0,
-                 delay_ms: float | None = None):
+                 delay_ms: float | None = None, dup_pct: float = 0.0,
+                 corrupt_pct: float = 0.0, jitter_ms: float | None = None):
         plan.validate_name(name)
         if isinstance(workers, bool) or not isinstance(workers, int) \
                 or not 1 <= workers <= plan.MAX_WORKERS:
@@ -53,7 +54,8 @@ class Lab:
                 "XDP on the switch ports sees only ~3.5 KiB of a frame")
         self.name, self.workers, self.ps, self.mtu = name, workers, bool(ps), mtu
         self.impair = Impairments(loss_pct, reorder_pct,
-                                  None if rate is None else str(rate).strip().lower(), delay_ms)
+                                  None if rate is None else str(rate).strip().lower(), delay_ms,
+                                  dup_pct, corrupt_pct, jitter_ms)
         self._state = {
             "name": name,
             "switch_netns": plan.switch_netns(name),
@@ -112,7 +114,6 @@ class Lab:
         if self.exists():
             raise LabError(f"lab {self.name!r} already exists; run "
                            f"`inc-lab --name {self.name} down` first")
-        impair.check_supported(self.impair)
         progs = impair.Programs(self.impair)  # compile errors surface before anything exists
         try:
             self._build(progs)
@@ -147,11 +148,12 @@ class Lab:
         st = statefile.read(name)
         if st is None:
             raise LabError(f"lab {name!r} is not up (no {state_path(name)})")
-        imp = st.get("impair", {})
+        imp = Impairments.from_state(st.get("impair", {}))
         lab = cls(name, workers=sum(h["role"] == "worker" for h in st["hosts"]),
                   ps=any(h["role"] == "ps" for h in st["hosts"]), mtu=st["mtu"],
-                  rate=imp.get("rate"), loss_pct=imp.get("loss_pct", 0.0),
-                  reorder_pct=imp.get("reorder_pct", 0.0), delay_ms=imp.get("delay_ms"))
+                  rate=imp.rate, loss_pct=imp.loss_pct, reorder_pct=imp.reorder_pct,
+                  delay_ms=imp.delay_ms, dup_pct=imp.dup_pct, corrupt_pct=imp.corrupt_pct,
+                  jitter_ms=imp.jitter_ms)
         lab._state = st
         return lab
 
