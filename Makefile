@@ -19,4 +19,4 @@ bench: setup
 
 # Leftovers of an interrupted demo or benchmark (normally they clean up themselves).
 clean:
-	-for n in incdemo incbench incb0 incb1 incedf; do .venv/bin/incd --instance $$n-incd stop; .venv/bin/inc-lab --name $$n down; done
+	-for n in incdemo incbench incb0 incb1 incedf incflt0 incflt1 incflt2 incflt3 incflt4 incflt5 incflt6 incflt7; do .venv/bin/incd --instance $$n-incd stop; .venv/bin/inc-lab --name $$n down; done
