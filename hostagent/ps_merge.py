@@ -35,6 +35,7 @@ RING = 4096          # pending psns (ps mode) and cached results, power of two
 # switch for that psn's partial (EVICT): other ranks' packets may have claimed
 # the slot after the collision and can never complete it there.
 EVICT_AFTER_S = 0.0005
+EVICT_MAX_GAP_S = 0.05
 ROW = proto.HDR_LEN + 4 * proto.MAX_ELEMS
 
 
@@ -120,6 +121,7 @@ class Merger:
             self.op = np.zeros(RING, dtype=np.int64)
         self.pending: dict[int, _Pending] = {}   # the per-packet path's psns
         self.evict_at: dict[int, float] = {}    # psn -> when to ask the switch for its partial
+        self.evict_gap: dict[int, float] = {}   # psn -> wait before asking again (doubles)
 
     # --- results ------------------------------------------------------------
     def _store(self, psn: np.ndarray, numel: np.ndarray, op: np.ndarray, slot: np.ndarray,
@@ -149,6 +151,7 @@ class Merger:
         lanes[0, :acc.numel] = total
         del self.pending[psn]
         self.evict_at.pop(psn, None)
+        self.evict_gap.pop(psn, None)
         return int(self._store(np.array([psn]), np.array([acc.numel]), np.array([acc.op]),
                                np.array([acc.slot]), lanes, np.array([overflow]))[0])
 
@@ -194,6 +197,7 @@ class Merger:
                     for p in psn[sel].tolist():
                         self.pending.pop(p, None)
                         self.evict_at.pop(p, None)
+                        self.evict_gap.pop(p, None)
                 ok[sel] = False
 
         # A psn already finished: the sender lost the result; send it again.
@@ -312,11 +316,17 @@ class Merger:
             acc = self.pending.get(psn)
             if acc is None:
                 del self.evict_at[psn]
+                self.evict_gap.pop(psn, None)
             elif now >= at:
                 hdr = np.zeros(1, proto.HDR_DTYPE)
                 hdr[0] = (proto.VERSION, proto.C["INC_T_EVICT"], 0, acc.op, self.job, self.gen,
                           psn, acc.slot, 0, acc.numel, 0, 0)
                 out.append(proto.seal_bytes(hdr.tobytes() + bytes(4 * acc.numel)))
                 self.stats.evicts_sent += 1
-                self.evict_at[psn] = now + 4 * EVICT_AFTER_S  # again later if the partial is still short
+                # Again later if the partial is still short: its missing
+                # contribution may be lost and come only with the workers'
+                # resends, so ask less and less often (at most every 50 ms).
+                gap = min(EVICT_MAX_GAP_S, self.evict_gap.get(psn, 2 * EVICT_AFTER_S) * 2)
+                self.evict_gap[psn] = gap
+                self.evict_at[psn] = now + gap
         return out

@@ -26,6 +26,10 @@ from . import batchio, proto
 # Below this, 4 agents sharing 2 cores time out on each other just by being
 # descheduled; losses are mostly repaired earlier by the fast retransmit.
 MIN_RTO = 0.02
+# Halving stops here: below it, three later results rarely come to trigger a
+# fast retransmit, and every loss waits for the timeout (5 % loss, hash mode,
+# 1 MiB: floor 1 2.3 s, 8 0.59 s, 16 0.43 s).
+CWND_FLOOR = 16.0
 
 
 class TransportError(RuntimeError):
@@ -390,6 +394,10 @@ class Session:
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
         else:
+            # A result can be late because another rank's packet was lost and
+            # repaired: that is not this path's RTT. Clamped, such samples lift
+            # srtt to at most twice the real RTT instead of towards the RTO.
+            rtt = min(rtt, 2 * self.srtt)
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rto = min(0.2, max(MIN_RTO, self.srtt + 4 * self.rttvar))
@@ -436,6 +444,7 @@ class Session:
         overflow = False
         base = nxt = ngot = fr = retx = 0
         last_progress = time.monotonic()
+        rto_fired = 0.0  # when the retransmission timeout last fired
 
         def resend(idx: np.ndarray, now: float) -> None:
             nonlocal retx
@@ -511,10 +520,11 @@ class Session:
                     # Three later results overtook these: a contribution (maybe
                     # another rank's) or the result was lost. Every rank resends,
                     # so the one whose packet was lost repairs it without an RTO.
-                    # Not in hash or ps mode: results come in the PS's order, and
-                    # a resend there evicts the psn's partial from the switch.
+                    # Also in hash mode, where a resend evicts the psn's partial
+                    # to the PS, which completes it (1% loss: 13x faster than
+                    # waiting for the RTO). Not in ps mode: the PS has it all.
                     hi = int(ids.max()) - 2
-                    if p.mode == "modulo" and hi > max(fr, base):
+                    if p.mode != "ps" and hi > max(fr, base):
                         cand = np.arange(max(fr, base), min(hi, nxt))
                         cand = cand[~got[cand] & ~fast_done[cand]]
                         if cand.size:
@@ -526,8 +536,10 @@ class Session:
                 late = span[~got[span] & (now - sent_at[span] > self.rto)]
                 if late.size:
                     resend(late, now)
-                self.rto = min(0.2, self.rto * 1.5)  # back off while nothing comes back
-                self.cwnd = max(1.0, self.cwnd / 2)  # and send less: AIMD
+                if last_progress <= rto_fired:
+                    self.rto = min(0.2, self.rto * 1.5)  # back off while nothing comes back
+                rto_fired = now
+                self.cwnd = max(min(CWND_FLOOR, W), self.cwnd / 2)  # and send less: AIMD
             if now - last_progress > self.progress_timeout:
                 why = (" while incd was resizing the job's memory" if self.fence is not None and base == nxt
                        else "; another rank may have stopped, or incd is gone")
