@@ -626,7 +626,7 @@ class Registry:
             now = time.time()
             for job in list(self.jobs.values()):
                 if job.rejoin_by is not None and now > job.rejoin_by:
-                    who = ", ".join("the PS" if r == -1 else f"rank {r}" for r in sorted(job.rejoin_wait))
+                    who = ", ".join((job.ps if r == -1 else job.members[r]).who for r in sorted(job.rejoin_wait))
                     self._end(job, f"incd restarted and {who} did not reconnect in time",
                               culprits=sorted(job.rejoin_wait))
 

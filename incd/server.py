@@ -188,9 +188,10 @@ class ControlHandler(socketserver.StreamRequestHandler):
                         else:  # a member of a job a restarted incd recovered
                             job, rank = srv.registry.rejoin(req, peer)
                         joined = (job, rank)
-                        _send(self.wfile, joined_reply(job, rank), lock)
-                        # events only after the reply: the agent reads that first
+                        # Events from now on: one that overtakes the reply is kept
+                        # by the agent (transport.Control) and handled after it.
                         (job.ps if rank == -1 else job.members[rank]).send = push
+                        _send(self.wfile, joined_reply(job, rank), lock)
                     elif op in ("done", "wait_end"):
                         # Only about this connection's own membership: there is no way to
                         # end or watch somebody else's job from here.

@@ -14,7 +14,6 @@ failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from incd.process import IncdProcess  # noqa: E402
 from netns_lab.agents import AgentRunError  # noqa: E402
 from netns_lab.impair import read_counters  # noqa: E402
 from netns_lab.topology import Lab  # noqa: E402
-from throughput import human, log, one_size, parse_size  # noqa: E402
+from throughput import human, log, one_size, parse_size, run_and_save  # noqa: E402
 
 # name -> Lab impairment keywords (the same as the inc-lab up flags)
 FAULTS = {
@@ -149,23 +148,8 @@ def main() -> int:
     p.add_argument("--lab-name", default="incflt", help="prefix of the labs this run creates")
     p.add_argument("--out", default=str(ROOT / "results" / "faults.json"), help="JSON output file")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        print("faults: must run as root (namespaces, XDP)", file=sys.stderr)
-        return 1
-    try:
-        res = run(args)
-    except (AgentRunError, RuntimeError) as e:
-        print(f"faults: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(table(res))
-    print(f"saved {out}")
-    return 0 if all(r["verified"] for r in res["rows"] if r["status"] != "timeout") else 4
-
+    return run_and_save("faults", run, args, table,
+                        lambda rows: all(r["verified"] for r in rows if r["status"] != "timeout"))
 
 if __name__ == "__main__":
     sys.exit(main())

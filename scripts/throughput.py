@@ -169,23 +169,30 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "throughput.json"), help="JSON output file")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     args = p.parse_args()
+    return run_and_save("throughput", run, args, table, lambda rows: all(r["verified"] for r in rows),
+                        as_json=args.json)
+
+
+def run_and_save(prog: str, run, args, table, all_ok, as_json: bool = False) -> int:
+    """A measuring program's main: run(args) as root, errors in one line, the
+    result saved to args.out and printed as a table. Exit 4 if not all_ok(rows)."""
     if os.geteuid() != 0:
-        print("throughput: must run as root (namespaces, XDP)", file=sys.stderr)
+        print(f"{prog}: must run as root (namespaces, XDP)", file=sys.stderr)
         return 1
     try:
         result = run(args)
     except (AgentRunError, RuntimeError) as e:
-        print(f"throughput: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2) if args.json else table(result))
-    if not args.json:
+    print(json.dumps(result, indent=2) if as_json else table(result))
+    if not as_json:
         print(f"saved {out}")
-    return 0 if all(r["verified"] for r in result["rows"]) else 4
+    return 0 if all_ok(result["rows"]) else 4
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 from incd import daemon
 from incd.process import IncdProcess
 from labutil import LabWithIncd
-from test_failures import Agent, assert_reclaimed, exits_after, next_job_is_exact
+from test_failures import Agent, assert_failed, assert_reclaimed, exits_after, next_job_is_exact
 
 # Long enough (about 15 s here) that the job is still running when the new incd is up.
 ITERS = "2500"
@@ -102,12 +102,11 @@ def test_restart_with_another_configuration_fails_the_job_cleanly(rlab):
         rlab.incd = IncdProcess(rlab.incd.instance, lab=rlab.name, extra=["--pool-slots", "2048"]).start()
         t0 = time.monotonic()
         took = exits_after(ws, t0, timeout=60)
-        for a, t in zip(ws, took):
+        # refused when they rejoin, or (if the new incd was slow to come up) failed for want of results
+        assert_failed(ws, took, "job 92: lost the control connection to incd")
+        for a in ws:
             err = a.stderr()
-            assert t is not None and a.proc.returncode == 1, (took, err[-500:])
-            assert ("would not take this rank back" in err and "job 92 is not running here" in err) \
-                or "lost the control connection to incd" in err, err[-500:]
-            assert "Traceback" not in err
+            assert "job 92 is not running here" in err or "no result came" in err, err[-500:]
         st = rlab.incd.status()
         assert st["pool_slots"] == 2048 and st["free_slots"] == 2048 and not st["jobs"]
     finally:
@@ -127,12 +126,8 @@ def test_member_that_does_not_rejoin_fails_the_job(rlab):
         rlab.incd = IncdProcess(rlab.incd.instance, lab=rlab.name, extra=["--rejoin-grace", "2"]).start()
         t0 = time.monotonic()
         took = exits_after(ws[:2], t0, timeout=60)
-        for a, t in zip(ws[:2], took):
-            err = a.stderr()
-            assert t is not None and t < 2 + 1 + 1.5, (took, err[-500:])  # grace + watchdog tick + slack
-            assert a.proc.returncode == 1 and "job 94 failed: incd restarted and rank 2 did not reconnect" in err, \
-                err[-500:]
-        assert "rank 2 did not reconnect" in assert_reclaimed(rlab, 94)["end_reason"]
+        assert_failed(ws[:2], took, "job 94 failed: incd restarted and rank 2 (", within=2 + 1 + 1.5)  # grace + tick
+        assert "rank 2 (10.77.3.2) did not reconnect" in assert_reclaimed(rlab, 94)["end_reason"]
     finally:
         for a in ws:
             a.kill()

@@ -223,6 +223,14 @@ def exits_after(agents: list[Agent], t0: float, timeout: float = 30.0) -> list[f
     return out
 
 
+def assert_failed(agents: list[Agent], took: list, message: str, within: float = 60.0, after: float = 0.0) -> None:
+    """Each agent exited with status 1 between after and within seconds, saying message, no traceback."""
+    for a, t in zip(agents, took):
+        err = a.stderr()
+        assert t is not None and after < t < within, (took, err[-500:])
+        assert a.proc.returncode == 1 and message in err and "Traceback" not in err, err[-500:]
+
+
 def assert_reclaimed(lab, job: int) -> dict:
     st = lab.incd.status()
     assert not [j for j in st["jobs"] if j["job"] == job], st["jobs"]
@@ -266,10 +274,7 @@ def test_killed_member_fails_the_job(flab, mode, victim):
         took = exits_after(rest, t0)
         DETECTED[f"{mode} kill {victim}"] = took
         name = "the parameter server" if victim == "ps" else f"rank {victim}"
-        for a, t in zip(rest, took):
-            err = a.stderr()
-            assert t is not None and t < FAIL_TIMEOUT + SLACK, (took, err[-500:])
-            assert a.proc.returncode == 1 and f"job {job} failed: {name}" in err and "Traceback" not in err, err[-500:]
+        assert_failed(rest, took, f"job {job} failed: {name}", within=FAIL_TIMEOUT + SLACK)
         rec = assert_reclaimed(flab, job)
         assert name in rec["end_reason"]
     finally:
@@ -288,11 +293,9 @@ def test_stopped_member_is_taken_for_hung(flab):
         t0 = time.monotonic()
         took = exits_after(ws[:2], t0)
         DETECTED["modulo SIGSTOP 2"] = took
-        for a, t in zip(ws[:2], took):
-            err = a.stderr()
-            # its last heartbeat came up to a quarter of the timeout before it stopped
-            assert t is not None and FAIL_TIMEOUT * 0.7 < t < FAIL_TIMEOUT + SLACK + 1.0, (took, err[-500:])
-            assert a.proc.returncode == 1 and "rank 2" in err and "no heartbeat" in err, err[-500:]
+        # its last heartbeat came up to a quarter of the timeout before it stopped
+        assert_failed(ws[:2], took, "rank 2 (", within=FAIL_TIMEOUT + SLACK + 1.0, after=FAIL_TIMEOUT * 0.7)
+        assert all("no heartbeat" in a.stderr() for a in ws[:2])
         assert "rank 2" in assert_reclaimed(flab, 84)["end_reason"]
     finally:
         for a in ws:
@@ -312,10 +315,7 @@ def test_incd_stop_fails_running_jobs(root):
             took = exits_after(ws + [ps], t0)
             stopper.join(60)
             DETECTED["incd stop"] = took
-            for a, t in zip(ws + [ps], took):
-                err = a.stderr()
-                assert t is not None and a.proc.returncode == 1, (took, err[-500:])
-                assert "failed: incd stopped" in err and "Traceback" not in err, err[-500:]
+            assert_failed(ws + [ps], took, "failed: incd stopped")
         finally:
             for a in ws + [ps]:
                 a.kill()

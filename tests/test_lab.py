@@ -163,12 +163,19 @@ def udp_transfer(lab, src, dst, n, size=200, burst=50, gap=0.001, port=9000, idl
     """
     if warm_up:
         assert ping(lab, src, dst).returncode == 0  # resolves ARP on every hop first
-    rx = lab.popen(dst, [sys.executable, "-c", RECV, str(port), str(idle)],
+    return send_and_receive(lab, src, dst, lab.addr(dst), SEND, RECV, port, idle, n, size, burst, gap)
+
+
+def send_and_receive(lab, src, dst, to, send_code, recv_code, port, idle, n, size, burst, gap,
+                     timeout=120):
+    """Runs recv_code on dst (it prints "ready", then its JSON report) and
+    send_code on src towards to:port; returns the report."""
+    rx = lab.popen(dst, [sys.executable, "-c", recv_code, str(port), str(idle)],
                    stdout=subprocess.PIPE, text=True)
     try:
         assert rx.stdout.readline().strip() == "ready"
-        lab.run(src, [sys.executable, "-c", SEND, lab.addr(dst), str(port), str(n), str(size),
-                      str(burst), str(gap)], check=True, timeout=60)
+        lab.run(src, [sys.executable, "-c", send_code, to, str(port), str(n), str(size),
+                      str(burst), str(gap)], check=True, timeout=timeout)
         out, _ = rx.communicate(timeout=60)
     finally:
         if rx.poll() is None:

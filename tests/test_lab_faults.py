@@ -93,18 +93,7 @@ def probe(lab, src, dst, n, size=200, burst=20, gap=0.002, port=9400, idle=1.0):
     """n datagrams src -> dst (hosts or "sw", the switch), paced so that no veth
     ring overflows; returns the receiver's report."""
     to = lab.host(src)["gateway"] if dst == "sw" else lab.addr(dst)
-    rx = lab.popen(dst, [sys.executable, "-c", PROBE_RX, str(port), str(idle)],
-                   stdout=subprocess.PIPE, text=True)
-    try:
-        assert rx.stdout.readline().strip() == "ready"
-        lab.run(src, [sys.executable, "-c", PROBE_TX, to, str(port), str(n), str(size),
-                      str(burst), str(gap)], check=True, timeout=120)
-        out, _ = rx.communicate(timeout=60)
-    finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.wait()
-    return json.loads(out)
+    return test_lab.send_and_receive(lab, src, dst, to, PROBE_TX, PROBE_RX, port, idle, n, size, burst, gap)
 
 
 def tcp_connect_ms(lab, src, dst, port=9410, n=5):
