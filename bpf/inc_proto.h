@@ -40,12 +40,15 @@
 #define INC_T_DATA 1           /* worker -> switch: a contribution */
 #define INC_T_RESULT 2         /* switch -> worker: the aggregate for a psn */
 #define INC_T_EVICT 3          /* hash mode, PS -> switch: hand me the partial of this psn */
+#define INC_T_KV 4             /* key-value mode, mapper -> switch (-> reducer): tuples */
+#define INC_T_KV_ACK 5         /* key-value mode, switch -> mapper: every tuple of psn absorbed */
 
 /* inc_hdr.flags */
 #define INC_F_RETRANS 0x01     /* sender had sent this psn before */
 #define INC_F_OVERFLOW 0x02    /* result: a lane overflowed int32 while summing */
 #define INC_F_COLLISION 0x04   /* hash mode, to the PS: the slot was held by another (job, psn) */
 #define INC_F_AGGREGATE 0x08   /* hash mode, to the PS: a switch aggregate of the ranks in bitmap */
+#define INC_F_KV_PARTIAL 0x10  /* key-value, to the reducer: some tuples were absorbed (cut out) */
 
 /* inc_hdr.op */
 #define INC_OP_SUM 0
@@ -57,6 +60,8 @@
 /* Index of the program for a hash job's PS packets (results, EVICTs) in the
  * dataplane's program array; modes index their own data programs. */
 #define INC_PROG_HASH_FROM_PS 3
+#define INC_MODE_KV 4          /* key-value aggregation (word count): see "Key-value mode" below */
+#define INC_MODE_PROGS 8       /* size of the program array */
 
 /* Hash mode: the slot a host writes into inc_hdr.slot for (job, psn). Only
  * hosts and the PS compute it (the switch checks the range); Python's copy in
@@ -97,12 +102,14 @@ struct inc_hdr {
 
 /* Job table, indexed by job id. Written by incd only. */
 struct inc_job {
-	__u32 offset;  /* first aggregator slot of the job's region */
-	__u32 slots;   /* region size; modulo mode uses 2 * window */
+	__u32 offset;  /* first aggregator slot of the job's region (key-value: first column) */
+	__u32 slots;   /* region size; modulo mode uses 2 * window (key-value: columns) */
 	__u16 gen;
 	__u8 mode;     /* 0 = no such job */
 	__u8 world;
-	__u32 pad;
+	__u8 epoch;    /* key-value: which copy of the aggregator array is active (0/1) */
+	__u8 pad;
+	__u16 parts;   /* key-value: subspaces the columns are cut into; flow f uses part f % parts */
 };
 
 /* Where and how to deliver a job's results on one switch port (devmap egress). */
@@ -163,7 +170,8 @@ enum inc_drop {
 	INC_DROP_BAD_SOURCE = 9, /* data not from the rank's registered host and port, result
 				  * not from the job's PS, or no PS known */
 	INC_DROP_BAD_CSUM = 10,  /* header or lanes changed on the way (csum mismatch) */
-	INC_DROP__COUNT = 11,
+	INC_DROP_KV_OLD = 11,    /* key-value: psn older than the flow's seen window */
+	INC_DROP__COUNT = 12,
 };
 
 /* Per-job counters, in a per-CPU array indexed by job id (0 = unattributable). */
@@ -180,7 +188,88 @@ struct inc_stats {
 	__u64 releases;         /* hash: slots freed by the PS's result (the ACK) */
 	__u64 reclaims;         /* hash: stale slots taken over */
 	__u64 evictions;        /* hash: partials handed to the PS on its EVICT */
+	__u64 kv_absorbed;      /* key-value: tuples added into an aggregator (claims included) */
+	__u64 kv_claimed;       /* key-value: tuples that took an empty aggregator */
+	__u64 kv_leftover;      /* key-value: tuples left in the packet for the reducer */
+	__u64 kv_acks;          /* key-value: packets fully absorbed and acknowledged by the switch */
+	__u64 kv_to_reducer;    /* key-value: packets sent on to the reducer with their leftovers */
+	__u64 kv_resent;        /* key-value: retransmissions of a psn already absorbed (re-acked or
+				 * replayed to the reducer, never added again) */
 	__u64 drops[INC_DROP__COUNT];
+};
+
+/* --- Key-value mode (word count) ---------------------------------------------
+ *
+ * A KV packet is an inc_hdr (type INC_T_KV, rank = the mapper's flow id, psn =
+ * its sequence number in that flow, numel = 32-bit words that follow) and
+ * numel / INC_KV_TUPLE_WORDS tuples. Tuple i goes to row i of the aggregator
+ * array, at column offset + part * (slots / parts) + inc_kv_col(key) % (slots /
+ * parts), part = rank % parts, in the active epoch's copy: an empty aggregator
+ * is claimed, the same key adds, another key leaves the tuple in the packet.
+ * All absorbed: the switch answers with an INC_T_KV_ACK (header only, slot =
+ * tuples absorbed) and drops the packet. Otherwise the packet goes on to the
+ * job's reducer (job_ps) with its leftover tuples only, in their order
+ * (compacted: numel = 3 x leftovers, the packet shortened), slot = tuples
+ * absorbed, INC_F_KV_PARTIAL if that is not 0; the reducer acknowledges it.
+ * A resend of a psn already absorbed is never added again: re-ACKed, or its
+ * same leftovers go to the reducer again (the flow's seen state keeps which
+ * tuples were absorbed), flagged INC_F_RETRANS if the mapper flagged it.
+ * Key 0 means "no tuple": mappers never send it (their hash maps 0 to 1). */
+#define INC_KV_TUPLE_WORDS 3   /* __u64 key (little-endian) + __s32 value */
+#define INC_KV_MAX_TUPLES 266  /* 798 words <= INC_MAX_ELEMS: 3278 B on the wire */
+#define INC_KV_ROWS INC_KV_MAX_TUPLES
+#define INC_KV_MASK_WORDS 5    /* ceil(INC_KV_MAX_TUPLES / 64) */
+#define INC_KV_WINDOW 128      /* seen psns kept per flow: a mapper's window may not exceed it */
+#define INC_KV_MAX_FLOWS 256   /* (job, flow) pairs with seen state, all KV jobs together (6 KiB each) */
+#define INC_KV_COLS_DEFAULT 512 /* columns of the aggregator array (build with -DINC_KV_COLS=N) */
+
+/* The wire tuple. Packed to 12 bytes; the switch reads it as three words. */
+struct inc_kv_tuple {
+	__u32 key_lo;
+	__u32 key_hi;
+	__s32 value;
+};
+
+/* Column of a key within its part (before % cols_per_part). */
+static inline __u32 inc_kv_col(__u64 key)
+{
+	return (__u32)key ^ (__u32)(key >> 32);
+}
+
+/* One aggregator: kv_pool[epoch * INC_KV_COLS * INC_KV_ROWS + col * INC_KV_ROWS + row]
+ * (column-major, so a job's columns are one contiguous range per epoch).
+ * Claimed with a 64-bit compare-and-swap on key, added with a 64-bit atomic
+ * add: no lock (scripts/kv_cost.py). */
+struct inc_kv_agg {
+	__u64 key;     /* 0 = empty */
+	__s64 value;   /* sum over the epoch: 64-bit, int32 tuples cannot overflow it */
+};
+
+/* inc_kv_seen.state */
+#define INC_KV_EMPTY 0
+#define INC_KV_PENDING 1       /* being absorbed on some CPU right now */
+#define INC_KV_ALL 2           /* every tuple absorbed: acknowledged by the switch */
+#define INC_KV_PARTIAL 3       /* mask = tuples absorbed; the rest went to the reducer */
+
+/* What the switch did with psn (one entry of a flow's ring, psn % INC_KV_WINDOW). */
+struct inc_kv_seen {
+	__u32 psn;
+	__u8 state;
+	__u8 pad;
+	__u16 absorbed;
+	__u64 mask[INC_KV_MASK_WORDS]; /* bit i: tuple i was absorbed */
+};
+
+struct inc_kv_flow_key {
+	__u16 job;
+	__u16 flow;    /* the mapper's rank */
+};
+
+/* Seen state of one flow; written by incd when the job is programmed. */
+struct inc_kv_flow {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	struct inc_kv_seen ring[INC_KV_WINDOW];
 };
 
 #endif /* INC_PROTO_H */

@@ -27,6 +27,9 @@
 #ifndef INC_POOL_SLOTS
 #define INC_POOL_SLOTS INC_POOL_SLOTS_DEFAULT
 #endif
+#ifndef INC_KV_COLS
+#define INC_KV_COLS INC_KV_COLS_DEFAULT
+#endif
 
 /* incd builds with -DINC_PIN_DIR="/sys/fs/bpf/<instance>": every map, the tail
  * call table included, is then pinned there, or reused if already pinned. The
@@ -48,6 +51,10 @@ INC_TABLE("hash", struct inc_member_key, struct inc_member, members, INC_MAX_JOB
 INC_TABLE("array", int, struct inc_member, job_ps, INC_MAX_JOBS); /* hash mode: the job's PS (ifindex 0 = none) */
 INC_TABLE("array", int, struct inc_source, sources, INC_MAX_JOBS * INC_MAX_WORKERS);
 INC_TABLE("percpu_array", int, struct inc_stats, stats, INC_MAX_JOBS);
+/* Key-value mode: two copies (epochs) of a rows x columns aggregator array, and
+ * per (job, flow) the psns already absorbed. */
+INC_TABLE("array", int, struct inc_kv_agg, kv_pool, 2 * INC_KV_COLS * INC_KV_ROWS);
+INC_TABLE("hash", struct inc_kv_flow_key, struct inc_kv_flow, kv_flows, INC_KV_MAX_FLOWS);
 BPF_XDP_REDIRECT_MAP(INC_PINNED("devmap", tx_ports), struct bpf_devmap_val, tx_ports, INC_MAX_PORTS);
 
 /* Keeps clang from folding the pointer into pkt_end arithmetic, which the
@@ -447,7 +454,7 @@ static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 	if ((void *)(h + 1) > c.end)
 		return PARSE_DROP(INC_DROP_BAD_HDR);
 	if (h->version != INC_VERSION || h->op > INC_OP_MAX ||
-	    h->type < INC_T_DATA || h->type > INC_T_EVICT)
+	    h->type < INC_T_DATA || h->type > INC_T_KV)
 		return PARSE_DROP(INC_DROP_BAD_HDR);
 	pk->h = h; /* set early: length errors are charged to the job */
 	__u32 n = h->numel;
@@ -469,7 +476,7 @@ static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 
 /* One program per mode, entered by tail call: each is verified on its own,
  * which keeps the verifier's work (800-lane loops on every path) in bounds. */
-INC_TABLE("prog", u32, u32, mode_progs, 4);
+INC_TABLE("prog", u32, u32, mode_progs, INC_MODE_PROGS);
 
 int xdp_inc_ingress(struct xdp_md *ctx)
 {
@@ -496,16 +503,20 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	struct inc_job *job = jobs.lookup(&job_id);
 	if (!job || job->mode == 0 || job->slots == 0)
 		return drop(0, INC_DROP_NO_JOB);
-	if (h->type != INC_T_DATA && job->mode != INC_MODE_HASH)
+	int kv = job->mode == INC_MODE_KV;
+	if ((h->type == INC_T_KV) != kv)
+		return drop(0, INC_DROP_BAD_HDR); /* key-value packets for key-value jobs only */
+	if (!kv && h->type != INC_T_DATA && job->mode != INC_MODE_HASH)
 		return drop(0, INC_DROP_BAD_HDR); /* only a hash job's PS sends results in */
+	int data = h->type == INC_T_DATA || kv; /* from a rank (a mapper's flow id in KV) */
 	struct inc_stats *st = stats_of(job_id);
 	if (st)
 		st->pkts_in++;
 	if (h->gen != job->gen)
 		return drop(job_id, INC_DROP_BAD_GEN);
-	if (h->type == INC_T_DATA && (h->rank >= job->world || h->rank >= INC_MAX_WORKERS))
+	if (data && (h->rank >= job->world || h->rank >= INC_MAX_WORKERS))
 		return drop(job_id, INC_DROP_BAD_RANK);
-	if (h->type == INC_T_DATA) {
+	if (data) {
 		/* Only the rank's registered host, behind its registered port. */
 		__u32 sidx = job_id * INC_MAX_WORKERS + h->rank;
 		struct inc_source *src = sources.lookup(&sidx);
@@ -690,4 +701,247 @@ int xdp_inc_egress(struct xdp_md *ctx)
 	if (st)
 		st->results_mcast++;
 	return XDP_PASS;
+}
+
+/* --- Key-value mode (word count) ------------------------------------------
+ *
+ * See inc_proto.h for the wire format. Per packet: the flow's seen entry for
+ * the psn is taken under the flow's lock (new psn -> PENDING; one already
+ * absorbed -> re-ACK, or replay of the same leftovers to the reducer; one still
+ * PENDING on another CPU -> drop as dup; one older than the ring -> drop, its
+ * sender had its ACK long ago because a mapper's window is at most
+ * INC_KV_WINDOW). Then each tuple is claimed/added with 64-bit atomics on its
+ * aggregator, no lock: a drain of the other epoch never runs concurrently
+ * (incd waits a grace period after flipping the epoch). */
+
+/* Per packet working state of the tuple loop. Kept in a per-CPU map rather
+ * than in registers: the verifier does not track values in map memory, so the
+ * loop's paths (absorbed or not) meet again at the loop head and are pruned;
+ * with exact counters in registers they never do (266 tuples: too complex). */
+struct kv_scratch {
+	__u32 absorbed;
+	__u32 claimed;
+	__u32 left;
+	__u32 lsum;
+	__u64 mask[INC_KV_MASK_WORDS];
+};
+BPF_TABLE("percpu_array", int, struct kv_scratch, kv_scratch, 1);
+
+#define KV_NEW 0
+#define KV_REACK 1
+#define KV_REPLAY 2
+#define KV_DUP 3
+#define KV_OLD 4
+
+/* The packet becomes a header-only INC_T_KV_ACK back to its sender. */
+static __always_inline int kv_ack(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
+				  struct udphdr *udp, struct inc_hdr *h, __u32 absorbed)
+{
+	h->type = INC_T_KV_ACK;
+	h->flags &= INC_F_RETRANS;
+	h->numel = 0;
+	h->slot = absorbed;
+	h->bitmap = 0;
+	inc_csum_set(h, 0);
+	__u8 tmp[ETH_ALEN];
+	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
+	__be32 a = ip->saddr;
+	ip->saddr = ip->daddr;
+	ip->daddr = a;
+	__be16 p = udp->source;
+	udp->source = udp->dest;
+	udp->dest = p;
+	ip->tot_len = htons(sizeof(*ip) + sizeof(*udp) + sizeof(*h));
+	ip->check = ipv4_csum(ip);
+	udp->len = htons(sizeof(*udp) + sizeof(*h));
+	udp->check = 0;
+	int keep = sizeof(*eth) + sizeof(*ip) + sizeof(*udp) + sizeof(*h);
+	int cut = (int)((long)ctx->data_end - (long)ctx->data) - keep;
+	if (cut > 0 && bpf_xdp_adjust_tail(ctx, -cut))
+		return XDP_DROP;
+	/* Not XDP_TX: see the retransmission answer of modulo mode. */
+	return bpf_redirect(ctx->ingress_ifindex, 0);
+}
+
+int xdp_inc_kv(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode(ctx, &pk, &job_id, &job, &st) || pk.h->type != INC_T_KV)
+		return XDP_DROP;
+	struct inc_hdr *h = pk.h;
+	__u32 n = h->numel;
+	__u32 nt = n / INC_KV_TUPLE_WORDS;
+	if (n != nt * INC_KV_TUPLE_WORDS || nt > INC_KV_MAX_TUPLES)
+		return drop(job_id, INC_DROP_BAD_LEN);
+	__u32 off = job->offset, cols = job->slots, parts = job->parts;
+	if (parts == 0 || parts > cols || off >= INC_KV_COLS || cols > INC_KV_COLS - off)
+		return drop(job_id, INC_DROP_NO_JOB); /* not a key-value job incd programmed */
+	struct inc_member *red = job_ps.lookup(&job_id);
+	if (!red || red->ifindex == 0)
+		return drop(job_id, INC_DROP_BAD_SOURCE); /* no reducer yet: absorb nothing */
+	struct inc_kv_flow_key fk = { .job = job_id, .flow = h->rank };
+	struct inc_kv_flow *fl = kv_flows.lookup(&fk);
+	if (!fl)
+		return drop(job_id, INC_DROP_BAD_SOURCE);
+
+	int zero = 0;
+	struct kv_scratch *sc = kv_scratch.lookup(&zero);
+	if (!sc)
+		return XDP_DROP;
+	__builtin_memset(sc, 0, sizeof(*sc));
+	__u32 psn = h->psn;
+	struct inc_kv_seen *e = &fl->ring[psn & (INC_KV_WINDOW - 1)];
+	__u64 mask[INC_KV_MASK_WORDS] = {};
+	__u32 absorbed = 0;
+	int action;
+	bpf_spin_lock(&fl->lock);
+	if (e->state != INC_KV_EMPTY && e->psn == psn) {
+		absorbed = e->absorbed;
+		if (e->state == INC_KV_PENDING) {
+			action = KV_DUP;
+		} else if (e->state == INC_KV_ALL) {
+			action = KV_REACK;
+		} else {
+			action = KV_REPLAY;
+#pragma unroll
+			for (int w = 0; w < INC_KV_MASK_WORDS; w++)
+				mask[w] = e->mask[w];
+		}
+	} else if (e->state != INC_KV_EMPTY && (__s32)(psn - e->psn) < 0) {
+		action = KV_OLD;
+	} else {
+		e->psn = psn;
+		e->state = INC_KV_PENDING;
+		action = KV_NEW;
+	}
+	bpf_spin_unlock(&fl->lock);
+
+	if (action == KV_DUP)
+		return drop(job_id, INC_DROP_DUP);
+	if (action == KV_OLD)
+		return drop(job_id, INC_DROP_KV_OLD);
+	if (action == KV_REACK) {
+		if (st) {
+			st->kv_resent++;
+			st->kv_acks++;
+		}
+		return kv_ack(ctx, pk.eth, pk.ip, pk.udp, h, absorbed);
+	}
+
+	int replay = action == KV_REPLAY;
+	__u32 cpp = cols / parts;
+	__u32 col0 = off + (h->rank % parts) * cpp;
+	__u32 base = (job->epoch & 1) * (INC_KV_COLS * INC_KV_ROWS);
+	if (replay) {
+		sc->absorbed = absorbed;
+#pragma unroll
+		for (int w = 0; w < INC_KV_MASK_WORDS; w++)
+			sc->mask[w] = mask[w];
+	}
+	struct inc_kv_tuple *tp = (struct inc_kv_tuple *)pk.payload;
+	for (__u32 i = 0; i < INC_KV_MAX_TUPLES; i++) {
+		if (i >= nt)
+			break;
+		struct inc_kv_tuple *t = tp + i;
+		barrier_var(t);
+		if ((void *)(t + 1) > pk.end)
+			break;
+		__u64 key = ((__u64)t->key_hi << 32) | t->key_lo;
+		__u64 bit = 1ULL << (i & 63);
+		int took;
+		if (replay) {
+			took = (sc->mask[i >> 6] & bit) != 0;
+		} else if (key == 0) {
+			took = 1; /* no tuple: nothing to add, nothing to pass on */
+			sc->mask[i >> 6] |= bit;
+			sc->absorbed++;
+		} else {
+			__u32 idx = base + (col0 + inc_kv_col(key) % cpp) * INC_KV_ROWS + i;
+			struct inc_kv_agg *a = kv_pool.lookup(&idx);
+			took = 0;
+			if (a) {
+				__u64 old = a->key;
+				if (old == 0)
+					old = __sync_val_compare_and_swap(&a->key, 0, key);
+				if (old == 0 || old == key) {
+					__sync_fetch_and_add(&a->value, (__s64)t->value);
+					if (old == 0)
+						sc->claimed++;
+					took = 1;
+					sc->mask[i >> 6] |= bit;
+					sc->absorbed++;
+				}
+			}
+		}
+		if (!took) {
+			/* Compaction: leftover number k moves to tuple k (k <= i). */
+			__u32 lo = t->key_lo, hi = t->key_hi, v = (__u32)t->value;
+			__u32 k = sc->left;
+			if (k < INC_KV_MAX_TUPLES) {
+				struct inc_kv_tuple *d = tp + k;
+				barrier_var(d);
+				if ((void *)(d + 1) <= pk.end) {
+					d->key_lo = lo;
+					d->key_hi = hi;
+					d->value = (__s32)v;
+				}
+			}
+			sc->left = k + 1;
+			sc->lsum += lo + hi + v;
+		}
+	}
+	absorbed = sc->absorbed;
+	__u32 claimed = sc->claimed, left = sc->left, lsum = sc->lsum;
+
+	if (!replay) {
+		/* Our PENDING entry: nobody else writes it; the final state is
+		 * published under the lock, after the mask. */
+#pragma unroll
+		for (int w = 0; w < INC_KV_MASK_WORDS; w++)
+			e->mask[w] = sc->mask[w];
+		bpf_spin_lock(&fl->lock);
+		if (e->psn == psn) {
+			e->absorbed = absorbed;
+			e->state = left ? INC_KV_PARTIAL : INC_KV_ALL;
+		}
+		bpf_spin_unlock(&fl->lock);
+	}
+	if (st) {
+		if (replay) {
+			st->kv_resent++;
+		} else {
+			st->kv_absorbed += absorbed;
+			st->kv_claimed += claimed;
+			st->kv_leftover += left;
+		}
+	}
+	if (!left) {
+		if (st)
+			st->kv_acks++;
+		return kv_ack(ctx, pk.eth, pk.ip, pk.udp, h, absorbed);
+	}
+	if (st)
+		st->kv_to_reducer++;
+	if (left > INC_KV_MAX_TUPLES)
+		return XDP_DROP; /* cannot happen: left <= nt */
+	h->flags = (h->flags & INC_F_RETRANS) | (absorbed ? INC_F_KV_PARTIAL : 0);
+	h->slot = absorbed;
+	h->numel = left * INC_KV_TUPLE_WORDS;
+	h->bitmap = 0;
+	inc_csum_set(h, lsum);
+	/* The leftovers only: cut the absorbed tuples (now at the end) off. */
+	__u32 inc_len = sizeof(*h) + left * sizeof(struct inc_kv_tuple);
+	pk.ip->tot_len = htons(sizeof(struct iphdr) + sizeof(struct udphdr) + inc_len);
+	pk.udp->len = htons(sizeof(struct udphdr) + inc_len);
+	readdress(pk.eth, pk.ip, pk.udp, red); /* recomputes the IP checksum */
+	int keep = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) + inc_len;
+	int cut = (int)((long)ctx->data_end - (long)ctx->data) - keep;
+	if (cut > 0 && bpf_xdp_adjust_tail(ctx, -cut))
+		return XDP_DROP;
+	return bpf_redirect(red->ifindex, 0);
 }

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from hostagent import proto
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SWITCH_SRC = BPF_DIR / "inc_switch.bpf.c"
-MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports", "mode_progs")
+MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports", "mode_progs",
+             "kv_pool", "kv_flows")
+KV_AGG_DTYPE = np.dtype([("key", "<u8"), ("value", "<i8")])  # struct inc_kv_agg (checked at load)
 XDP_FLAGS_DRV_MODE = 1 << 2
 
 
@@ -40,14 +45,19 @@ def _bcc():
 
 
 class Dataplane:
-    def __init__(self, pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"], pin_dir: Path | None = None):
+    def __init__(self, pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"], pin_dir: Path | None = None,
+                 kv_cols: int = proto.C["INC_KV_COLS_DEFAULT"]):
         """pin_dir: maps live there (bpffs); maps already pinned there are reused
         as they are (`adopted`), which is how a restarted incd takes over."""
         bcc = _bcc()
         if not 1 <= pool_slots <= 1 << 20:
             raise DataplaneError(f"pool size {pool_slots} out of range 1..{1 << 20}")
+        if not 1 <= kv_cols <= 1 << 16:
+            raise DataplaneError(f"key-value columns {kv_cols} out of range 1..{1 << 16}")
         self.pool_slots = pool_slots
-        cflags = [f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", "-w"]
+        self.kv_cols = kv_cols
+        self.kv_rows = proto.C["INC_KV_MAX_TUPLES"]
+        cflags = [f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", f"-DINC_KV_COLS={kv_cols}", "-w"]
         self.adopted = False
         if pin_dir is not None:
             ensure_bpffs()
@@ -62,6 +72,7 @@ class Dataplane:
                 proto.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),
                 proto.MODE_HASH: self.bpf.load_func(b"xdp_inc_hash", bcc.BPF.XDP),
                 proto.C["INC_PROG_HASH_FROM_PS"]: self.bpf.load_func(b"xdp_inc_hash_from_ps", bcc.BPF.XDP),
+                proto.C["INC_MODE_KV"]: self.bpf.load_func(b"xdp_inc_kv", bcc.BPF.XDP),
             }
             self.egress = self.bpf.load_func(
                 b"xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP
@@ -78,6 +89,10 @@ class Dataplane:
         self.sources = self.bpf[b"sources"]
         self.stats = self.bpf[b"stats"]
         self.tx_ports = self.bpf[b"tx_ports"]
+        self.kv_pool = self.bpf[b"kv_pool"]
+        self.kv_flows = self.bpf[b"kv_flows"]
+        if ct.sizeof(self.kv_pool.Leaf) != KV_AGG_DTYPE.itemsize:
+            raise DataplaneError("struct inc_kv_agg does not match KV_AGG_DTYPE")
         self.ports: list[Port] = []
 
     # --- ports -----------------------------------------------------------
@@ -177,8 +192,143 @@ class Dataplane:
         for k in [k for k in self.members.keys() if k.job == job]:
             del self.members[k]
         self.clear_ps(job)
+        self.clear_kv_flows(job)
         for rank in range(proto.MAX_WORKERS):
             self.clear_source(job, rank)
+
+    # --- key-value jobs -------------------------------------------------------
+    # A KV job owns columns [offset, offset + cols) of every row in both epochs
+    # of kv_pool; pool index = epoch * cols_total * rows + col * rows + row, so
+    # that region is one contiguous range of cols * rows entries per epoch.
+
+    def set_kv_job(self, job: int, *, offset: int, cols: int, gen: int, world: int,
+                   parts: int | None = None, epoch: int = 0, reset_flows: bool = True) -> None:
+        """Programs a key-value job: columns [offset, offset+cols), cut into `parts`
+        subspaces (default: one per flow, so two mappers never share an aggregator),
+        `epoch` active. Flow f (the mapper of rank f) aggregates into part f % parts.
+        With reset_flows its flows' seen state starts empty. The job's reducer is
+        set with set_ps()."""
+        parts = world if parts is None else parts
+        if not (0 <= offset and 1 <= cols and offset + cols <= self.kv_cols):
+            raise DataplaneError(f"columns [{offset}, {offset + cols}) outside 0..{self.kv_cols}")
+        if not 1 <= parts <= cols:
+            raise DataplaneError(f"{parts} parts for {cols} columns")
+        if not 1 <= world <= proto.MAX_WORKERS:
+            raise DataplaneError(f"world {world} out of range")
+        if reset_flows:
+            self.reset_kv_flows(job, world)
+        v = self.jobs.Leaf()
+        v.offset, v.slots, v.gen, v.mode, v.world = offset, cols, gen, proto.C["INC_MODE_KV"], world
+        v.epoch, v.parts = epoch & 1, parts
+        self.jobs[ct.c_int(job)] = v
+
+    def kv_epoch(self, job: int) -> int:
+        return int(self.jobs[ct.c_int(job)].epoch)
+
+    def flip_kv_epoch(self, job: int, grace_s: float = 0.01) -> int:
+        """Makes the other copy active and returns the one that was active (now
+        inactive, to drain). Waits grace_s so that packets that read the old epoch
+        before the flip have finished adding (XDP runs a packet in microseconds)."""
+        v = self.jobs[ct.c_int(job)]
+        if v.mode != proto.C["INC_MODE_KV"]:
+            raise DataplaneError(f"job {job} is not a key-value job")
+        old = int(v.epoch) & 1
+        v.epoch = old ^ 1
+        self.jobs[ct.c_int(job)] = v
+        if grace_s > 0:
+            time.sleep(grace_s)
+        return old
+
+    def _kv_range(self, job: int, epoch: int) -> tuple[int, int]:
+        v = self.jobs[ct.c_int(job)]
+        if v.mode != proto.C["INC_MODE_KV"]:
+            raise DataplaneError(f"job {job} is not a key-value job")
+        start = (epoch & 1) * self.kv_cols * self.kv_rows + int(v.offset) * self.kv_rows
+        return start, int(v.slots) * self.kv_rows
+
+    def read_kv(self, job: int, epoch: int) -> np.ndarray:
+        """The job's aggregators of one epoch, as KV_AGG_DTYPE, shape (cols, rows)."""
+        start, count = self._kv_range(job, epoch)
+        out = np.zeros(count, KV_AGG_DTYPE)
+        keys = np.zeros(count, np.uint32)
+        done = 0
+        fd = self.kv_pool.map_fd
+        from bcc.libbcc import lib
+
+        while done < count:
+            cnt = ct.c_uint32(count - done)
+            # the kernel continues after in_batch (the previous call's last key)
+            in_b = ct.c_uint32(start + done - 1) if start + done else None
+            out_b = ct.c_uint32(0)
+            rc = lib.bpf_lookup_batch(fd, ct.byref(in_b) if in_b is not None else None, ct.byref(out_b),
+                                      keys[done:].ctypes.data, out[done:].ctypes.data, ct.addressof(cnt))
+            if rc != 0 and ct.get_errno() != 2 or cnt.value == 0:  # ENOENT: end of the map
+                raise DataplaneError(f"BPF_MAP_LOOKUP_BATCH on kv_pool failed: {os.strerror(ct.get_errno())}")
+            done += cnt.value
+        return out.reshape(-1, self.kv_rows)
+
+    def clear_kv(self, job: int, epoch: int) -> None:
+        start, count = self._kv_range(job, epoch)
+        keys = np.arange(start, start + count, dtype=np.uint32)
+        vals = np.zeros(count, KV_AGG_DTYPE)
+        from bcc.libbcc import lib
+
+        cnt = ct.c_uint32(count)
+        if lib.bpf_update_batch(self.kv_pool.map_fd, keys.ctypes.data, vals.ctypes.data, ct.byref(cnt)) != 0:
+            raise DataplaneError(f"BPF_MAP_UPDATE_BATCH on kv_pool failed: {os.strerror(ct.get_errno())}")
+
+    def drain_kv(self, job: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Reads and clears one epoch's copy of the job's aggregators (the inactive
+        one: flip_kv_epoch first). Returns (keys uint64, values int64) of the
+        non-empty ones; a key may appear more than once (several rows and parts)."""
+        a = self.read_kv(job, epoch).ravel()
+        self.clear_kv(job, epoch)
+        live = a["key"] != 0
+        return a["key"][live].copy(), a["value"][live].copy()
+
+    def _flow_key(self, job: int, flow: int):
+        k = self.kv_flows.Key()
+        k.job, k.flow = job, flow
+        return k
+
+    def reset_kv_flows(self, job: int, world: int) -> None:
+        """Seen state of flows 0..world-1 of the job: empty (and only those exist)."""
+        self.clear_kv_flows(job)
+        for f in range(world):
+            self.kv_flows[self._flow_key(job, f)] = self.kv_flows.Leaf()
+
+    def clear_kv_flows(self, job: int) -> None:
+        for k in [k for k in self.kv_flows.keys() if k.job == job]:
+            try:
+                del self.kv_flows[k]
+            except KeyError:
+                pass
+
+    def read_kv_seen(self, job: int, flow: int) -> dict[int, dict]:
+        """psn -> {"state": "pending"|"all"|"partial", "absorbed": n, "mask": int}
+        for the psns the flow's ring remembers."""
+        names = {proto.C["INC_KV_PENDING"]: "pending", proto.C["INC_KV_ALL"]: "all",
+                 proto.C["INC_KV_PARTIAL"]: "partial"}
+        try:
+            v = self.kv_flows[self._flow_key(job, flow)]
+        except KeyError:
+            return {}
+        out = {}
+        for e in v.ring:
+            if e.state != proto.C["INC_KV_EMPTY"]:
+                mask = sum(int(w) << (64 * i) for i, w in enumerate(e.mask))
+                out[int(e.psn)] = {"state": names.get(e.state, str(e.state)), "absorbed": int(e.absorbed),
+                                   "mask": mask}
+        return out
+
+    def clear_kv_job(self, job: int) -> None:
+        """Forgets a key-value job: entry, seen state, and both copies of its columns."""
+        v = self.jobs[ct.c_int(job)]
+        if v.mode == proto.C["INC_MODE_KV"]:
+            self.clear_kv(job, 0)
+            self.clear_kv(job, 1)
+        self.clear_kv_flows(job)
+        self.clear_job(job)
 
     # --- counters -----------------------------------------------------------
     def read_stats(self, job: int) -> dict:
