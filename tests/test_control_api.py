@@ -236,7 +236,10 @@ try:
 except PermissionError:
     print("EACCES")
     raise SystemExit
-s.sendall(b'{"op": "stop"}\\n')
+try:
+    s.sendall(b'{"op": "stop"}\\n')
+except (BrokenPipeError, ConnectionResetError):
+    pass  # incd refused at accept and closed: its answer is still there to read
 print(s.makefile().readline().strip())
 """
 
