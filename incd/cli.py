@@ -177,6 +177,9 @@ def _fmt_counters(c: dict | None) -> str:
     if c.get("to_ps") or c.get("fallbacks") or c.get("releases"):
         out += (f" to_ps={c['to_ps']} collisions={c['collisions']} fallbacks={c['fallbacks']} "
                 f"releases={c['releases']} reclaims={c['reclaims']}")
+    if c.get("kv_absorbed") or c.get("kv_leftover") or c.get("kv_acks") or c.get("kv_to_reducer"):
+        out += (f" kv_absorbed={c['kv_absorbed']} kv_claimed={c['kv_claimed']} kv_leftover={c['kv_leftover']} "
+                f"kv_acks={c['kv_acks']} kv_to_reducer={c['kv_to_reducer']} kv_resent={c['kv_resent']}")
     return out
 
 
@@ -204,6 +207,8 @@ def cmd_status(args) -> int:
     print("ports: " + ", ".join(f"{p['name']}(ifindex {p['ifindex']}, mtu {p['mtu']}, xdp {p['xdp']})"
                                 for p in s["ports"]))
     print(f"pool: {s['pool_slots']} slots, {s['free_slots']} free")
+    if "kv_cols" in s:
+        print(f"key-value columns: {s['kv_cols']}, {s['kv_free_cols']} free, {s['kv_flows']} flows in use")
     if s.get("hash_region"):
         h = s["hash_region"]
         print(f"hash region: {h['offset']}+{h['slots']}, held {h['held'] or 'none'}")
@@ -213,6 +218,9 @@ def cmd_status(args) -> int:
         members = " ".join(f"{m['rank']}@{m['addr']}:{m['port']}/{m['switch_port']}" for m in j["members"])
         print(f"job {j['job']} [{j['state']}] {j['mode']} gen={j['gen']} world={j['world']} "
               f"window={j['window']} region={j['offset']}+{j['slots']} elems/pkt={j['elems_per_packet']}")
+        if j["mode"] == "kv":
+            print(f"    key-value: columns {j['offset']}+{j['cols']} in {j['parts']} parts, epoch {j.get('epoch')}, "
+                  f"{j['drains']} drains, {j['tuples_per_packet']} tuples/pkt")
         if j.get("ps"):
             members += f" ps@{j['ps']['addr']}:{j['ps']['port']}/{j['ps']['switch_port']}"
         print(f"    members: {members}")
@@ -240,6 +248,8 @@ def cmd_jobs(args) -> int:
           f"{'deadline in':>11} {'need':>5}")
     for j in s["jobs"]:
         region = f"{j['offset']}+{j['slots']}" if j["state"] == "active" and j["slots"] else "-"
+        if j["mode"] == "kv" and region != "-":
+            region = f"kv:{region}"  # columns of the key-value array, not pool slots
         dl = f"{j['deadline_in_s']:.1f}s" if j["deadline_in_s"] is not None else "-"
         print(f"{j['job']:>5} {j['mode']:>6} {j['state']:>7} {j['world']:>5} {j['window'] or '-':>6} "
               f"{region:>11} {dl:>11} {j.get('need_slots') or '-':>5}")

@@ -62,6 +62,9 @@ def dump(reg: Registry, fp: str) -> dict:
             "elems": j.elems, "started": j.started, "remaps_done": j.remaps_done,
             "members": [_member(m) for m in j.members.values()],
             "ps": _member(j.ps) if j.ps is not None else None,
+            # key-value: offset/slots are its columns; the epoch and the flows' seen
+            # state are in the pinned maps (jobs, kv_flows), the sums in kv_pool
+            "req_cols": j.req_cols, "parts": j.parts, "tuples": j.tuples, "kv_drains": j.kv_drains,
         })
     return {"version": VERSION, "fingerprint": fp, "saved": time.time(), "gen": reg._gen,
             "hash_region": reg.hash_region, "jobs": jobs}
@@ -103,6 +106,8 @@ def restore(reg: Registry, data: dict, grace_s: float) -> list[int]:
             for k in ("window", "req_window", "shape", "deadline", "model_bytes", "epochs", "compute_s",
                       "gen", "offset", "slots", "elems", "started", "remaps_done"):
                 setattr(j, k, d[k])
+            for k, default in (("req_cols", None), ("parts", None), ("tuples", 0), ("kv_drains", 0)):
+                setattr(j, k, d.get(k, default))
             for md in d["members"]:
                 j.members[md["rank"]] = _unmember(md)
             j.ps = _unmember(d["ps"]) if d["ps"] else None
@@ -110,6 +115,9 @@ def restore(reg: Registry, data: dict, grace_s: float) -> list[int]:
             j.rejoin_wait = {md["rank"] for md in d["members"] + [d["ps"] or {}] if md.get("alive")}
             if j.mode == "modulo":
                 reg.alloc.reserve(j.offset, j.slots)
+            elif j.mode == "kv":
+                reg.kv_alloc.reserve(j.offset, j.slots)
+                j.kv_epoch = reg.dp.kv_epoch(j.id)  # the pinned job entry has the active copy
             j.state = "active"
             j.rejoin_by = time.time() + grace_s
             reg.jobs[j.id] = j

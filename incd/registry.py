@@ -12,7 +12,12 @@ ends the same way (see leave() and heartbeat()).
 
 Modes: "modulo" (NetReduce, switch only: 2W private slots), "hash" (ATP: a
 region shared by all hash jobs, PS fallback), "ps" (the switch only forwards;
-the plain parameter-server baseline).
+the plain parameter-server baseline), "kv" (key-value aggregation, word count:
+mappers' tuples are summed by key in a private range of columns of the
+switch's kv_pool; the reducer registers as the job's PS, gets what the switch
+could not absorb, and drains the aggregators with kv_drain()). A kv job ends
+when its reducer leaves; mappers leave with "done" when they have sent
+everything, and one that goes without it fails the job.
 """
 from __future__ import annotations
 
@@ -30,8 +35,12 @@ from .memory import MIN_SLOTS, JobDemand, MemoryManager, needed_slots
 from .netinfo import NetInfoError, Path
 
 MAX_WINDOW = 4096
-MODES = ("modulo", "hash", "ps")
-MODE_CODE = {"modulo": proto.MODE_MODULO, "hash": proto.MODE_HASH}
+KV_DRAIN_GRACE_S = 0.01  # after an epoch flip, before the old copy is read (XDP runs a packet in microseconds)
+MODES = ("modulo", "hash", "ps", "kv")
+MODE_CODE = {"modulo": proto.MODE_MODULO, "hash": proto.MODE_HASH, "kv": proto.C["INC_MODE_KV"]}
+KV_WINDOW = proto.C["INC_KV_WINDOW"]         # a mapper's window may not exceed the switch's seen ring
+KV_MAX_FLOWS = proto.C["INC_KV_MAX_FLOWS"]   # mappers of all kv jobs together
+KV_COLS_DEFAULT = proto.C["INC_KV_COLS_DEFAULT"]
 
 
 class RegistrationError(RuntimeError):
@@ -85,10 +94,18 @@ class Job:
     rejoin_by: float | None = None  # recovered by a restarted incd: members must rejoin by then
     rejoin_wait: set = field(default_factory=set)  # ranks (-1: PS) not back yet
     last_beat: float | None = None  # monotonic time of the last heartbeat from any member
+    # key-value mode: offset/slots are the job's columns of kv_pool
+    req_cols: int | None = None  # columns asked for by the mappers (None: the default share)
+    parts: int | None = None     # subspaces the columns are cut into (asked, then in effect)
+    tuples: int = 0              # tuples per packet (from the members' MTU)
+    kv_drains: int = 0
+    kv_epoch: int = 0            # the active copy (mirrors the switch's job entry)
+    kv_lock: threading.Lock = field(default_factory=threading.Lock)  # a drain vs. the job's end
+    kv_cleared: bool = False     # its columns are cleared and freed (under kv_lock)
 
     @property
     def needs_ps(self) -> bool:
-        return self.mode in ("hash", "ps")
+        return self.mode in ("hash", "ps", "kv")
 
     def complete(self) -> bool:
         return len(self.members) == self.world and (self.ps is not None or not self.needs_ps)
@@ -113,6 +130,8 @@ class Job:
             "members": [m.public() for m in sorted(self.members.values(), key=lambda m: m.rank)],
             "ps": self.ps.public() if self.ps else None,
             "resizes": self.remaps_done,
+            **({"cols": self.slots, "parts": self.parts, "req_cols": self.req_cols, "tuples_per_packet": self.tuples,
+                "drains": self.kv_drains} if self.mode == "kv" else {}),
         }
 
 
@@ -130,6 +149,8 @@ class Request:
     model_bytes: int = 0
     epochs: float = 1.0
     compute_s: float = 0.0
+    cols: int | None = None   # kv: columns wanted
+    parts: int | None = None  # kv: subspaces
 
 
 def validate_register(req: dict) -> Request:
@@ -160,6 +181,15 @@ def validate_register(req: dict) -> Request:
         return Request(job, role, -1, world, None, port, mode, None)
     rank = num("rank", 0, world - 1)
     window = num("window", 1, MAX_WINDOW)
+    cols = parts = None
+    if mode == "kv":
+        if window > KV_WINDOW:
+            raise RegistrationError(f"a key-value mapper's 'window' may be at most {KV_WINDOW} "
+                                    f"(the switch remembers {KV_WINDOW} psns per flow), got {window}")
+        if req.get("cols") is not None:
+            cols = num("cols", 1, 1 << 16)
+        if req.get("parts") is not None:
+            parts = num("parts", 1, world)
     shape = req.get("shape")
     if shape is not None and (not isinstance(shape, str) or len(shape) > 64):
         raise RegistrationError("'shape' must be a short string")
@@ -176,7 +206,7 @@ def validate_register(req: dict) -> Request:
                    deadline_s=real("deadline_s", 0.001, 10**7, None),
                    model_bytes=int(real("model_bytes", 0, 10**13, 0)),
                    epochs=float(real("epochs", 0.001, 10**7, 1.0)),
-                   compute_s=float(real("compute_s", 0, 10**5, 0.0)))
+                   compute_s=float(real("compute_s", 0, 10**5, 0.0)), cols=cols, parts=parts)
 
 
 class Registry:
@@ -196,6 +226,10 @@ class Registry:
         self.on_change = None  # called (under self.cond) when the running jobs change: saves them
         self._next_scan = 0.0    # watchdog: next stale-slot scan (monotonic)
         self.stale_cleared = 0   # hash-region slots the watchdog emptied so far
+        # key-value jobs: private column ranges of the kv_pool (both epochs)
+        self.kv_cols = int(getattr(dataplane, "kv_cols", KV_COLS_DEFAULT))
+        self.kv_alloc = RegionAllocator(self.kv_cols)
+        self.kv_default_cols = max(1, self.kv_cols // 2)  # a job that names no 'cols' gets up to this
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -226,6 +260,10 @@ class Registry:
                     raise RegistrationError(
                         f"job {r.job} {who} is running (from {current.addr}); "
                         "it must finish before the job id is reused")
+                if job.mode == "kv" and job.ps is not None and job.ps.alive:
+                    raise RegistrationError(
+                        f"job {r.job} is running: its reducer ({job.ps.addr}) has not finished; "
+                        "it must finish before the job id is reused")
                 # A new run of the job (this member's old run is gone): the old run's
                 # stragglers are cut off by the new generation.
                 replaces, job = job, None
@@ -235,12 +273,16 @@ class Registry:
                         raise RegistrationError(
                             f"job {r.job} is being registered with window={job.req_window} data={job.shape}; "
                             f"this request says window={r.window} data={r.shape}")
+                    if job.req_window is not None and (job.req_cols, job.parts) != (r.cols, r.parts):
+                        raise RegistrationError(
+                            f"job {r.job} is being registered with cols={job.req_cols} parts={job.parts}; "
+                            f"this request says cols={r.cols} parts={r.parts}")
                     if r.rank in job.members:
                         raise RegistrationError(
                             f"job {r.job} rank {r.rank} is already registered from {job.members[r.rank].addr}")
                 elif job.ps is not None:
                     raise RegistrationError(f"job {r.job} already has a PS at {job.ps.addr}")
-                if r.role == "worker" and job.mode != "ps":
+                if r.role == "worker" and job.mode not in ("ps", "kv"):  # kv: no per-port member entry
                     for m in job.members.values():
                         if m.path.ifindex == path.ifindex:
                             raise RegistrationError(
@@ -255,6 +297,7 @@ class Registry:
             if r.role == "worker":
                 if job.req_window is None:
                     job.req_window, job.shape = r.window, r.shape
+                    job.req_cols, job.parts = r.cols, r.parts
                 if r.deadline_s is not None or r.model_bytes:
                     # the job's deadline and size, from whichever rank states them
                     job.deadline = time.time() + r.deadline_s if r.deadline_s is not None else job.deadline
@@ -344,7 +387,29 @@ class Registry:
             if self.hash_region is None:
                 self.hash_region = (self.alloc.alloc(self.hash_slots), self.hash_slots)
             return self.hash_region
+        if job.mode == "kv":
+            return self._kv_region(job)
         return 0, 0
+
+    def _kv_region(self, job: Job) -> tuple[int, int]:
+        """Columns for a kv job: what its mappers asked for ('cols', default
+        kv_cols/2), or less if less is free in one run, a multiple of its parts
+        (one part per mapper unless it said 'parts'); at least one column per part."""
+        parts = job.parts or job.world
+        flows = sum(j.world for j in self.jobs.values() if j.mode == "kv" and j.state == "active")
+        if flows + job.world > KV_MAX_FLOWS:
+            raise AllocError(f"no room for job {job.id}'s {job.world} mappers: the switch keeps state for "
+                             f"{KV_MAX_FLOWS} key-value flows and running jobs use {flows}")
+        want = min(job.req_cols or self.kv_default_cols, self.kv_cols)
+        size = min(want, self.kv_alloc.largest_free())
+        size -= size % parts
+        if size < parts:
+            raise AllocError(
+                f"no free key-value columns for job {job.id}: it needs at least {parts} (one per part), "
+                f"the largest free run is {self.kv_alloc.largest_free()} of {self.kv_cols} "
+                f"({self.kv_alloc.free_slots()} free)")
+        job.parts = parts
+        return self.kv_alloc.alloc(size), size
 
     def _activate(self, job: Job, size: int | None = None) -> None:
         try:
@@ -357,7 +422,16 @@ class Registry:
             return
         job.gen = self._next_gen()
         job.elems = proto.elems_for_mtu(min(m.path.mtu for m in self._all_members(job)))
-        if job.mode in MODE_CODE:
+        if job.mode == "kv":
+            try:
+                self._program_kv(job)
+            except Exception as e:  # e.g. the flow table is full: nothing of the job stays
+                self._unprogram_kv(job)
+                self.kv_alloc.free(job.offset)
+                job.state, job.error = "ended", f"cannot program key-value job {job.id}: {e}"
+                self.jobs.pop(job.id, None)
+                return
+        elif job.mode in MODE_CODE:
             self.dp.reset_stats(job.id)
             for m in job.members.values():
                 self.dp.set_member(job.id, **self._member_fields(m))
@@ -368,6 +442,61 @@ class Registry:
                             world=job.world, mode=MODE_CODE[job.mode])
         job.state = "active"
         self._changed()
+
+    def _program_kv(self, job: Job) -> None:
+        from hostagent import kv_proto
+
+        job.tuples = kv_proto.tuples_for_mtu(min(m.path.mtu for m in self._all_members(job)))
+        self.dp.reset_stats(job.id)
+        for m in job.members.values():  # a mapper's flow id is its rank
+            self.dp.set_source(job.id, m.rank, socket.inet_aton(m.addr), m.port, m.path.ifindex)
+        self.dp.set_ps(job.id, **self._member_fields(job.ps))  # the reducer
+        # Fresh flows (seen state) and epoch 0; then both copies of its columns
+        # emptied. Nobody has the new generation before the replies go out, so
+        # no packet of this run can be absorbed before that.
+        self.dp.set_kv_job(job.id, offset=job.offset, cols=job.slots, gen=job.gen, world=job.world,
+                           parts=job.parts, epoch=0, reset_flows=True)
+        self.dp.clear_kv(job.id, 0)
+        self.dp.clear_kv(job.id, 1)
+        job.kv_cleared = False
+        job.kv_epoch = 0
+
+    def _unprogram_kv(self, job: Job) -> None:
+        """Removes a kv job from the switch: sources, reducer, columns (both
+        epochs, emptied), flows, job entry."""
+        for rank in job.members:
+            self.dp.clear_source(job.id, rank)
+        self.dp.clear_ps(job.id)
+        self.dp.clear_kv_job(job.id)
+
+    def kv_drain(self, job: Job, rank: int) -> dict:
+        """The reducer's kv_drain: flips the job's epoch, waits the grace for
+        packets that read the old one, then reads and empties the old copy.
+        Returns each key once (sorted), with its sum over that copy."""
+        import numpy as np
+
+        with self.cond:
+            if job.mode != "kv":
+                raise RegistrationError(f"kv_drain: job {job.id} is a {job.mode} job, not a key-value one")
+            if rank != -1:
+                raise RegistrationError(f"kv_drain: only job {job.id}'s reducer may drain it, not a mapper")
+            if job.state != "active":
+                raise RegistrationError(f"kv_drain: job {job.id} is {job.state}")
+        with job.kv_lock:  # the job's end waits for a drain under way (its columns stay its own)
+            if job.kv_cleared or job.state != "active":
+                raise RegistrationError(f"kv_drain: job {job.id} ended ({job.error or 'its reducer left'})")
+            epoch = self.dp.flip_kv_epoch(job.id, KV_DRAIN_GRACE_S)
+            keys, values = self.dp.drain_kv(job.id, epoch)
+            job.kv_drains += 1
+            job.kv_epoch = epoch ^ 1
+        aggs = int(keys.size)
+        if keys.size:
+            keys, inv = np.unique(keys, return_inverse=True)
+            sums = np.zeros(keys.size, np.int64)
+            np.add.at(sums, inv, values)
+            values = sums
+        return {"ok": True, "job": job.id, "epoch": epoch, "active": epoch ^ 1, "aggregators": aggs,
+                "keys": keys.tolist(), "values": values.tolist()}
 
     @staticmethod
     def _all_members(job: Job) -> list[Member]:
@@ -460,7 +589,23 @@ class Registry:
                 return
             m.alive = False
             running = any(x.alive for x in job.members.values())
-            if job.state == "active":
+            if job.state == "active" and job.mode == "kv":
+                # Mappers that said "done" leave early; the reducer drains after them
+                # and its leaving ends the job. Anyone going without "done" fails it.
+                if rank == -1:
+                    if running:
+                        left = sorted(r for r, x in job.members.items() if x.alive)
+                        self._end(job, f"{m.who} (the reducer) left while mappers {left} were still running",
+                                  culprits=[-1])
+                    elif done:
+                        self._end(job, None)
+                    else:
+                        self._end(job, f"{m.who} (the reducer) left without saying done "
+                                       "(killed or crashed?)", culprits=[-1])
+                elif not done:
+                    self._end(job, f"{m.who} left before finishing: its control connection closed "
+                                   "(killed or crashed?)", culprits=[rank])
+            elif job.state == "active":
                 if not done and running:
                     self._end(job, f"{m.who} left before finishing: its control connection closed "
                                    "(killed or crashed?)", culprits=[rank])
@@ -472,19 +617,28 @@ class Registry:
         with self.cond:
             while job.state != "ended":
                 self.cond.wait()
-            return job.error or "all workers left"
+            return job.error or ("the reducer finished" if job.mode == "kv" else "all workers left")
 
     def _end(self, job: Job, reason: str | None, culprits: list | None = None) -> None:
         """Ends a job (reason None: its workers finished) and frees what it held.
         Members still connected learn how it ended, first: "job_ended", or
         "job_failed" with the reason and the ranks to blame (-1: the PS)."""
+        ok_reason = "the reducer finished" if job.mode == "kv" else "all workers left"
         if reason is None:
-            self._notify(job, {"event": "job_ended", "job": job.id, "reason": "all workers left"})
+            self._notify(job, {"event": "job_ended", "job": job.id, "reason": ok_reason})
         else:
             self._notify(job, {"event": "job_failed", "job": job.id, "error": reason,
                                "ranks": sorted(culprits or [])})
         final = None
-        if job.state == "active":
+        if job.state == "active" and job.mode == "kv":
+            with job.kv_lock:  # after a drain under way
+                final = self.dp.read_stats(job.id)
+                final["epoch"] = self.dp.kv_epoch(job.id)
+                final["drains"] = job.kv_drains
+                self._unprogram_kv(job)
+                self.kv_alloc.free(job.offset)
+                job.kv_cleared = True
+        elif job.state == "active":
             if job.mode in MODE_CODE:
                 self.dp.clear_job(job.id)
                 for m in job.members.values():
@@ -507,7 +661,7 @@ class Registry:
             self.hash_region = None
         rec = job.public()
         rec["ended"] = time.time()
-        rec["end_reason"] = reason or "all workers left"
+        rec["end_reason"] = reason or ok_reason
         rec["counters"] = final
         self.finished.append(rec)
         self._changed()
@@ -642,6 +796,8 @@ class Registry:
                 rec = job.public()
                 rec["counters"] = (self.dp.read_stats(job.id)
                                    if job.state == "active" and job.mode in MODE_CODE else None)
+                if job.mode == "kv":
+                    rec["epoch"] = self.dp.kv_epoch(job.id) if job.state == "active" else None
                 jobs.append(rec)
             hash_region, held = None, 0
             if self.hash_region is not None:
@@ -670,6 +826,10 @@ class Registry:
                 "hash_region": hash_region,
                 "held_slots": held,  # hash-region slots a live (job, psn) holds right now
                 "stale_slots_cleared": self.stale_cleared,  # by the watchdog, since start
+                "kv_cols": self.kv_cols,
+                "kv_free_cols": self.kv_alloc.free_slots(),
+                "kv_regions": {str(k): v for k, v in sorted(self.kv_alloc.regions().items())},
+                "kv_flows": sum(j.world for j in self.jobs.values() if j.mode == "kv" and j.state == "active"),
                 "jobs": jobs,
                 "finished": list(self.finished),
                 "unattributed": self.dp.read_stats(0)["drops"],

@@ -126,6 +126,10 @@ def register_timeout(req: dict, default: float) -> float:
 def joined_reply(job, rank: int) -> dict:
     """What a member needs to take part: the job's switch programming and peers."""
     member = job.ps if rank == -1 else job.members[rank]
+    kv = {}
+    if job.mode == "kv":  # the job's columns of the switch's key-value array, and the packet size
+        kv = {"cols": job.slots, "parts": job.parts, "epoch": job.kv_epoch, "tuples": job.tuples,
+              "kv_window": proto.C["INC_KV_WINDOW"]}
     return {
         "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
         "window": job.window, "offset": job.offset, "slots": job.slots,
@@ -134,6 +138,7 @@ def joined_reply(job, rank: int) -> dict:
         "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
         "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
                     for m in sorted(job.members.values(), key=lambda m: m.rank)],
+        **kv,
     }
 
 
@@ -214,6 +219,15 @@ class ControlHandler(socketserver.StreamRequestHandler):
                                 srv.registry.remap_report(joined[0], joined[1], req["remap"], req["next_psn"])
                             elif op == "remap_passed":
                                 srv.registry.remap_passed(joined[0], joined[1], req["remap"])
+                    elif op == "kv_drain":
+                        # The reducer of a kv job: flip the epoch, read and empty the old copy.
+                        # The reply is one line of up to cols x 266 keys and values (a few MB).
+                        if not joined:
+                            raise RegistrationError("'kv_drain' before 'register': this connection is in no job")
+                        if "job" in req and req["job"] != joined[0].id:
+                            raise RegistrationError(f"job {short(req['job'])} is not this connection's job "
+                                                    f"(job {joined[0].id})")
+                        _send(self.wfile, srv.registry.kv_drain(*joined), lock)
                     elif op == "alive":  # heartbeat; no reply (see Registry.heartbeat)
                         if joined:
                             srv.registry.heartbeat(*joined, req.get("fail_timeout"))
