@@ -144,6 +144,80 @@ def cmd_ps(a) -> int:
     return 0
 
 
+def _kv_job_args(p) -> None:
+    """What a word count's mapper and reducer both take."""
+    p.add_argument("--job", type=int, required=True)
+    p.add_argument("--mappers", type=int, required=True, help="number of mappers")
+    p.add_argument("--switch", help="incd address (default: this host's default gateway)")
+    p.add_argument("--register-timeout", type=float, default=30.0)
+    p.add_argument("--fail-timeout", type=float, default=2.0, metavar="S")
+
+
+def _check_kv_job(a) -> None:
+    if not 1 <= a.mappers <= proto.MAX_WORKERS:
+        raise CliError(f"--mappers must be in 1..{proto.MAX_WORKERS}")
+    if not 1 <= a.job < proto.MAX_JOBS:
+        raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
+
+
+def cmd_kv_map(a) -> int:
+    from . import kv_agent
+
+    _check_kv_job(a)
+    if not 0 <= a.rank < a.mappers:
+        raise CliError(f"--rank must be in 0..{a.mappers - 1}")
+    if not 1 <= a.window <= kv_agent.kv_proto.WINDOW:
+        raise CliError(f"--window must be in 1..{kv_agent.kv_proto.WINDOW} (the switch remembers "
+                       f"{kv_agent.kv_proto.WINDOW} psns per mapper)")
+    for f in a.input:
+        if not Path(f).is_file():
+            raise CliError(f"--input {f}: no such file")
+    say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    st = kv_agent.run_mapper(a.job, a.rank, a.mappers, a.input, window=a.window, switch=a.switch,
+                             register_timeout=a.register_timeout, progress_timeout=a.timeout,
+                             fail_timeout=a.fail_timeout, say=say)
+    res = dict(vars(st))
+    print(json.dumps(res) if a.json else
+          f"kv-map job {a.job} mapper {a.rank}/{a.mappers}: {st.words} words ({st.distinct} distinct) as "
+          f"{st.tuples} tuples in {st.packets} packets; acknowledged by the switch {st.acks_switch}, by the "
+          f"reducer {st.acks_reducer}; {st.retransmits} retransmits; {st.total_s:.2f} s")
+    if st.collisions:
+        print(f"inc-agent: warning: {st.collisions} key(s) shared by two of this mapper's words "
+              "(the reducer reports them)", file=sys.stderr)
+    return 0
+
+
+def cmd_kv_reduce(a) -> int:
+    from . import kv_agent
+
+    _check_kv_job(a)
+    if Path(a.out).parent and not Path(a.out).parent.exists():
+        raise CliError(f"--out directory {Path(a.out).parent} does not exist")
+    say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    status = 0
+    try:
+        counts, s, info = kv_agent.run_reducer(a.job, a.mappers, switch=a.switch,
+                                               register_timeout=a.register_timeout,
+                                               fail_timeout=a.fail_timeout, timeout=a.timeout, say=say)
+    except kv_agent.CollisionError as e:
+        counts, s, info = e.counts, e.summary, e.info
+        print(f"inc-agent: {e}", file=sys.stderr)
+        status = 3
+    tmp = Path(str(a.out) + ".tmp")
+    try:
+        tmp.write_text(json.dumps(counts, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+        tmp.replace(a.out)
+    except OSError as e:
+        raise CliError(f"cannot write {a.out}: {e}")
+    res = {**info, **kv_agent.summary_dict(s), "out": str(a.out), "total_count": sum(counts.values())}
+    print(json.dumps(res) if a.json else
+          f"kv-reduce job {a.job}: {s.words} words, {res['total_count']} occurrences; from the switch "
+          f"{s.drain_total} (drained {s.drain_keys} keys), as leftovers {s.leftover_total} ({s.leftover_tuples} "
+          f"tuples in {s.leftover_packets} packets, {s.dup_packets} duplicates); {len(s.collisions)} "
+          f"collisions; {info['total_s']:.2f} s -> {a.out}")
+    return status
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inc-agent", description="Host agent for in-network aggregation.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -198,6 +272,32 @@ def parser() -> argparse.ArgumentParser:
                    "hung, and how long it serves without packets once incd is gone (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print the final statistics as JSON")
     q.set_defaults(fn=cmd_ps)
+    m = sub.add_parser("kv-map", help="word count: count words of text files and send them through the switch",
+                       description="Mapper of a key-value (word count) job: tokenizes the input (lowercase; "
+                       "anything but letters and digits separates words), counts words per chunk and sends "
+                       "the counts as (key, int32) tuples to the switch, which sums them; what it cannot "
+                       "absorb goes to the reducer. Then sends the reducer its key -> word dictionary.")
+    _kv_job_args(m)
+    m.add_argument("--rank", type=int, required=True, help="this mapper's flow id, 0..mappers-1")
+    m.add_argument("--input", action="append", required=True, metavar="FILE",
+                   help="UTF-8 text (repeat for more files)")
+    m.add_argument("--window", type=int, default=64, help="packets unacknowledged at most, 1..128 "
+                   "(default %(default)s)")
+    m.add_argument("--timeout", type=float, default=10.0,
+                   help="fail if no acknowledgement comes for this many seconds (default %(default)s)")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.set_defaults(fn=cmd_kv_map)
+    r = sub.add_parser("kv-reduce", help="word count: the reducer of a key-value job",
+                       description="Reducer of a key-value job: adds the tuples the switch could not "
+                       "absorb, collects the mappers' dictionaries, drains the switch's sums and writes "
+                       "{word: count} as JSON. Exit status 3 if two words share a key (those words are "
+                       "left out of the output and named).")
+    _kv_job_args(r)
+    r.add_argument("--out", required=True, metavar="COUNTS.json")
+    r.add_argument("--timeout", type=float, default=600.0,
+                   help="fail if the mappers have not all finished after this many seconds (default %(default)s)")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.set_defaults(fn=cmd_kv_reduce)
     return p
 
 

@@ -1,0 +1,346 @@
+"""Word count agents (inc-agent kv-map / kv-reduce): the pure logic without root
+(tokenizer, combining into int32 tuples, the mapper's window and ACK parsing, the
+reducer's dedupe, merge and collision handling), and the whole job in the lab:
+three mappers and a reducer through the real switch and incd, also under loss,
+duplication and reordering, checked against collections.Counter."""
+from __future__ import annotations
+
+import collections
+import json
+import random
+import subprocess
+
+import numpy as np
+import pytest
+
+from hostagent import kv_agent as ka
+from hostagent import kv_proto as kv
+from hostagent import proto
+
+# --- tokenizer and combiner ---------------------------------------------------------
+
+
+def test_tokenize():
+    assert ka.tokenize("The cat, the CAT's hat -- 42x_y!") == ["the", "cat", "the", "cat", "s", "hat", "42x", "y"]
+    assert ka.tokenize("Ünïcode naïve café\tÉTÉ\n") == ["ünïcode", "naïve", "café", "été"]
+    assert ka.tokenize("  ...  ") == [] and ka.tokenize("") == []
+
+
+def test_read_chunks_never_split_words(tmp_path):
+    p = tmp_path / "t.txt"
+    lines = [" ".join(f"w{i}x{j}" for j in range(7)) for i in range(500)]
+    p.write_text("\n".join(lines) + "\n")
+    chunks = list(ka.read_chunks(str(p), 100))
+    assert len(chunks) > 10 and "".join(chunks) == p.read_text()
+    assert sum((collections.Counter(ka.tokenize(c)) for c in chunks), collections.Counter()) == \
+        collections.Counter(ka.tokenize(p.read_text()))
+
+
+def test_split_counts_big_values():
+    M = ka.INT32_MAX
+    k, v = ka.split_counts(np.array([5, 6, 7], np.uint64), np.array([3, 2 * M + 5, M], np.int64))
+    assert k.tolist() == [5, 6, 6, 6, 7] and v.tolist() == [3, M, M, 5, M] and v.dtype == np.int32
+    k, v = ka.split_counts(np.array([9], np.uint64), np.array([M + 1]))
+    assert (k.tolist(), v.tolist()) == ([9, 9], [M, 1])
+    with pytest.raises(ValueError):
+        ka.split_counts(np.array([1], np.uint64), np.array([0]))
+
+
+def test_chunk_tuples_dictionary_and_own_collisions():
+    d, col = {}, []
+    k, v = ka.chunk_tuples(collections.Counter({"a": 3, "b": 2**32}), d, col)
+    got = collections.defaultdict(int)
+    for kk, vv in zip(k.tolist(), v.tolist()):
+        got[kk] += vv
+    assert got == {kv.word_key("a"): 3, kv.word_key("b"): 2**32} and v.dtype == np.int32
+    assert d == {kv.word_key("a"): "a", kv.word_key("b"): "b"} and col == []
+    # a key function where "x" and "y" share key 7: the mapper itself notices
+    d2, col2 = {}, []
+    ka.chunk_tuples(collections.Counter({"x": 1, "y": 1, "z": 1}), d2, col2,
+                    key_fn=lambda w: 7 if w in "xy" else 8)
+    assert col2 == [(7, "x", "y")]
+
+
+def test_map_file_equals_counter(tmp_path):
+    rng = random.Random(1)
+    vocab = [f"w{i}" for i in range(300)] + ["Äpfel", "don't"]
+    text = "\n".join(" ".join(rng.choice(vocab) for _ in range(20)) for _ in range(400))
+    p = tmp_path / "in.txt"
+    p.write_text(text)
+    keys, vals, d, col, words = ka.map_file([str(p)], chunk_bytes=1000)
+    want = collections.Counter(ka.tokenize(text))
+    got = collections.Counter()
+    for k, v in zip(keys.tolist(), vals.tolist()):
+        got[d[k]] += v
+    assert got == want and words == sum(want.values()) and not col
+    assert keys.size > len(want)  # combined per chunk, not per file
+
+
+# --- mapper window and ACKs -----------------------------------------------------------
+
+
+def test_ack_window_send_ack_resend():
+    w = ka.AckWindow(10, 4)
+    assert w.to_send() == (0, 4)
+    w.mark_sent(0, 4, now=1.0)
+    assert w.to_send() == (4, 4)  # window full
+    assert w.ack([1, 2, 2, 99]).tolist() == [1, 2]  # dup counted once, unknown psn ignored
+    assert w.base == 0 and w.to_send() == (4, 4)  # psn 0 still missing: no sliding
+    assert w.due(now=1.01, rto=0.05).size == 0
+    assert w.due(now=1.2, rto=0.05).tolist() == [0, 3]
+    assert w.ack([0]).tolist() == [0] and w.base == 3 and w.to_send() == (4, 7)
+    w.mark_sent(4, 7, now=2.0)
+    assert w.ack([3, 4, 5, 6]).size == 4 and w.base == 7
+    w.mark_sent(*w.to_send(), now=3.0)
+    assert w.ack([7, 8, 9]).size == 3 and w.finished and w.ack([9]).size == 0
+    with pytest.raises(ValueError):
+        ka.AckWindow(5, kv.WINDOW + 1)
+
+
+def _rows(pkts):
+    width = max(len(p) for p in pkts) + 8
+    rows = np.zeros((len(pkts), width), np.uint8)
+    for i, p in enumerate(pkts):
+        rows[i, :len(p)] = np.frombuffer(p, np.uint8)
+    return rows, np.array([len(p) for p in pkts])
+
+
+def test_parse_acks_and_reducer_ack_format():
+    a = ka.build_ack(job=3, gen=2, flow=1, psn=5, tuples=4)
+    h, t = kv.parse_kv(a)  # csum ok, header only
+    assert (h["type"], h["job"], h["gen"], h["rank"], h["psn"], h["slot"], h["numel"], len(t)) == \
+        (kv.T_KV_ACK, 3, 2, 1, 5, 4, 0, 0)
+    bad = bytearray(ka.build_ack(job=3, gen=2, flow=1, psn=6))
+    bad[8] ^= 1
+    pkts = [a, ka.build_ack(job=3, gen=1, flow=1, psn=7), ka.build_ack(job=3, gen=2, flow=0, psn=8),
+            ka.build_ack(job=4, gen=2, flow=1, psn=9), bytes(bad), ka.build_ack(job=3, gen=2, flow=1, psn=50),
+            kv.build_kv_packet([1], [1], job=3, gen=2, flow=1, psn=10), ka.build_ack(job=3, gen=2, flow=1, psn=11)]
+    rows, lens = _rows(pkts)
+    assert ka.parse_acks(rows, lens, job=3, gen=2, flow=1, n=20).tolist() == [5, 11]
+
+
+# --- reducer state ------------------------------------------------------------------------
+
+
+def leftover(flow, psn, pairs, *, job=9, gen=4, flags=0):
+    k = [kv.word_key(w) for w, _ in pairs]
+    return kv.build_kv_packet(k, [c for _, c in pairs], job=job, gen=gen, flow=flow, psn=psn, flags=flags)
+
+
+def test_reducer_dedupe_drain_and_merge():
+    s = ka.ReducerState(job=9, gen=4, world=2)
+    assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)])) == (0, 0, 2)
+    assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)], flags=proto.F_RETRANS)) == (0, 0, 2)  # replay
+    assert s.packet(leftover(1, 0, [("a", 5)], flags=kv.F_KV_PARTIAL)) == (1, 0, 1)  # other flow, same psn
+    assert s.packet(leftover(1, 0, [("a", 5)])) == (1, 0, 1)  # duplicate: ACKed, not added
+    assert s.packet(leftover(1, 1, [], flags=kv.F_KV_PARTIAL)) == (1, 1, 0)
+    assert s.packet(leftover(0, 1, [("a", 1)], gen=3)) is None  # older run
+    assert s.packet(leftover(0, 1, [("a", 1)], job=8)) is None
+    assert s.packet(leftover(2, 1, [("a", 1)])) is None  # no such mapper
+    assert s.packet(b"\x01" * 10) is None
+    assert (s.s.leftover_packets, s.s.dup_packets, s.s.bad_packets, s.s.partial_packets) == (3, 2, 4, 2)
+    s.drained([kv.word_key("a"), kv.word_key("c")], [10, 7])
+    s.drained([], [])
+    assert not s.complete
+    s.dictionary(0, {str(kv.word_key("a")): "a", str(kv.word_key("b")): "b"})
+    s.dictionary(1, {kv.word_key("a"): "a", kv.word_key("c"): "c"})
+    s.dictionary(1, {kv.word_key("a"): "a"})  # the same mapper again: no effect
+    assert s.complete
+    counts, col = s.counts()
+    assert counts == {"a": 17, "b": 1, "c": 7} and col == []
+    assert (s.s.drains, s.s.drain_total, s.s.leftover_total, s.s.words) == (2, 17, 8, 3)
+
+
+def test_reducer_collision_reported_never_merged():
+    s = ka.ReducerState(job=1, gen=1, world=3)
+    s.packet(kv.build_kv_packet([7, 8], [2, 3], job=1, gen=1, flow=0, psn=0))
+    s.drained([7], [10])
+    s.dictionary(0, {"7": "x", "8": "y"})
+    s.dictionary(1, {"7": "other"})           # key 7 claimed by a second word
+    s.dictionary(2, {"7": "third"}, [["8", "y", "why"]])  # and a mapper's own collision on 8
+    counts, col = s.counts()
+    assert counts == {}  # neither 7 nor 8 is counted under any word
+    assert sorted(col) == [(7, "x", "other"), (7, "x", "third"), (8, "y", "why")]
+    with pytest.raises(ka.KVError, match="flow 5"):
+        s.dictionary(5, {})
+
+
+def test_reducer_key_without_word_is_an_error():
+    s = ka.ReducerState(job=1, gen=1, world=1)
+    s.drained([kv.word_key("a"), 12345], [1, 2])
+    s.dictionary(0, {kv.word_key("a"): "a"})
+    with pytest.raises(ka.KVError, match="no word"):
+        s.counts()
+
+
+# --- the job in the lab ---------------------------------------------------------------------
+
+def make_corpus(tmp_path, mappers, seed, lines=1500, vocab=3000):
+    """Zipf-ish text per mapper: a few very common words (absorbed by the switch),
+    a long tail (many leftovers), mixed case and punctuation."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)] + ["The", "tHe", "naïve", "café", "don't", "x_y", "42"]
+    weights = [1.0 / (i + 1) for i in range(len(words))]
+    files, total = [], collections.Counter()
+    for m in range(mappers):
+        text = "\n".join(" ".join(rng.choices(words, weights, k=12)) + rng.choice([".", ",", "!", ""])
+                         for _ in range(lines)) + "\n"
+        p = tmp_path / f"in{m}.txt"
+        p.write_text(text, encoding="utf-8")
+        files.append(str(p))
+        total += collections.Counter(ka.tokenize(text))
+    return files, total
+
+
+def run_wordcount(lab, tmp_path, job, files, *, window=64, timeout=180):
+    from netns_lab.agents import agent_argv
+
+    out = tmp_path / f"counts{job}.json"
+    red = lab.popen("ps", agent_argv("kv-reduce", "--job", str(job), "--mappers", str(len(files)),
+                                     "--out", str(out), "--json"),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = [lab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", str(job), "--rank", str(r), "--mappers",
+                                              str(len(files)), "--input", f, "--window", str(window), "--json"),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r, f in enumerate(files)]
+    res, errors = [], []
+    for name, p in [*((f"mapper {r}", p) for r, p in enumerate(maps)), ("reducer", red)]:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in [*maps, red]:
+                q.kill()
+            raise AssertionError(f"job {job}: {name} did not finish in {timeout}s")
+        if p.returncode != 0:
+            errors.append(f"{name} exit {p.returncode}: {e.strip()[-600:]}")
+            continue
+        res.append(json.loads(o.strip().splitlines()[-1]))
+    assert not errors, f"job {job}: " + "; ".join(errors)
+    return res[:-1], res[-1], json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def kvlab(root):
+    from labutil import LabWithIncd
+
+    with LabWithIncd("k", workers=3, ps=True) as lab:
+        yield lab
+
+
+def test_wordcount_exact(kvlab, tmp_path):
+    files, want = make_corpus(tmp_path, 3, seed=1)
+    maps, red, counts = run_wordcount(kvlab, tmp_path, 80, files)
+    assert counts == dict(want)
+    assert red["collisions"] == [] and red["dictionaries"] == 3
+    # both paths did work: the switch absorbed most, the tail went to the reducer
+    assert red["drain_total"] > 0 and red["leftover_total"] > 0
+    assert red["drain_total"] + red["leftover_total"] == sum(want.values())
+    assert sum(m["acks_switch"] for m in maps) > 0 and sum(m["acks_reducer"] for m in maps) > 0
+    assert sum(m["packets"] for m in maps) == sum(m["acks_switch"] + m["acks_reducer"] for m in maps)
+    fin = [j for j in kvlab.incd.status()["finished"] if j["job"] == 80][-1]
+    assert fin["end_reason"] == "the reducer finished"
+
+
+def test_wordcount_twice_same_lab_small_window(kvlab, tmp_path):
+    """A second job after the first (columns freed and reused), window 1, and a
+    mapper with an empty input (no packets, an empty dictionary)."""
+    files, want = make_corpus(tmp_path, 3, seed=2, lines=200)
+    want -= collections.Counter(ka.tokenize(open(files[0], encoding="utf-8").read()))
+    open(files[0], "w").close()
+    _, _, counts = run_wordcount(kvlab, tmp_path, 81, files, window=1)
+    assert counts == dict(want)
+
+
+@pytest.mark.parametrize("impair", [{"loss_pct": 2.0}, {"dup_pct": 5.0}, {"reorder_pct": 20.0}],
+                         ids=["loss2", "dup5", "reorder20"])
+def test_wordcount_exact_under_faults(root, tmp_path, impair):
+    from labutil import LabWithIncd
+
+    with LabWithIncd("kf", workers=3, ps=True, **impair) as lab:
+        files, want = make_corpus(tmp_path, 3, seed=3)
+        maps, red, counts = run_wordcount(lab, tmp_path, 82, files)
+        assert counts == dict(want)
+        if "loss_pct" in impair:
+            assert sum(m["retransmits"] for m in maps) > 0
+        if "dup_pct" in impair:
+            # copies reached the switch (re-acked or replayed, or dropped while pending) or
+            # the reducer (acknowledged, not added): they happened and changed no count
+            c = [j for j in lab.incd.status()["finished"] if j["job"] == 82][-1]["counters"]
+            assert red["dup_packets"] + c["kv_resent"] + c["drops"]["dup"] > 0, (red, c)
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["kv-map", "--job", "1", "--rank", "0", "--mappers", "2", "--input", "/nonexistent/x.txt"], "no such file"),
+    (["kv-map", "--job", "1", "--rank", "2", "--mappers", "2", "--input", "x"], "--rank must be in 0..1"),
+    (["kv-map", "--job", "1", "--rank", "0", "--mappers", "2", "--input", __file__, "--window", "129"],
+     "--window must be in 1..128"),
+    (["kv-reduce", "--job", "0", "--mappers", "2", "--out", "c.json"], "--job must be in"),
+    (["kv-reduce", "--job", "1", "--mappers", "2", "--out", "/nonexistent/c.json"], "does not exist"),
+])
+def test_cli_errors_without_traceback(capsys, argv, msg):
+    from hostagent import cli
+
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_missing_mapper_fails_in_time_with_a_message(kvlab, tmp_path):
+    """Only two of three mappers come: everyone gives up after the registration
+    timeout with a message, no traceback, nothing left on the switch."""
+    from netns_lab.agents import agent_argv
+
+    files, _ = make_corpus(tmp_path, 2, seed=4, lines=50)
+    procs = [kvlab.popen("ps", agent_argv("kv-reduce", "--job", "83", "--mappers", "3", "--out",
+                                          str(tmp_path / "c.json"), "--register-timeout", "2"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    procs += [kvlab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", "83", "--rank", str(r), "--mappers", "3",
+                                                  "--input", f, "--register-timeout", "2"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for r, f in enumerate(files)]
+    for p in procs:
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("inc-agent: incd refused register: timed out"), err
+    assert not (tmp_path / "c.json").exists()
+    assert not kvlab.incd.status()["jobs"]
+
+
+def test_stopped_reducer_fails_the_mappers_with_a_message(kvlab, tmp_path):
+    """The reducer is SIGSTOPped before the job starts: leftovers are never
+    acknowledged; the mappers give up (their --timeout, or incd reporting the
+    reducer hung) with a message and no traceback, and the job is gone."""
+    import signal
+    import time
+
+    from netns_lab.agents import agent_argv
+
+    files, _ = make_corpus(tmp_path, 3, seed=5, lines=300)
+    red = kvlab.popen("ps", agent_argv("kv-reduce", "--job", "84", "--mappers", "3", "--out",
+                                       str(tmp_path / "c.json")),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # registered, waiting for the mappers
+        red.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        maps = [kvlab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", "84", "--rank", str(r), "--mappers", "3",
+                                                    "--input", f, "--timeout", "3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for r, f in enumerate(files)]
+        for p in maps:
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 1 and "Traceback" not in err, err
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("inc-agent: job 84") and ("reducer" in last or "acknowledgement" in last), err
+        assert time.monotonic() - t0 < 15
+    finally:
+        red.send_signal(signal.SIGCONT)
+        red.kill()
+        red.wait()
+    deadline = time.monotonic() + 10
+    while kvlab.incd.status()["jobs"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not kvlab.incd.status()["jobs"]
