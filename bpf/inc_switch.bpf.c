@@ -255,6 +255,21 @@ static __always_inline void readdress(struct ethhdr *eth, struct iphdr *ip, stru
 	udp->check = 0;
 }
 
+/* Back the way it came: swapped addresses keep the IP checksum valid. */
+static __always_inline void swap_addresses(struct ethhdr *eth, struct iphdr *ip, struct udphdr *udp)
+{
+	__u8 tmp[ETH_ALEN];
+	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
+	__be32 a = ip->saddr;
+	ip->saddr = ip->daddr;
+	ip->daddr = a;
+	__be16 p = udp->source;
+	udp->source = udp->dest;
+	udp->dest = p;
+}
+
 static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
 				     struct udphdr *udp, struct inc_hdr *h, __s32 *payload,
 				     void *end, __u32 job_id, struct inc_job *job,
@@ -644,16 +659,7 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 	udp->check = 0; /* payload rewritten; 0 = no checksum is valid for IPv4 UDP */
 	if (verdict == V_RETX) {
 		/* Unicast back the way it came; swapping addresses keeps the IP checksum. */
-		__u8 tmp[ETH_ALEN];
-		__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
-		__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-		__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
-		__be32 a = ip->saddr;
-		ip->saddr = ip->daddr;
-		ip->daddr = a;
-		__be16 p = udp->source;
-		udp->source = udp->dest;
-		udp->dest = p;
+		swap_addresses(eth, ip, udp);
 		if (st)
 			st->retrans_answered++;
 		/* Not XDP_TX: on veth, XDP_TX only wakes the peer's NAPI when the peer
@@ -743,16 +749,7 @@ static __always_inline int kv_ack(struct xdp_md *ctx, struct ethhdr *eth, struct
 	h->slot = absorbed;
 	h->bitmap = 0;
 	inc_csum_set(h, 0);
-	__u8 tmp[ETH_ALEN];
-	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
-	__be32 a = ip->saddr;
-	ip->saddr = ip->daddr;
-	ip->daddr = a;
-	__be16 p = udp->source;
-	udp->source = udp->dest;
-	udp->dest = p;
+	swap_addresses(eth, ip, udp);
 	ip->tot_len = htons(sizeof(*ip) + sizeof(*udp) + sizeof(*h));
 	ip->check = ipv4_csum(ip);
 	udp->len = htons(sizeof(*udp) + sizeof(*h));

@@ -34,9 +34,10 @@ def lab(root):
         yield lab
 
 
-def socket_in(netns: str) -> socket.socket:
-    """A TCP socket in a lab namespace, made by a thread that enters it (a
-    namespace switch is per thread, so the test process itself stays put)."""
+def socket_in(netns: str, kind: int = socket.SOCK_STREAM, bind_port: int | None = None) -> socket.socket:
+    """A socket (TCP by default) in a lab namespace, made by a thread that enters
+    it (a namespace switch is per thread, so the test process itself stays put);
+    bound to bind_port if given."""
     out: dict = {}
 
     def make():
@@ -47,7 +48,11 @@ def socket_in(netns: str) -> socket.socket:
                     raise OSError(ctypes.get_errno(), f"setns {netns}")
             finally:
                 os.close(fd)
-            out["sock"] = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_INET, kind)
+            if bind_port is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                sock.bind(("0.0.0.0", bind_port))
+            out["sock"] = sock
         except BaseException as e:
             out["error"] = e
 

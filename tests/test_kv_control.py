@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import ctypes as ct
 import json
-import os
 import socket
 import threading
 import time
@@ -363,32 +362,10 @@ def test_saved_job_table_restores_a_kv_job(reg, dp):
 # --- with the real daemon in a lab ---------------------------------------------------
 
 def udp_in(netns: str, port: int) -> socket.socket:
-    """A UDP socket bound to port in a lab namespace (made by a thread that enters it)."""
-    from test_control_api import CLONE_NEWNET, _libc
+    """A UDP socket bound to port in a lab namespace."""
+    from test_control_api import socket_in
 
-    out: dict = {}
-
-    def make():
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ct.get_errno(), f"setns {netns}")
-            finally:
-                os.close(fd)
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            s.bind(("0.0.0.0", port))
-            out["sock"] = s
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["sock"]
+    return socket_in(netns, socket.SOCK_DGRAM, port)
 
 
 def recv_all(s: socket.socket, quiet: float = 0.3) -> list[bytes]:
