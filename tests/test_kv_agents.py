@@ -16,6 +16,7 @@ import pytest
 from hostagent import kv_agent as ka
 from hostagent import kv_proto as kv
 from hostagent import proto
+from netns_lab.impair import read_counters
 
 # --- tokenizer and combiner ---------------------------------------------------------
 
@@ -257,11 +258,14 @@ def test_wordcount_exact_under_faults(root, tmp_path, impair):
     from labutil import LabWithIncd
 
     with LabWithIncd("kf", workers=3, ps=True, **impair) as lab:
-        files, want = make_corpus(tmp_path, 3, seed=3)
+        # a large vocabulary: ~60 packets per mapper, so that 2 % loss surely hits some
+        files, want = make_corpus(tmp_path, 3, seed=3, lines=3000, vocab=30000)
         maps, red, counts = run_wordcount(lab, tmp_path, 82, files)
         assert counts == dict(want)
         if "loss_pct" in impair:
-            assert sum(m["retransmits"] for m in maps) > 0
+            # the job's were the lab's only UDP packets: a lost data packet or ACK is a resend
+            lost = sum(d["lost"] for h in read_counters(lab.state).values() for d in h.values())
+            assert lost > 0 and sum(m["retransmits"] for m in maps) > 0, (lost, maps)
         if "dup_pct" in impair:
             # copies reached the switch (re-acked or replayed, or dropped while pending) or
             # the reducer (acknowledged, not added): they happened and changed no count
