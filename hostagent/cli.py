@@ -175,7 +175,7 @@ def cmd_kv_map(a) -> int:
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     st = kv_agent.run_mapper(a.job, a.rank, a.mappers, a.input, window=a.window, switch=a.switch,
                              register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                             fail_timeout=a.fail_timeout, say=say)
+                             fail_timeout=a.fail_timeout, direct=a.direct, say=say)
     res = dict(vars(st))
     print(json.dumps(res) if a.json else
           f"kv-map job {a.job} mapper {a.rank}/{a.mappers}: {st.words} words ({st.distinct} distinct) as "
@@ -285,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     m.add_argument("--timeout", type=float, default=10.0,
                    help="fail if no acknowledgement comes for this many seconds (default %(default)s)")
+    m.add_argument("--direct", action="store_true",
+                   help="switch aggregation off (a baseline): send the tuples straight to the reducer, "
+                   "which then gets and sums all of them; the switch only forwards them")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(fn=cmd_kv_map)
     r = sub.add_parser("kv-reduce", help="word count: the reducer of a key-value job",

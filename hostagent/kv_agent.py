@@ -12,7 +12,9 @@ the switch re-ACKs it or replays the same leftovers, never adds it twice. When
 every psn is acknowledged, the mapper sends the reducer its dictionary (key ->
 word for every key it sent) over TCP at the reducer's address and UDP port
 number, one JSON line, reads {"ok": true}, says "done" to incd and only then
-closes that TCP connection (so the reducer knows it has left the job).
+closes that TCP connection (so the reducer knows it has left the job). With
+direct (kv-map --direct: switch aggregation off, a baseline for benchmarks)
+the packets go to the reducer's address instead; the switch only forwards them.
 
 Reducer (`inc-agent kv-reduce`, registered as the job's PS): adds the leftover
 tuples the switch forwards, each (flow, psn) once (a replayed or duplicated
@@ -360,7 +362,11 @@ def _leave(ctl: Control) -> None:
 def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: int = 64,
                switch: str | None = None, ctrl_port: int = proto.CTRL_PORT, register_timeout: float = 30.0,
                progress_timeout: float = 10.0, fail_timeout: float = 2.0,
-               chunk_bytes: int = CHUNK_BYTES, say=lambda m: None) -> MapStats:
+               chunk_bytes: int = CHUNK_BYTES, direct: bool = False, say=lambda m: None) -> MapStats:
+    """One mapper of a kv job. direct: send the tuples straight to the reducer's
+    address instead of the switch's (switch aggregation off, a baseline): the
+    switch forwards them like any other traffic and absorbs nothing; the job,
+    the window, the reducer's acknowledgements and the dictionary are as usual."""
     if not 1 <= window <= kv_proto.WINDOW:
         raise KVError(f"window must be in 1..{kv_proto.WINDOW} (the switch remembers {kv_proto.WINDOW} psns per flow)")
     if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
@@ -391,7 +397,7 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
         red = reply.get("ps") or {}
         if not red.get("addr"):
             raise KVError(f"job {job}: incd named no reducer")
-        dest = (reply["data_addr"], int(reply["data_port"]))
+        dest = (red["addr"], int(red["port"])) if direct else (reply["data_addr"], int(reply["data_port"]))
         st.tuples_per_packet, st.window = per, W
         t1 = time.perf_counter()
         if keys.size:

@@ -193,7 +193,7 @@ def make_corpus(tmp_path, mappers, seed, lines=1500, vocab=3000):
     return files, total
 
 
-def run_wordcount(lab, tmp_path, job, files, *, window=64, timeout=180):
+def run_wordcount(lab, tmp_path, job, files, *, window=64, timeout=180, map_args=()):
     from netns_lab.agents import agent_argv
 
     out = tmp_path / f"counts{job}.json"
@@ -201,7 +201,8 @@ def run_wordcount(lab, tmp_path, job, files, *, window=64, timeout=180):
                                      "--out", str(out), "--json"),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     maps = [lab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", str(job), "--rank", str(r), "--mappers",
-                                              str(len(files)), "--input", f, "--window", str(window), "--json"),
+                                              str(len(files)), "--input", f, "--window", str(window), "--json",
+                                              *map_args),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for r, f in enumerate(files)]
     res, errors = [], []
@@ -240,6 +241,21 @@ def test_wordcount_exact(kvlab, tmp_path):
     assert sum(m["packets"] for m in maps) == sum(m["acks_switch"] + m["acks_reducer"] for m in maps)
     fin = [j for j in kvlab.incd.status()["finished"] if j["job"] == 80][-1]
     assert fin["end_reason"] == "the reducer finished"
+
+
+def test_wordcount_direct_switch_aggregation_off(kvlab, tmp_path):
+    """kv-map --direct (the benchmark's baseline): the tuples go straight to the
+    reducer; the switch forwards them, absorbs nothing, and the counts are exact."""
+    files, want = make_corpus(tmp_path, 3, seed=6, lines=400)
+    maps, red, counts = run_wordcount(kvlab, tmp_path, 85, files, map_args=["--direct"])
+    assert counts == dict(want)
+    assert red["drain_total"] == 0 and red["drain_keys"] == 0 and red["partial_packets"] == 0
+    assert red["leftover_total"] == sum(want.values())
+    assert red["leftover_tuples"] == sum(m["tuples"] for m in maps)
+    assert sum(m["acks_switch"] for m in maps) == 0
+    assert sum(m["acks_reducer"] for m in maps) == sum(m["packets"] for m in maps) > 0
+    c = [j for j in kvlab.incd.status()["finished"] if j["job"] == 85][-1]["counters"]
+    assert c["kv_absorbed"] == 0 and c["kv_leftover"] == 0 and c["kv_acks"] == 0
 
 
 def test_wordcount_twice_same_lab_small_window(kvlab, tmp_path):
