@@ -169,13 +169,18 @@ def cmd_kv_map(a) -> int:
     if not 1 <= a.window <= kv_agent.kv_proto.WINDOW:
         raise CliError(f"--window must be in 1..{kv_agent.kv_proto.WINDOW} (the switch remembers "
                        f"{kv_agent.kv_proto.WINDOW} psns per mapper)")
+    if a.direct and a.all_via_switch:
+        raise CliError("--direct and --all-via-switch exclude each other")
+    if a.cols is not None and not 1 <= a.cols <= 1 << 16:
+        raise CliError("--cols must be in 1..65536")
     for f in a.input:
         if not Path(f).is_file():
             raise CliError(f"--input {f}: no such file")
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     st = kv_agent.run_mapper(a.job, a.rank, a.mappers, a.input, window=a.window, switch=a.switch,
                              register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                             fail_timeout=a.fail_timeout, direct=a.direct, say=say)
+                             fail_timeout=a.fail_timeout, cols=a.cols,
+                             route="direct" if a.direct else "switch" if a.all_via_switch else "owned", say=say)
     res = dict(vars(st))
     print(json.dumps(res) if a.json else
           f"kv-map job {a.job} mapper {a.rank}/{a.mappers}: {st.words} words ({st.distinct} distinct) as "
@@ -281,10 +286,16 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--rank", type=int, required=True, help="this mapper's flow id, 0..mappers-1")
     m.add_argument("--input", action="append", required=True, metavar="FILE",
                    help="UTF-8 text (repeat for more files)")
-    m.add_argument("--window", type=int, default=64, help="packets unacknowledged at most, 1..128 "
+    m.add_argument("--window", type=int, default=128, help="packets unacknowledged at most, 1..128 "
                    "(default %(default)s)")
+    m.add_argument("--cols", type=int, help="switch columns to ask for (x packet rows = aggregators; "
+                   "default: incd's, half the switch); the first mapper to register decides")
     m.add_argument("--timeout", type=float, default=10.0,
                    help="fail if no acknowledgement comes for this many seconds (default %(default)s)")
+    m.add_argument("--all-via-switch", action="store_true",
+                   help="send every tuple through the switch, also of keys that hold no aggregator of this "
+                   "mapper's part (the switch passes those on to the reducer); default: only the keys that "
+                   "hold one, the hottest first, the rest straight to the reducer")
     m.add_argument("--direct", action="store_true",
                    help="switch aggregation off (a baseline): send the tuples straight to the reducer, "
                    "which then gets and sums all of them; the switch only forwards them")

@@ -1,20 +1,25 @@
 """Word count through the switch (key-value mode): the mapper and the reducer.
 
-Mapper (`inc-agent kv-map`): tokenizes its text (tokenize()), counts words per
-chunk of the input (a Counter: the mapper's combiner) and streams the counts as
-INC_T_KV packets of (key, int32 value) tuples to the switch, psn 0, 1, 2, ...
-with at most W psns unacknowledged (W <= INC_KV_WINDOW, the switch's seen ring
-per flow, so a resend always finds its psn's seen state). A psn is acknowledged
-by the switch (INC_T_KV_ACK: all tuples absorbed) or by the reducer (an
+Mapper (`inc-agent kv-map`): registers, then reads its text a chunk at a time,
+counts the words of each chunk (count_words: the mapper's combiner), keys them
+(WordSource) and sends the chunk's (key, int32 value) tuples while it maps the
+next: INC_T_KV packets, psn 0, 1, 2, ... with at most W psns unacknowledged
+(W <= INC_KV_WINDOW, the switch's seen ring per flow, so a resend always finds
+its psn's seen state). Which tuples go through the switch (_Router): each key
+has a fixed place in the packet (kv_row: RowPacker), so it always meets the
+same aggregator; when the mapper has a part of the switch array of its own it
+knows which keys hold an aggregator there (PartOwners, the hottest first) and
+only those go through the switch, the rest straight to the reducer in dense
+packets (--all-via-switch: everything through the switch; --direct: nothing,
+switch aggregation off, a baseline for benchmarks). A psn is acknowledged by
+the switch (INC_T_KV_ACK: all tuples absorbed) or by the reducer (an
 INC_T_KV_ACK from the reducer's address: it got the leftovers). A psn not
 acknowledged within the retransmission timeout is resent with INC_F_RETRANS;
 the switch re-ACKs it or replays the same leftovers, never adds it twice. When
 every psn is acknowledged, the mapper sends the reducer its dictionary (key ->
-word for every key it sent) over TCP at the reducer's address and UDP port
-number, one JSON line, reads {"ok": true}, says "done" to incd and only then
-closes that TCP connection (so the reducer knows it has left the job). With
-direct (kv-map --direct: switch aggregation off, a baseline for benchmarks)
-the packets go to the reducer's address instead; the switch only forwards them.
+word for every key it sent; dictionary_line) over TCP at the reducer's address
+and UDP port number, reads {"ok": true}, says "done" to incd and only then
+closes that TCP connection (so the reducer knows it has left the job).
 
 Reducer (`inc-agent kv-reduce`, registered as the job's PS): adds the leftover
 tuples the switch forwards, each (flow, psn) once (a replayed or duplicated
@@ -28,11 +33,14 @@ collision, between mappers or within one) is never merged silently: the
 colliding keys are left out of the counts and reported, exit status 3. A key
 with no word in any dictionary is an error (exit status 1).
 
-The pure parts (tokenize, chunk_tuples, split_counts, AckWindow, parse_acks,
-ReducerState) are unit-tested in tests/test_kv_agents.py.
+The pure parts (tokenize, count_words, WordSource, split_counts, AckWindow,
+parse_acks, dictionary_line, ReducerState; RowPacker and PartOwners in
+kv_proto) are unit-tested in tests/test_kv_agents.py.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import queue
 import re
@@ -70,15 +78,30 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """The file's text in pieces of about chunk_bytes, cut only at line ends
-    (a word never spans two chunks)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The file's bytes in pieces of about chunk_bytes, cut only at line ends
+    (a word, or a UTF-8 sequence, never spans two chunks)."""
+    with open(path, "rb") as f:
         while True:
             lines = f.readlines(chunk_bytes)
             if not lines:
                 return
-            yield "".join(lines)
+            yield b"".join(lines)
+
+
+# ASCII: letters lowercased, digits kept, every other byte a separator.
+_ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 else 32
+                     for c in range(256))
+
+
+def count_words(chunk: bytes) -> Counter:
+    """tokenize() of the chunk (UTF-8, invalid bytes replaced), counted; the
+    words as UTF-8 bytes. ASCII text (the usual case) skips decoding and the
+    regular expression: same words, about twice as fast."""
+    if chunk.isascii():
+        return Counter(chunk.translate(_ASCII_WORDS).split())
+    c = Counter(tokenize(chunk.decode("utf-8", errors="replace")))
+    return Counter({w.encode("utf-8"): n for w, n in c.items()})
 
 
 def split_counts(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,37 +121,61 @@ def split_counts(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.n
     return k, v.astype(np.int32)
 
 
-def chunk_tuples(counter: Counter, dictionary: dict[int, str], collisions: list,
-                 key_fn=kv_proto.word_key) -> tuple[np.ndarray, np.ndarray]:
-    """One chunk's word counts as tuples; records key -> word in dictionary and a
-    key two of this mapper's words share in collisions (key, word, other word)."""
-    keys = np.empty(len(counter), dtype=np.uint64)
-    counts = np.empty(len(counter), dtype=np.int64)
-    for i, (w, c) in enumerate(counter.items()):
-        k = key_fn(w)
-        old = dictionary.setdefault(k, w)
-        if old != w and (k, old, w) not in collisions:
-            collisions.append((k, old, w))
-        keys[i], counts[i] = k, c
-    return split_counts(keys, counts)
+class WordSource:
+    """A mapper's input as tuples, one chunk at a time: the words of each chunk
+    counted (the mapper's combiner) and keyed. Keeps the key -> word
+    dictionary, the collisions among this mapper's own words (key, word, other
+    word), the number of words and the time spent. A word is hashed once
+    (a cache of word -> key), not once per chunk."""
+
+    def __init__(self, paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key):
+        self.dictionary: dict[int, str] = {}
+        self.collisions: list = []
+        self.words = 0
+        self.map_s = 0.0
+        self._key_fn = key_fn
+        self._keys: dict[bytes, int] = {}
+        self._chunks = (c for p in paths for c in read_chunks(p, chunk_bytes))
+
+    def _key(self, w: bytes) -> int:
+        word = w.decode("utf-8")
+        k = self._key_fn(word)
+        old = self.dictionary.setdefault(k, word)
+        if old != word:
+            self.collisions.append((k, old, word))
+        self._keys[w] = k
+        return k
+
+    def add(self, counter: Counter) -> tuple[np.ndarray, np.ndarray]:
+        """One chunk's word counts ({UTF-8 word: count}) as tuples."""
+        get = self._keys.get
+        keys = [get(w) or self._key(w) for w in counter]
+        counts = np.fromiter(counter.values(), np.int64, len(counter))
+        return split_counts(np.array(keys, dtype=np.uint64), counts)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The next chunk's tuples, or None at the end of the input."""
+        t0 = time.perf_counter()
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            return None
+        c = count_words(chunk)
+        self.words += sum(c.values())
+        out = self.add(c)
+        self.map_s += time.perf_counter() - t0
+        return out
 
 
 def map_file(paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key):
     """All tuples of the input files, combined per chunk. Returns (keys, values,
     dictionary, collisions, words)."""
-    dictionary: dict[int, str] = {}
-    collisions: list = []
-    ks, vs, words = [], [], 0
-    for path in paths:
-        for text in read_chunks(path, chunk_bytes):
-            toks = tokenize(text)
-            words += len(toks)
-            k, v = chunk_tuples(Counter(toks), dictionary, collisions, key_fn)
-            ks.append(k)
-            vs.append(v)
-    keys = np.concatenate(ks) if ks else np.zeros(0, np.uint64)
-    values = np.concatenate(vs) if vs else np.zeros(0, np.int32)
-    return keys, values, dictionary, collisions, words
+    src = WordSource(paths, chunk_bytes, key_fn)
+    ks, vs = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)]
+    while (t := src.next()) is not None:
+        ks.append(t[0])
+        vs.append(t[1])
+    return np.concatenate(ks), np.concatenate(vs), src.dictionary, src.collisions, src.words
 
 
 # --- the mapper's window (pure) ------------------------------------------------------
@@ -146,6 +193,18 @@ class AckWindow:
         self.sent_at = np.zeros(n)
         self.sends = np.zeros(n, dtype=np.int32)
         self.base = self.next = self.nacked = 0
+
+    def extend(self, k: int) -> None:
+        """k more psns (n, n+1, ...) to send: the mapper builds packets as it maps."""
+        self.acked = np.concatenate([self.acked, np.zeros(k, dtype=bool)])
+        self.sent_at = np.concatenate([self.sent_at, np.zeros(k)])
+        self.sends = np.concatenate([self.sends, np.zeros(k, dtype=np.int32)])
+        self.n += k
+
+    @property
+    def idle(self) -> bool:
+        """Nothing sent is waiting for an acknowledgement."""
+        return self.base == self.next
 
     @property
     def finished(self) -> bool:
@@ -199,6 +258,46 @@ def build_ack(*, job: int, gen: int, flow: int, psn: int, tuples: int = 0, flags
     h["version"], h["type"], h["flags"], h["op"] = proto.VERSION, kv_proto.T_KV_ACK, flags, proto.OP_SUM
     h["job"], h["gen"], h["rank"], h["psn"], h["slot"] = job, gen, flow, psn & 0xFFFFFFFF, tuples
     return proto.seal_bytes(h.tobytes())
+
+
+def dictionary_line(job: int, flow: int, dictionary: dict[int, str], collisions=()) -> bytes:
+    """A mapper's dictionary for the reducer, one JSON line: the keys as one
+    base64 string of little-endian u64s and the words joined by newlines (a
+    word never holds one), in the same order: a fraction of the size and
+    parse time of a JSON object with a member per word."""
+    keys = np.fromiter(dictionary.keys(), np.uint64, len(dictionary))
+    msg = {"job": job, "flow": flow, "keys": base64.b64encode(keys.astype("<u8").tobytes()).decode(),
+           "words": "\n".join(dictionary.values()),
+           "collisions": [[str(k), a, b] for k, a, b in collisions]}
+    return (json.dumps(msg, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def parse_dictionary(line: bytes, job: int) -> tuple[int, list[int], list[str], list]:
+    """dictionary_line() back: (flow, keys, words, collisions); ValueError if it
+    is not a dictionary of this job."""
+    msg = json.loads(line)
+    if not isinstance(msg, dict) or msg.get("job") != job or not isinstance(msg.get("flow"), int) \
+            or isinstance(msg.get("flow"), bool) or not isinstance(msg.get("keys"), str) \
+            or not isinstance(msg.get("words"), str) or not isinstance(msg.get("collisions", []), list):
+        raise ValueError("not a dictionary of this job")
+    try:
+        raw = base64.b64decode(msg["keys"], validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"keys: {e}") from None
+    if len(raw) % 8:
+        raise ValueError("keys: not a whole number of u64s")
+    keys = np.frombuffer(raw, "<u8").tolist()
+    words = msg["words"].split("\n") if keys else []
+    if len(words) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(words)} words")
+    col = msg.get("collisions") or []
+    if not all(isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in col):
+        raise ValueError("collisions: not [key, word, word] triples")
+    try:
+        col = [(int(k), a, b) for k, a, b in col]
+    except ValueError:
+        raise ValueError("collisions: a key that is not a number") from None
+    return msg["flow"], keys, words, col
 
 
 # --- the reducer's state (pure) -----------------------------------------------------
@@ -278,7 +377,7 @@ class ReducerState:
             return  # the same mapper again (a retry): already merged
         self.dict_from.add(flow)
         self.s.dictionaries += 1
-        new = {int(k): str(w) for k, w in words.items()}
+        new = words if all(type(k) is int for k in words) else {int(k): str(w) for k, w in words.items()}
         bad = kv_proto.merge_dictionary(self.words, new)
         for c in [*bad, *((int(k), str(a), str(b)) for k, a, b in collisions)]:
             if all(c[0] != x[0] or {c[1], c[2]} - {x[1], x[2]} for x in self.s.collisions):
@@ -328,6 +427,11 @@ class MapStats:
     distinct: int = 0
     tuples: int = 0
     packets: int = 0
+    route: str = ""
+    tuples_to_switch: int = 0      # sent through the switch (the rest straight to the reducer)
+    packets_to_switch: int = 0
+    aggregators: int = 0           # of the mapper's part of the switch (0: shared with other mappers)
+    claimed: int = 0               # of those, held by one of its keys
     tuples_per_packet: int = 0
     window: int = 0
     retransmits: int = 0
@@ -359,34 +463,45 @@ def _leave(ctl: Control) -> None:
         pass
 
 
-def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: int = 64,
+def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: int = kv_proto.WINDOW,
                switch: str | None = None, ctrl_port: int = proto.CTRL_PORT, register_timeout: float = 30.0,
-               progress_timeout: float = 10.0, fail_timeout: float = 2.0,
-               chunk_bytes: int = CHUNK_BYTES, direct: bool = False, say=lambda m: None) -> MapStats:
-    """One mapper of a kv job. direct: send the tuples straight to the reducer's
-    address instead of the switch's (switch aggregation off, a baseline): the
+               progress_timeout: float = 10.0, fail_timeout: float = 2.0, cols: int | None = None,
+               chunk_bytes: int = CHUNK_BYTES, route: str = "owned", say=lambda m: None) -> MapStats:
+    """One mapper of a kv job: registers, then maps its input chunk by chunk,
+    sending each chunk's packets while it maps the next. cols: switch columns
+    to ask for (incd's default if None). route (see _Router): "owned" (keys
+    holding an aggregator through the switch, the rest straight to the
+    reducer), "switch" (everything through the switch) or "direct" (switch
+    aggregation off, a baseline: all tuples to the reducer's address; the
     switch forwards them like any other traffic and absorbs nothing; the job,
-    the window, the reducer's acknowledgements and the dictionary are as usual."""
+    the window, the reducer's acknowledgements and the dictionary are as
+    usual)."""
+    if route not in ("owned", "switch", "direct"):
+        raise KVError(f"route must be owned, switch or direct, not {route!r}")
     if not 1 <= window <= kv_proto.WINDOW:
         raise KVError(f"window must be in 1..{kv_proto.WINDOW} (the switch remembers {kv_proto.WINDOW} psns per flow)")
     if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
         raise KVError(f"fail_timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
+    for path in inputs:  # before registering: a bad input must not start the job
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise KVError(f"cannot read input: {e}") from e
     t0 = time.perf_counter()
     st = MapStats(job, flow)
-    try:
-        keys, values, dictionary, collisions, st.words = map_file(inputs, chunk_bytes)
-    except OSError as e:
-        raise KVError(f"cannot read input: {e}") from e
-    st.map_s = time.perf_counter() - t0
-    st.distinct, st.tuples, st.collisions = len(dictionary), int(keys.size), len(collisions)
+    src = WordSource(inputs, chunk_bytes)
     sock = data_socket()
     ctl = None
     try:
         ctl = Control(connect_incd(switch, ctrl_port))
         ctl.sock.settimeout(register_timeout + 10)
-        say(f"mapper {flow}/{world}: {st.words} words, {st.tuples} tuples; registering job {job} ...")
-        reply = ctl.call({"op": "register", "job": job, "rank": flow, "world": world, "mode": "kv",
-                                "port": sock.getsockname()[1], "window": window, "timeout": register_timeout})
+        say(f"mapper {flow}/{world}: registering job {job} ...")
+        req = {"op": "register", "job": job, "rank": flow, "world": world, "mode": "kv",
+               "port": sock.getsockname()[1], "window": window, "timeout": register_timeout}
+        if cols is not None:
+            req["cols"] = cols
+        reply = ctl.call(req)
         fail = _Failure()
         ctl.start(fail.on_event, fail_timeout)
         gen = int(reply["gen"])
@@ -397,19 +512,31 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
         red = reply.get("ps") or {}
         if not red.get("addr"):
             raise KVError(f"job {job}: incd named no reducer")
-        dest = (red["addr"], int(red["port"])) if direct else (reply["data_addr"], int(reply["data_port"]))
-        st.tuples_per_packet, st.window = per, W
-        t1 = time.perf_counter()
-        if keys.size:
-            _stream(sock, keys, values, per, job=job, gen=gen, flow=flow, window=W, dest=dest,
-                    reducer_addr=red["addr"], fail=fail, ctl=ctl, progress_timeout=progress_timeout,
-                    fail_timeout=fail_timeout, st=st)
-        st.send_s = time.perf_counter() - t1
-        say(f"mapper {flow}: {st.packets} packets acknowledged; sending the dictionary to the reducer")
+        st.tuples_per_packet, st.window, st.route = per, W, route
+        owners = None
+        kcols, parts = int(reply.get("cols") or 0), int(reply.get("parts") or 0)
+        if parts == world and kcols >= parts:  # a part of its own: it knows who holds what
+            owners = kv_proto.PartOwners(per, kcols // parts)
+        router = _Router(route, per, owners)
+        try:
+            _stream(sock, src, router, job=job, gen=gen, flow=flow, window=W,
+                    switch_dest=(reply["data_addr"], int(reply["data_port"])),
+                    reducer_dest=(red["addr"], int(red["port"])), fail=fail, ctl=ctl,
+                    progress_timeout=progress_timeout, fail_timeout=fail_timeout, st=st)
+        except (OSError, UnicodeError) as e:
+            if isinstance(e, OSError) and e.filename is None:
+                raise
+            raise KVError(f"job {job} mapper {flow}: cannot read input: {e}") from e
+        st.words, st.map_s = src.words, src.map_s
+        st.distinct, st.collisions = len(src.dictionary), len(src.collisions)
+        st.tuples_to_switch, st.packets_to_switch = router.tuples_to_switch, router.packets_to_switch
+        if owners is not None:
+            st.aggregators, st.claimed = owners.owner.size, owners.claimed
+        st.send_s = time.perf_counter() - t0 - st.map_s
+        say(f"mapper {flow}: {st.words} words, {st.tuples} tuples in {st.packets} packets acknowledged; "
+            "sending the dictionary to the reducer")
         with socket.create_connection((red["addr"], int(red["port"])), timeout=30) as tcp:
-            msg = {"job": job, "flow": flow, "words": {str(k): w for k, w in dictionary.items()},
-                   "collisions": [[str(k), a, b] for k, a, b in collisions]}
-            tcp.sendall((json.dumps(msg) + "\n").encode())
+            tcp.sendall(dictionary_line(job, flow, src.dictionary, src.collisions))
             f = tcp.makefile("rb")
             line = f.readline()
             try:
@@ -431,58 +558,171 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
         sock.close()
 
 
-def _stream(sock, keys, values, per, *, job, gen, flow, window, dest, reducer_addr, fail, ctl,
-            progress_timeout, fail_timeout, st: MapStats) -> None:
-    rows, sizes = kv_proto.build_kv_packets(keys, values, per, job=job, gen=gen, flow=flow, psn0=0)
-    n = len(rows)
-    numel = (sizes - proto.HDR_LEN) // 4
-    msgs = batchio.Messages(rows, sizes.astype(np.uint64))
-    name = batchio.sockaddr_in(*dest)
-    msgs.msgs["name"] = name.ctypes.data
-    msgs.msgs["namelen"] = 16
+class _PacketLog:
+    """Every packet of the flow so far (psn = row), kept until the end for
+    resends, with one sendmmsg header each pointing at its row and its
+    destination (the switch or the reducer)."""
+
+    def __init__(self, per: int, dests: list[tuple[str, int]]):
+        self.width = proto.HDR_LEN + per * kv_proto.TUPLE_BYTES
+        self.names = [batchio.sockaddr_in(*d) for d in dests]
+        self.n = 0
+        self._grow(256)
+
+    def _grow(self, cap: int) -> None:
+        rows = np.zeros((cap, self.width), np.uint8)
+        sizes = np.zeros(cap, np.int64)
+        dest = np.zeros(cap, np.int64)
+        if self.n:
+            rows[: self.n], sizes[: self.n], dest[: self.n] = self.rows[: self.n], self.sizes[: self.n], self.dest[: self.n]
+        self.rows, self.sizes, self.dest = rows, sizes, dest
+        self.msgs = batchio.Messages(rows, sizes.astype(np.uint64))
+        self.msgs.msgs["name"] = np.array([n.ctypes.data for n in self.names], np.uint64)[dest]
+        self.msgs.msgs["namelen"] = 16
+
+    def add(self, rows: np.ndarray, sizes: np.ndarray, dest: int) -> None:
+        k = rows.shape[0]
+        if self.n + k > self.rows.shape[0]:
+            self._grow(max(2 * self.rows.shape[0], self.n + k))
+        sl = slice(self.n, self.n + k)
+        self.rows[sl, : rows.shape[1]] = rows
+        self.sizes[sl], self.dest[sl] = sizes, dest
+        self.msgs.iov["len"][sl] = sizes
+        self.msgs.msgs["name"][sl] = self.names[dest].ctypes.data
+        self.n += k
+
+    def send(self, fd: int, start: int, stop: int) -> None:
+        batchio.send_msgs(fd, self.msgs.msgs, start, stop - start)
+
+    def resend(self, fd: int, idx: np.ndarray) -> None:
+        sub = self.rows[idx]
+        sub[:, 2] |= proto.F_RETRANS
+        proto.seal_rows(sub, (self.sizes[idx] - proto.HDR_LEN) // 4)
+        self.rows[idx] = sub
+        batchio.send_msgs(fd, self.msgs.subset(idx))
+
+
+TO_SWITCH, TO_REDUCER = 0, 1
+
+
+class _Router:
+    """Which tuples go through the switch (each at its key's row, RowPacker)
+    and which straight to the reducer (dense packets), by route:
+    "owned": through the switch only the keys that hold an aggregator of the
+    mapper's own part (PartOwners), the rest to the reducer; "switch":
+    everything through the switch; "direct": everything to the reducer
+    (switch aggregation off)."""
+
+    def __init__(self, route: str, per: int, owners: kv_proto.PartOwners | None):
+        self.route, self.per, self.owners = route, per, owners
+        self.packer = kv_proto.RowPacker(per)
+        self.cold_k: list[np.ndarray] = []
+        self.cold_v: list[np.ndarray] = []
+        self.cold_n = 0
+        self.tuples_to_switch = self.packets_to_switch = 0
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if self.route == "direct":
+            hot = np.zeros(keys.size, bool)
+        elif self.route == "owned" and self.owners is not None:
+            hot = self.owners.claim(keys, values)
+        else:
+            hot = np.ones(keys.size, bool)
+        self.packer.add(keys[hot], values[hot])
+        if not hot.all():
+            self.cold_k.append(keys[~hot])
+            self.cold_v.append(values[~hot])
+            self.cold_n += int((~hot).sum())
+
+    def packets(self, final: bool, **hdr) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """[(rows, sizes, destination)] of the packets that are full now (or all
+        with final). hdr: job, gen, flow, psn0 of the first."""
+        out = []
+        gk, gv = self.packer.take(final)
+        self.tuples_to_switch += int(np.count_nonzero(gk))
+        self.packets_to_switch += gk.shape[0]
+        if gk.shape[0]:
+            out.append((*kv_proto.build_kv_grid(gk, gv, **hdr), TO_SWITCH))
+            hdr = {**hdr, "psn0": hdr["psn0"] + gk.shape[0]}
+        full = self.cold_n if final else self.cold_n - self.cold_n % self.per
+        if full:
+            k, v = np.concatenate(self.cold_k), np.concatenate(self.cold_v)
+            out.append((*kv_proto.build_kv_packets(k[:full], v[:full], self.per, **hdr), TO_REDUCER))
+            self.cold_k, self.cold_v, self.cold_n = [k[full:]], [v[full:]], self.cold_n - full
+        return out
+
+
+def _stream(sock, src: WordSource, router: _Router, *, job, gen, flow, window, switch_dest, reducer_dest,
+            fail, ctl, progress_timeout, fail_timeout, st: MapStats) -> None:
+    """Maps the input a chunk at a time and sends the packets through the
+    window meanwhile; returns when every packet is acknowledged."""
+    log = _PacketLog(router.per, [switch_dest, reducer_dest])
     fd = sock.fileno()
     rx = batchio.Receiver(fd, 256, proto.HDR_LEN + 64, addrs=True)
-    red_ip = int(np.frombuffer(socket.inet_aton(reducer_addr), "<u4")[0])
-    win = AckWindow(n, window)
+    red_ip = int(np.frombuffer(socket.inet_aton(reducer_dest[0]), "<u4")[0])
+    win = AckWindow(0, window)
     srtt, rto = None, 0.05
-    last_progress = rto_fired = time.monotonic()
-    while not win.finished:
+    mapping = True
+    mapped_at = last_progress = rto_fired = time.monotonic()
+    while mapping or not win.finished:
         now = time.monotonic()
         a, b = win.to_send()
         if b > a:
-            batchio.send_msgs(fd, msgs.msgs, a, b - a)
+            if win.idle:
+                last_progress = now  # the clock for an acknowledgement starts now
+            log.send(fd, a, b)
             win.mark_sent(a, b, now)
-        k = rx.recv(min(rto, 0.05))
-        now = time.monotonic()
-        if k:
+        if mapping:
+            # Map while the window is full (or everything built is out): the
+            # acknowledgements wait in the socket meanwhile.
+            t = src.next()
+            if t is None:
+                mapping = False
+            else:
+                router.add(*t)
+                st.tuples += int(t[0].size)
+            for rows, sizes, dest in router.packets(not mapping, job=job, gen=gen, flow=flow, psn0=log.n):
+                log.add(rows, sizes, dest)
+                win.extend(rows.shape[0])
+            mapped_at = time.monotonic()
+            wait = 0.0
+        else:
+            wait = min(rto, 0.05)
+        while True:
+            k = rx.recv(wait)
+            now = time.monotonic()
+            if not k:
+                break
+            wait = 0.0
             got = rx.buf[:k]
             lens = rx.m.msgs["len"][:k].astype(np.int64)
-            ok_rows = parse_acks(got, lens, job=job, gen=gen, flow=flow, n=n)
-            if ok_rows.size:
-                h = np.frombuffer(got[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
-                new = win.ack(ok_rows)
-                if new.size:
-                    # who acknowledged (first ACK per psn): the reducer's address or the switch
-                    src = rx.src_ip[:k]
-                    psn_src = {}
-                    for p, s in zip(h["psn"].tolist(), src.tolist()):
-                        psn_src.setdefault(p, s)
-                    from_red = sum(psn_src.get(int(p)) == red_ip for p in new)
-                    st.acks_reducer += from_red
-                    st.acks_switch += new.size - from_red
-                    clean = new[win.sends[new] == 1]
-                    if clean.size:
-                        rtt = now - float(win.sent_at[clean].mean())
-                        srtt = rtt if srtt is None else 0.875 * srtt + 0.125 * min(rtt, 2 * srtt)
-                        rto = min(MAX_RTO, max(MIN_RTO, 3 * srtt))
-                    last_progress = now
+            ok_rows = parse_acks(got, lens, job=job, gen=gen, flow=flow, n=win.n)
+            if not ok_rows.size:
+                continue
+            h = np.frombuffer(got[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
+            new = win.ack(ok_rows)
+            if not new.size:
+                continue
+            # who acknowledged (first ACK per psn): the reducer's address or the switch
+            psn_src = {}
+            for p, s_ip in zip(h["psn"].tolist(), rx.src_ip[:k].tolist()):
+                psn_src.setdefault(p, s_ip)
+            from_red = sum(psn_src.get(int(p)) == red_ip for p in new)
+            st.acks_reducer += from_red
+            st.acks_switch += new.size - from_red
+            # RTT samples only from packets sent since the last mapping step: an
+            # acknowledgement that waited in the socket while we mapped says nothing
+            clean = new[(win.sends[new] == 1) & (win.sent_at[new] >= mapped_at)]
+            if clean.size:
+                rtt = now - float(win.sent_at[clean].mean())
+                srtt = rtt if srtt is None else 0.875 * srtt + 0.125 * min(rtt, 2 * srtt)
+                rto = min(MAX_RTO, max(MIN_RTO, 3 * srtt))
+            last_progress = now
+            if win.finished:
+                break
         due = win.due(now, rto)
         if due.size:
-            sub = rows[due]
-            sub[:, 2] |= proto.F_RETRANS
-            proto.seal_rows(sub, numel[due])
-            rows[due] = sub
-            batchio.send_msgs(fd, msgs.subset(due))
+            log.resend(fd, due)
             win.sent_at[due] = now
             win.sends[due] += 1
             st.retransmits += due.size
@@ -494,10 +734,10 @@ def _stream(sock, keys, values, per, *, job, gen, flow, window, dest, reducer_ad
         if ctl.refused is not None or (ctl.lost_at is not None and now - max(ctl.lost_at, last_progress) > fail_timeout):
             raise KVError(f"job {job}: lost the control connection to incd and no acknowledgement came "
                           f"for {now - last_progress:.1f}s")
-        if now - last_progress > progress_timeout:
+        if not win.idle and now - last_progress > progress_timeout:
             raise KVError(f"job {job} mapper {flow}: no acknowledgement for psn {win.base} in "
-                          f"{progress_timeout:.1f}s ({win.nacked}/{n} packets acknowledged); is the reducer running?")
-    st.packets = n
+                          f"{progress_timeout:.1f}s ({win.nacked}/{win.n} packets acknowledged); is the reducer running?")
+    st.packets = win.n
 
 
 # --- I/O: the reducer -------------------------------------------------------------
@@ -549,14 +789,11 @@ class _DictServer:
             f = c.makefile("rb")
             line = f.readline()
             try:
-                msg = json.loads(line)
-                if not isinstance(msg, dict) or msg.get("job") != self.job or not isinstance(msg.get("flow"), int) \
-                        or not isinstance(msg.get("words"), dict):
-                    raise ValueError("not a dictionary of this job")
+                msg = parse_dictionary(line, self.job)
             except ValueError as e:
                 c.sendall((json.dumps({"ok": False, "error": str(e)}) + "\n").encode())
                 return
-            flow = msg["flow"]
+            flow = msg[0]
             done = threading.Event()
             self.inbox.put((msg, done))
             done.wait(60)  # merged by the main loop (which may refuse it)
@@ -631,7 +868,8 @@ def run_reducer(job: int, world: int, *, switch: str | None = None, ctrl_port: i
                 except queue.Empty:
                     break
                 try:
-                    state.dictionary(int(msg["flow"]), msg["words"], msg.get("collisions") or ())
+                    flow, keys, words, col = msg
+                    state.dictionary(flow, dict(zip(keys, words)), col)
                 except KVError as e:
                     ev.reply = {"ok": False, "error": str(e)}
                 ev.set()

@@ -75,11 +75,30 @@ def build_kv_packets(keys: np.ndarray, values: np.ndarray, per_packet: int = MAX
         raise ValueError(f"per_packet must be 1..{MAX_TUPLES}")
     if np.any(keys == 0):
         raise ValueError("key 0 is reserved (no tuple)")
-    if values.size and (values.min() < -2**31 or values.max() >= 2**31):
-        raise ValueError("values must fit int32 (split larger counts into several tuples)")
     n = keys.size
     npk = max(1, -(-n // per_packet))
-    pkt = np.dtype([("hdr", proto.HDR_DTYPE), ("t", TUPLE_DTYPE, (per_packet,))])
+    gk = np.zeros(npk * per_packet, np.uint64)
+    gv = np.zeros(npk * per_packet, np.int64)
+    gk[:n], gv[:n] = keys, values
+    return build_kv_grid(gk.reshape(npk, per_packet), gv.reshape(npk, per_packet), job=job, gen=gen,
+                         flow=flow, psn0=psn0, flags=flags)
+
+
+def build_kv_grid(keys: np.ndarray, values: np.ndarray, *, job: int, gen: int, flow: int, psn0: int,
+                  flags: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Packet i carries keys[i, j], values[i, j] as its tuple j (key 0: no tuple
+    at that place, skipped by the switch); trailing key-0 tuples are cut off.
+    Returns (buf, sizes) as build_kv_packets."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    values = np.asarray(values, dtype=np.int64)
+    if keys.ndim != 2 or keys.shape != values.shape:
+        raise ValueError("keys and values must be 2-D arrays of one shape")
+    npk, per = keys.shape
+    if not 1 <= per <= MAX_TUPLES:
+        raise ValueError(f"tuples per packet must be 1..{MAX_TUPLES}")
+    if values.size and (values.min() < -2**31 or values.max() >= 2**31):
+        raise ValueError("values must fit int32 (split larger counts into several tuples)")
+    pkt = np.dtype([("hdr", proto.HDR_DTYPE), ("t", TUPLE_DTYPE, (per,))])
     buf = np.zeros(npk, dtype=pkt)
     hdr = buf["hdr"]
     hdr["version"] = proto.VERSION
@@ -90,17 +109,26 @@ def build_kv_packets(keys: np.ndarray, values: np.ndarray, per_packet: int = MAX
     hdr["gen"] = gen
     hdr["rank"] = flow
     hdr["psn"] = (psn0 + np.arange(npk, dtype=np.uint64)) & 0xFFFFFFFF
-    counts = np.full(npk, per_packet, dtype=np.int64)
-    counts[-1] = n - per_packet * (npk - 1)
+    used = keys != 0
+    # tuples up to the last one with a key
+    counts = np.where(used.any(axis=1), per - np.argmax(used[:, ::-1], axis=1), 0).astype(np.int64)
     hdr["numel"] = counts * TUPLE_WORDS
-    flat = np.zeros(npk * per_packet, TUPLE_DTYPE)
-    flat["key"][:n] = keys
-    flat["value"][:n] = values
-    buf["t"] = flat.reshape(npk, per_packet)
+    buf["t"]["key"] = keys
+    buf["t"]["value"] = values
     rows = buf.view(np.uint8).reshape(npk, pkt.itemsize)
     proto.seal_rows(rows, hdr["numel"].astype(np.int64))
     sizes = proto.HDR_LEN + counts * TUPLE_BYTES
     return rows, sizes
+
+
+def kv_row(keys, per: int) -> np.ndarray:
+    """The tuple place (packet row) a mapper gives each key in packets of `per`
+    tuples: fixed per key, so that a key meets the same aggregator in every
+    packet (the switch takes the place as the row and inc_kv_col() of the key
+    as the column). From the key's high half, which inc_kv_col() mixes with
+    the low half: rows and columns of random keys are independent."""
+    k = np.asarray(keys, dtype=np.uint64)
+    return ((k >> np.uint64(32)) % np.uint64(per)).astype(np.int64)
 
 
 def build_kv_packet(keys, values, *, job: int, gen: int, flow: int, psn: int, flags: int = 0) -> bytes:
@@ -143,3 +171,96 @@ def column(keys, *, offset: int, cols: int, parts: int, flow: int) -> np.ndarray
     columns [offset, offset+cols) cut into `parts` subspaces."""
     cpp = cols // parts
     return (offset + (flow % parts) * cpp + kv_col(keys) % np.uint32(cpp)).astype(np.int64)
+
+
+class RowPacker:
+    """A mapper's tuples waiting for a packet, each at its key's row (kv_row):
+    packets are filled place by place from per-row queues, oldest first, so a
+    key always lands at the same aggregator; a row that runs dry only pads
+    (key 0) in the final packets. Within one add() the larger values go first:
+    the hot keys of the first chunk claim their aggregators before the colder
+    keys of their row (the switch gives an empty aggregator to whoever comes
+    first and never evicts)."""
+
+    def __init__(self, per: int):
+        if not 1 <= per <= MAX_TUPLES:
+            raise ValueError(f"tuples per packet must be 1..{MAX_TUPLES}")
+        self.per = per
+        self.keys = np.zeros(0, np.uint64)
+        self.values = np.zeros(0, np.int64)
+        self.rows = np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+    def add(self, keys, values) -> None:
+        keys = np.asarray(keys, dtype=np.uint64).ravel()
+        values = np.asarray(values, dtype=np.int64).ravel()
+        if keys.size != values.size:
+            raise ValueError("keys and values differ in length")
+        if np.any(keys == 0):
+            raise ValueError("key 0 is reserved (no tuple)")
+        hot = np.argsort(-values, kind="stable")
+        self.keys = np.concatenate([self.keys, keys[hot]])
+        self.values = np.concatenate([self.values, values[hot]])
+        self.rows = np.concatenate([self.rows, kv_row(keys[hot], self.per)])
+
+    def take(self, final: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) grids of the packets that are full now (every row has a
+        tuple waiting), or with final=True of everything, padded with key 0."""
+        counts = np.bincount(self.rows, minlength=self.per)
+        n = int(counts.max() if final else counts.min()) if self.keys.size else 0
+        gk = np.zeros((n, self.per), np.uint64)
+        gv = np.zeros((n, self.per), np.int64)
+        if not n:
+            return gk, gv
+        order = np.argsort(self.rows, kind="stable")  # by row, oldest first within a row
+        r = self.rows[order]
+        starts = np.cumsum(counts) - counts
+        depth = np.arange(r.size) - starts[r]  # place in its row's queue = packet number
+        sel = depth < n
+        gk[depth[sel], r[sel]] = self.keys[order[sel]]
+        gv[depth[sel], r[sel]] = self.values[order[sel]]
+        keep = np.sort(order[~sel])
+        self.keys, self.values, self.rows = self.keys[keep], self.values[keep], self.rows[keep]
+        return gk, gv
+
+
+class PartOwners:
+    """The aggregators of a mapper's own part of the switch array, and which
+    of its keys holds each, as the switch will have it: the switch gives an
+    empty aggregator to the first key that reaches it, and in a job where
+    every mapper has a part of its own (parts == mappers) nobody else writes
+    there, so the mapper can know it in advance. claim() takes the aggregators
+    still free for the largest values first (hot-key priority) and says which
+    tuples' keys hold theirs: only those need to go through the switch, which
+    then absorbs every one of them. Should the switch see it otherwise (a
+    drain in between, a resend out of order), a tuple is only left in the
+    packet for the reducer: the counts stay exact."""
+
+    def __init__(self, per: int, cols_per_part: int):
+        if not 1 <= per <= MAX_TUPLES or cols_per_part < 1:
+            raise ValueError("need 1..MAX_TUPLES rows and at least one column")
+        self.per, self.cpp = per, cols_per_part
+        self.owner = np.zeros(per * cols_per_part, np.uint64)
+
+    def index(self, keys) -> np.ndarray:
+        """Aggregator of each key in the part: row (kv_row) x column (inc_kv_col % cpp)."""
+        k = np.asarray(keys, dtype=np.uint64)
+        return kv_row(k, self.per) * self.cpp + (kv_col(k) % np.uint32(self.cpp)).astype(np.int64)
+
+    @property
+    def claimed(self) -> int:
+        return int(np.count_nonzero(self.owner))
+
+    def claim(self, keys, values) -> np.ndarray:
+        """True for the tuples whose key holds (now or from before) its aggregator."""
+        keys = np.asarray(keys, dtype=np.uint64).ravel()
+        values = np.asarray(values, dtype=np.int64).ravel()
+        idx = self.index(keys)
+        free = np.nonzero(self.owner[idx] == 0)[0]
+        if free.size:
+            hot = free[np.argsort(-values[free], kind="stable")]
+            first_agg, first = np.unique(idx[hot], return_index=True)
+            self.owner[first_agg] = keys[hot[first]]
+        return self.owner[idx] == keys

@@ -67,8 +67,8 @@ def log(msg: str) -> None:
 def _counter_of(files: list[str]) -> collections.Counter:
     c: collections.Counter = collections.Counter()
     for f in files:
-        for text in read_chunks(f):
-            c.update(tokenize(text))
+        for chunk in read_chunks(f):
+            c.update(tokenize(chunk.decode("utf-8", errors="replace")))
     return c
 
 
@@ -246,7 +246,8 @@ def reducer_wrapper(argv: list[str]) -> int:
     return rc
 
 
-def run_agents(lab, meta: dict, job: int, *, direct: bool, tmp: Path, timeout: float) -> dict:
+def run_agents(lab, meta: dict, job: int, *, direct: bool, tmp: Path, timeout: float,
+               cols: int | None = None) -> dict:
     from netns_lab.agents import agent_argv
 
     out = tmp / f"counts{job}.json"
@@ -259,7 +260,8 @@ def run_agents(lab, meta: dict, job: int, *, direct: bool, tmp: Path, timeout: f
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     maps = [lab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", str(job), "--rank", str(r), "--mappers",
                                               str(MAPPERS), "--input", f, "--json", "--timeout", "30",
-                                              *(["--direct"] if direct else [])),
+                                              *(["--direct"] if direct else []),
+                                              *(["--cols", str(cols)] if cols else [])),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for r, f in enumerate(meta["files"])]
     res, errors = [], []
@@ -446,7 +448,8 @@ def run(args) -> dict:
                                "partitions": r["partitions"], "master": args.spark_master,
                                "version": r["version"]}
                     else:
-                        r = run_agents(lab, c, job, direct=system == "off", tmp=tmp, timeout=args.timeout)
+                        r = run_agents(lab, c, job, direct=system == "off", tmp=tmp, timeout=args.timeout,
+                                       cols=args.cols)
                         job += 1
                         row = agents_row(c, system, r, want)
                     row["rep"] = rep
@@ -464,7 +467,7 @@ def run(args) -> dict:
     summary = summarize(rows, corpora)
     return {"what": "word count: inc (through the switch) vs the same agents without switch aggregation "
                     "(kv-map --direct) vs PySpark reduceByKey",
-            "mappers": MAPPERS, "mtu": args.mtu, "spark_master": args.spark_master, "repeat": args.repeat,
+            "mappers": MAPPERS, "mtu": args.mtu, "cols": args.cols, "spark_master": args.spark_master, "repeat": args.repeat,
             "timing": "inc/off: start of the reducer to its counts written (processes included); pyspark: "
                       "textFile..collect, without the SparkContext's start (startup_s)",
             "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
@@ -533,6 +536,8 @@ def main() -> int:
                    "reported (default %(default)s)")
     p.add_argument("--spark-master", default="local[2]")
     p.add_argument("--mtu", type=int, default=3400)
+    p.add_argument("--cols", type=int, default=None, help="switch columns the job asks for (default: incd's, "
+                   "half the switch's %d)" % 512)
     p.add_argument("--cache", default="/tmp/inc_kv_bench", help="corpora cache and scratch (default %(default)s)")
     p.add_argument("--lab-name", default="inckv", help="name of the lab this run creates")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")

@@ -12,6 +12,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hostagent import kv_agent as ka
 from hostagent import kv_proto as kv
@@ -29,12 +31,24 @@ def test_tokenize():
 
 def test_read_chunks_never_split_words(tmp_path):
     p = tmp_path / "t.txt"
-    lines = [" ".join(f"w{i}x{j}" for j in range(7)) for i in range(500)]
+    lines = [" ".join(f"w{i}x{j}é" for j in range(7)) for i in range(500)]
     p.write_text("\n".join(lines) + "\n")
     chunks = list(ka.read_chunks(str(p), 100))
-    assert len(chunks) > 10 and "".join(chunks) == p.read_text()
-    assert sum((collections.Counter(ka.tokenize(c)) for c in chunks), collections.Counter()) == \
-        collections.Counter(ka.tokenize(p.read_text()))
+    assert len(chunks) > 10 and b"".join(chunks) == p.read_bytes()
+    assert all(c.endswith(b"\n") for c in chunks)
+    assert sum((ka.count_words(c) for c in chunks), collections.Counter()) == \
+        collections.Counter(w.encode() for w in ka.tokenize(p.read_text()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=0x7f), max_size=200)
+       | st.text(max_size=60) | st.binary(max_size=80))
+def test_count_words_is_tokenize(text):
+    """The ASCII fast path and the Unicode path give tokenize()'s words (bytes
+    as the mapper reads them: invalid UTF-8 replaced)."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
+    want = collections.Counter(w.encode() for w in ka.tokenize(raw.decode("utf-8", errors="replace")))
+    assert ka.count_words(raw) == want
 
 
 def test_split_counts_big_values():
@@ -47,19 +61,22 @@ def test_split_counts_big_values():
         ka.split_counts(np.array([1], np.uint64), np.array([0]))
 
 
-def test_chunk_tuples_dictionary_and_own_collisions():
-    d, col = {}, []
-    k, v = ka.chunk_tuples(collections.Counter({"a": 3, "b": 2**32}), d, col)
+def test_word_source_keys_dictionary_and_own_collisions():
+    src = ka.WordSource([])
+    k, v = src.add(collections.Counter({b"a": 3, "b".encode(): 2**32}))
     got = collections.defaultdict(int)
     for kk, vv in zip(k.tolist(), v.tolist()):
         got[kk] += vv
     assert got == {kv.word_key("a"): 3, kv.word_key("b"): 2**32} and v.dtype == np.int32
-    assert d == {kv.word_key("a"): "a", kv.word_key("b"): "b"} and col == []
-    # a key function where "x" and "y" share key 7: the mapper itself notices
-    d2, col2 = {}, []
-    ka.chunk_tuples(collections.Counter({"x": 1, "y": 1, "z": 1}), d2, col2,
-                    key_fn=lambda w: 7 if w in "xy" else 8)
-    assert col2 == [(7, "x", "y")]
+    assert src.dictionary == {kv.word_key("a"): "a", kv.word_key("b"): "b"} and src.collisions == []
+    # each word is hashed once, however many chunks it is in
+    calls = []
+    src2 = ka.WordSource([], key_fn=lambda w: calls.append(w) or (7 if w in "xy" else 8))
+    src2.add(collections.Counter({b"x": 1, b"y": 1, b"z": 1}))
+    src2.add(collections.Counter({b"x": 2, "ü".encode(): 1}))
+    assert sorted(calls) == ["x", "y", "z", "ü"]
+    # "x" and "y" share key 7 (so do "z" and "ü", key 8): the mapper itself notices
+    assert src2.collisions == [(7, "x", "y"), (8, "z", "ü")]
 
 
 def test_map_file_equals_counter(tmp_path):
@@ -96,6 +113,80 @@ def test_ack_window_send_ack_resend():
     assert w.ack([7, 8, 9]).size == 3 and w.finished and w.ack([9]).size == 0
     with pytest.raises(ValueError):
         ka.AckWindow(5, kv.WINDOW + 1)
+
+
+def test_ack_window_grows_as_the_mapper_maps():
+    w = ka.AckWindow(0, 3)
+    assert w.finished and w.idle and w.to_send() == (0, 0)
+    w.extend(2)
+    assert not w.finished and w.to_send() == (0, 2)
+    w.mark_sent(0, 2, now=1.0)
+    assert not w.idle and w.ack([0, 1]).size == 2 and w.finished and w.idle and w.base == 2
+    w.extend(5)
+    assert w.to_send() == (2, 5) and not w.finished
+    w.mark_sent(2, 5, now=2.0)
+    assert w.ack([3]).tolist() == [3] and w.base == 2 and w.due(2.1, 0.05).tolist() == [2, 4]
+    assert w.ack([2, 4]).size == 2 and w.base == 5 and w.to_send() == (5, 7)
+
+
+def test_row_packer_places_each_key_at_its_row_hot_first():
+    per = 7
+    rng = np.random.default_rng(3)
+    keys = rng.integers(1, 2**63, 200, dtype=np.uint64)
+    vals = rng.integers(1, 1000, 200)
+    p = kv.RowPacker(per)
+    p.add(keys[:120], vals[:120])
+    gk1, gv1 = p.take()
+    rows = kv.kv_row(keys[:120], per)
+    assert gk1.shape[0] == np.bincount(rows, minlength=per).min() > 0  # only full packets
+    assert (gk1 != 0).all()
+    p.add(keys[120:], vals[120:])
+    gk2, gv2 = p.take(final=True)
+    assert len(p) == 0 and (gk2 == 0).any()  # the last packets are padded
+    gk, gv = np.concatenate([gk1, gk2]), np.concatenate([gv1, gv2])
+    used = gk != 0
+    # every tuple once, each at its key's row
+    assert sorted(zip(gk[used].tolist(), gv[used].tolist())) == sorted(zip(keys.tolist(), vals.tolist()))
+    assert (kv.kv_row(gk[used], per) == np.nonzero(used)[1]).all()
+    # within a row the first add()'s tuples come first, larger values before smaller
+    first = set(keys[:120].tolist())
+    for r in range(per):
+        col = [(k, v) for k, v in zip(gk[:, r].tolist(), gv[:, r].tolist()) if k]
+        tags = [k in first for k, _ in col]
+        assert tags == sorted(tags, reverse=True)
+        v1 = [v for k, v in col if k in first]
+        assert v1 == sorted(v1, reverse=True)
+    with pytest.raises(ValueError):
+        p.add([0], [1])
+
+
+def test_grid_packets_cut_trailing_padding():
+    gk = np.array([[5, 0, 6, 0], [0, 0, 0, 9], [0, 3, 0, 0]], np.uint64)
+    gv = np.array([[1, 0, 2, 0], [0, 0, 0, 4], [0, -7, 0, 0]], np.int64)
+    rows, sizes = kv.build_kv_grid(gk, gv, job=2, gen=1, flow=1, psn0=10)
+    assert (sizes - proto.HDR_LEN).tolist() == [3 * kv.TUPLE_BYTES, 4 * kv.TUPLE_BYTES, 2 * kv.TUPLE_BYTES]
+    for i in range(3):
+        h, t = kv.parse_kv(rows[i, :sizes[i]].tobytes())  # sealed: the csum holds
+        assert int(h["psn"]) == 10 + i
+        want = [(int(k), int(v)) for k, v in zip(gk[i], gv[i]) if k]
+        assert list(zip(t["key"].tolist(), t["value"].tolist())) == want
+
+
+def test_dictionary_line_round_trip_and_bad_lines():
+    d = {kv.word_key(w): w for w in ["a", "naïve", "42"]}
+    line = ka.dictionary_line(4, 2, d, [(7, "x", "y")])
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    flow, keys, words, col = ka.parse_dictionary(line, 4)
+    assert flow == 2 and dict(zip(keys, words)) == d and col == [(7, "x", "y")]
+    assert ka.parse_dictionary(ka.dictionary_line(4, 0, {}), 4) == (0, [], [], [])
+    for bad in [b"{}", b"[1]", b"not json", ka.dictionary_line(5, 0, d),
+                b'{"job": 4, "flow": 0, "keys": "AAAA", "words": "a"}',          # 3 bytes of keys
+                b'{"job": 4, "flow": 0, "keys": "!!!!", "words": "a"}',          # not base64
+                b'{"job": 4, "flow": 0, "keys": "AQAAAAAAAAA=", "words": "a\\nb"}',  # 1 key, 2 words
+                b'{"job": 4, "flow": true, "keys": "", "words": ""}',
+                b'{"job": 4, "flow": 0, "keys": "", "words": "", "collisions": [["x", "a", "b"]]}']:
+        with pytest.raises(ValueError):
+            ka.parse_dictionary(bad, 4)
 
 
 def _rows(pkts):
