@@ -84,6 +84,23 @@ def sockaddr_in(addr: str, port: int) -> np.ndarray:
     return np.frombuffer(b, dtype=np.uint8)
 
 
+def send_rows(fd: int, rows: np.ndarray, names: np.ndarray) -> None:
+    """Sends row i of a 2-D uint8 array (whole rows) to names[i] (a 16-byte
+    sockaddr_in row each), one sendmmsg."""
+    rows = np.ascontiguousarray(rows)
+    names = np.ascontiguousarray(names, dtype=np.uint8)
+    k = rows.shape[0]
+    iov = np.zeros(k, IOVEC)
+    iov["base"] = rows.ctypes.data + np.arange(k, dtype=np.uint64) * np.uint64(rows.strides[0])
+    iov["len"] = rows.shape[1]
+    msgs = np.zeros(k, MMSGHDR)
+    msgs["iov"] = iov.ctypes.data + np.arange(k, dtype=np.uint64) * IOVEC.itemsize
+    msgs["iovlen"] = 1
+    msgs["name"] = names.ctypes.data + np.arange(k, dtype=np.uint64) * 16
+    msgs["namelen"] = 16
+    send_msgs(fd, msgs)
+
+
 class Outbox:
     """Sends chosen rows of a 2-D packet buffer to each of a fixed set of
     destinations with one sendmmsg (unconnected socket)."""

@@ -251,13 +251,23 @@ def parse_acks(rows: np.ndarray, lens: np.ndarray, *, job: int, gen: int, flow: 
     return idx[ok & (idx < n)]
 
 
-def build_ack(*, job: int, gen: int, flow: int, psn: int, tuples: int = 0, flags: int = 0) -> bytes:
-    """The reducer's acknowledgement of a leftover packet: a header-only
-    INC_T_KV_ACK (slot = tuples it took), sealed."""
-    h = np.zeros(1, proto.HDR_DTYPE)
-    h["version"], h["type"], h["flags"], h["op"] = proto.VERSION, kv_proto.T_KV_ACK, flags, proto.OP_SUM
-    h["job"], h["gen"], h["rank"], h["psn"], h["slot"] = job, gen, flow, psn & 0xFFFFFFFF, tuples
-    return proto.seal_bytes(h.tobytes())
+def build_acks(*, job: int, gen: int, flows, psns, tuples) -> np.ndarray:
+    """The reducer's acknowledgements of leftover packets: header-only
+    INC_T_KV_ACKs (slot = tuples it took), sealed, one uint8 row each."""
+    flows = np.asarray(flows, np.int64)
+    h = np.zeros(flows.size, proto.HDR_DTYPE)
+    h["version"], h["type"], h["op"] = proto.VERSION, kv_proto.T_KV_ACK, proto.OP_SUM
+    h["job"], h["gen"], h["rank"] = job, gen, flows
+    h["psn"] = np.asarray(psns, np.int64) & 0xFFFFFFFF
+    h["slot"] = tuples
+    rows = h.view(np.uint8).reshape(flows.size, proto.HDR_LEN).copy()
+    proto.seal_rows(rows, np.zeros(flows.size, np.int64))
+    return rows
+
+
+def build_ack(*, job: int, gen: int, flow: int, psn: int, tuples: int = 0) -> bytes:
+    """One of build_acks() as bytes."""
+    return build_acks(job=job, gen=gen, flows=[flow], psns=[psn], tuples=[tuples])[0].tobytes()
 
 
 def dictionary_line(job: int, flow: int, dictionary: dict[int, str], collisions=()) -> bytes:
@@ -331,30 +341,52 @@ class ReducerState:
         self.s = ReduceSummary()
 
     def packet(self, data: bytes) -> tuple[int, int, int] | None:
-        """A datagram from the switch. Returns (flow, psn, tuples) to acknowledge, or
-        None if it is not a leftover packet of this job. Adds its tuples only the
-        first time its (flow, psn) comes."""
-        try:
-            h, t = kv_proto.parse_kv(data)
-        except ValueError:
-            self.s.bad_packets += 1
-            return None
-        flow, psn = int(h["rank"]), int(h["psn"])
-        if h["type"] != kv_proto.T_KV or h["job"] != self.job or h["gen"] != self.gen or flow >= self.world:
-            self.s.bad_packets += 1
-            return None
-        if (flow, psn) in self.seen:
-            self.s.dup_packets += 1
-            return flow, psn, len(t)
-        self.seen.add((flow, psn))
-        self.s.leftover_packets += 1
-        self.s.leftover_tuples += len(t)
-        self.s.partial_packets += bool(h["flags"] & kv_proto.F_KV_PARTIAL)
-        if len(t):
-            self._keys.append(t["key"].astype(np.uint64))
-            self._vals.append(t["value"].astype(np.int64))
-            self.s.leftover_total += int(t["value"].astype(np.int64).sum())
-        return flow, psn, len(t)
+        """One datagram from the switch: see packets()."""
+        row = np.zeros((1, (max(len(data), proto.HDR_LEN) + 7) // 4 * 4), np.uint8)
+        row[0, :len(data)] = np.frombuffer(data, np.uint8)
+        r = self.packets(row, np.array([len(data)]))
+        return r[0] if r else None
+
+    def packets(self, rows: np.ndarray, lens: np.ndarray) -> list[tuple[int, int, int]]:
+        """A batch of datagrams from the switch (uint8 rows, lens[i] bytes of
+        row i). Returns (flow, psn, tuples) to acknowledge for every leftover
+        packet of this job among them; adds each one's tuples only the first
+        time its (flow, psn) comes."""
+        k = rows.shape[0]
+        if not k:
+            return []
+        if rows.shape[1] < proto.HDR_LEN:
+            raise ValueError("rows narrower than an INC header")
+        lens = np.asarray(lens, np.int64)
+        h = np.frombuffer(rows[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
+        nt = h["numel"].astype(np.int64) // kv_proto.TUPLE_WORDS
+        ok = ((lens >= proto.HDR_LEN) & (h["version"] == proto.VERSION) & (h["type"] == kv_proto.T_KV)
+              & (h["job"] == self.job) & (h["gen"] == self.gen) & (h["rank"] < self.world)
+              & (h["numel"] % kv_proto.TUPLE_WORDS == 0) & proto.csum_ok(rows, lens))
+        self.s.bad_packets += int(k - ok.sum())
+        out, ks, vs = [], [], []
+        for i, flow, psn, n, fl in zip(np.nonzero(ok)[0].tolist(), h["rank"][ok].tolist(), h["psn"][ok].tolist(),
+                                       nt[ok].tolist(), h["flags"][ok].tolist()):
+            out.append((flow, psn, n))
+            if (flow, psn) in self.seen:
+                self.s.dup_packets += 1
+                continue
+            self.seen.add((flow, psn))
+            self.s.leftover_packets += 1
+            self.s.partial_packets += bool(fl & kv_proto.F_KV_PARTIAL)
+            if n:
+                t = np.frombuffer(rows[i], kv_proto.TUPLE_DTYPE, n, proto.HDR_LEN)
+                ks.append(t["key"])
+                vs.append(t["value"])
+        if ks:
+            keys, vals = np.concatenate(ks), np.concatenate(vs).astype(np.int64)
+            real = keys != 0
+            keys, vals = keys[real], vals[real]
+            self.s.leftover_tuples += int(keys.size)
+            self.s.leftover_total += int(vals.sum())
+            self._keys.append(keys)
+            self._vals.append(vals)
+        return out
 
     def drained(self, keys, values) -> None:
         k = np.asarray(keys, dtype=np.uint64)
@@ -430,6 +462,7 @@ class MapStats:
     route: str = ""
     tuples_to_switch: int = 0      # sent through the switch (the rest straight to the reducer)
     packets_to_switch: int = 0
+    padding: int = 0               # key-0 places in those packets (a row with no tuple waiting)
     aggregators: int = 0           # of the mapper's part of the switch (0: shared with other mappers)
     claimed: int = 0               # of those, held by one of its keys
     tuples_per_packet: int = 0
@@ -441,6 +474,7 @@ class MapStats:
     map_s: float = 0.0
     send_s: float = 0.0
     total_s: float = 0.0
+    cpu_s: float = 0.0             # the mapper process's CPU time (user + system)
 
 
 class _Failure:
@@ -530,6 +564,7 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
         st.words, st.map_s = src.words, src.map_s
         st.distinct, st.collisions = len(src.dictionary), len(src.collisions)
         st.tuples_to_switch, st.packets_to_switch = router.tuples_to_switch, router.packets_to_switch
+        st.padding = router.padding
         if owners is not None:
             st.aggregators, st.claimed = owners.owner.size, owners.claimed
         st.send_s = time.perf_counter() - t0 - st.map_s
@@ -549,6 +584,7 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
                 raise KVError(fail.failure)
             _leave(ctl)  # before closing the TCP connection: the reducer waits for that close
         st.total_s = time.perf_counter() - t0
+        st.cpu_s = time.process_time()
         return st
     except (OSError, ValueError) as e:  # the reducer unreachable, a garbled reply
         raise KVError(f"job {job} mapper {flow}: {e}") from e
@@ -619,7 +655,7 @@ class _Router:
         self.cold_k: list[np.ndarray] = []
         self.cold_v: list[np.ndarray] = []
         self.cold_n = 0
-        self.tuples_to_switch = self.packets_to_switch = 0
+        self.tuples_to_switch = self.packets_to_switch = self.padding = 0
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
         if self.route == "direct":
@@ -642,7 +678,9 @@ class _Router:
         self.tuples_to_switch += int(np.count_nonzero(gk))
         self.packets_to_switch += gk.shape[0]
         if gk.shape[0]:
-            out.append((*kv_proto.build_kv_grid(gk, gv, **hdr), TO_SWITCH))
+            rows, sizes = kv_proto.build_kv_grid(gk, gv, **hdr)
+            self.padding += int((sizes - proto.HDR_LEN).sum()) // kv_proto.TUPLE_BYTES - int(np.count_nonzero(gk))
+            out.append((rows, sizes, TO_SWITCH))
             hdr = {**hdr, "psn0": hdr["psn0"] + gk.shape[0]}
         full = self.cold_n if final else self.cold_n - self.cold_n % self.per
         if full:
@@ -848,20 +886,26 @@ def run_reducer(job: int, world: int, *, switch: str | None = None, ctrl_port: i
         t_reg = time.perf_counter()
         say(f"reducer: job {job} gen {gen} running")
         rx = batchio.Receiver(sock.fileno(), 256, proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
+        names = np.stack([batchio.sockaddr_in(*members[f]) for f in range(world)])
+
+        def ack(got: list[tuple[int, int, int]]) -> int:
+            """Acknowledges leftover packets to their mappers, one sendmmsg."""
+            if not got:
+                return 0
+            flows, psns, tuples = zip(*got)
+            rows = build_acks(job=job, gen=gen, flows=flows, psns=psns, tuples=tuples)
+            try:
+                batchio.send_rows(sock.fileno(), rows, names[list(flows)])
+            except OSError:
+                return 0  # the mappers resend; so do we then
+            return len(got)
+
         acks = 0
         start = time.monotonic()
         while not state.complete:
             k = rx.recv(0.02)
-            for i in range(k):
-                n = int(rx.m.msgs["len"][i])
-                r = state.packet(rx.buf[i, :n].tobytes())
-                if r is not None:
-                    flow, psn, t = r
-                    try:
-                        sock.sendto(build_ack(job=job, gen=gen, flow=flow, psn=psn, tuples=t), members[flow])
-                        acks += 1
-                    except OSError:
-                        pass  # the mapper resends; so do we then
+            if k:
+                acks += ack(state.packets(rx.buf[:k], rx.m.msgs["len"][:k]))
             while True:
                 try:
                     msg, ev = server.inbox.get_nowait()
@@ -903,17 +947,14 @@ def run_reducer(job: int, world: int, *, switch: str | None = None, ctrl_port: i
             k = rx.recv(0.0)
             if not k:
                 break
-            for i in range(k):
-                r = state.packet(rx.buf[i, :int(rx.m.msgs["len"][i])].tobytes())
-                if r is not None:
-                    sock.sendto(build_ack(job=job, gen=gen, flow=r[0], psn=r[1], tuples=r[2]), members[r[0]])
+            acks += ack(state.packets(rx.buf[:k], rx.m.msgs["len"][:k]))
         if fail.failure:
             raise KVError(fail.failure)
         _leave(ctl)
         counts, collisions = state.counts()
         info = {"job": job, "gen": gen, "mappers": world, "acks_sent": acks,
                 "wait_s": t_reg - t0, "data_s": t_data - t_reg, "drain_s": t_drain - t_data,
-                "total_s": time.perf_counter() - t0}
+                "total_s": time.perf_counter() - t0, "cpu_s": time.process_time()}
         if collisions:
             e = CollisionError(f"{len(collisions)} key(s) claimed by two words, left out of the counts: "
                                + ", ".join(f"{k:#x} ({a!r} / {b!r})" for k, a, b in collisions[:5]))

@@ -16,7 +16,10 @@ are the same):
 Systems, each on the same files, each checked against collections.Counter over
 the same tokenizer (hostagent.kv_agent.tokenize):
   inc      3 mappers (`inc-agent kv-map` on h1..h3) and the reducer
-           (`inc-agent kv-reduce` on the ps host) in a lab, through the switch;
+           (`inc-agent kv-reduce` on the ps host) in a lab, through the switch
+           (the keys that hold an aggregator; the rest straight to the reducer);
+  inc-all  (not by default) the same with `kv-map --all-via-switch`: every
+           tuple through the switch, which passes on what it cannot absorb;
   off      the same agents, `kv-map --direct`: the tuples go straight to the
            reducer, the switch forwards them and absorbs nothing;
   pyspark  sc.textFile(files).flatMap(tokenize).map((w, 1)).reduceByKey(add)
@@ -27,7 +30,8 @@ processes' start, reading, tokenizing, sending, draining and writing are all
 in it); pyspark the job alone (textFile to collect), the SparkContext's start
 is reported apart and not counted.
 
-Also reported for inc: the share of tuples and of word occurrences the switch
+Also reported for inc: the reducer's CPU time and the bytes that reached it,
+the share of tuples and of word occurrences the switch
 absorbed, and by key frequency (top 10 keys, 11-100, ...), from the reducer's
 summary and its drained sums per key. Saves JSON (results/kv_bench.json),
 prints a table. Lab, incd and Spark are torn down, also on failure or Ctrl-C.
@@ -51,10 +55,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
 
+from hostagent import kv_proto, proto  # noqa: E402
 from hostagent.kv_agent import read_chunks, tokenize  # noqa: E402
 
 MAPPERS = 3
 LINE_WORDS = 12
+# the agents' systems: kv-map options (pyspark is the peer outside the lab)
+SYSTEMS = {"inc": [], "inc-all": ["--all-via-switch"], "off": ["--direct"], "pyspark": []}
 BUCKETS = ((1, 10), (11, 100), (101, 1000), (1001, 10_000), (10_001, None))
 
 
@@ -246,7 +253,7 @@ def reducer_wrapper(argv: list[str]) -> int:
     return rc
 
 
-def run_agents(lab, meta: dict, job: int, *, direct: bool, tmp: Path, timeout: float,
+def run_agents(lab, meta: dict, job: int, *, map_args: list[str], tmp: Path, timeout: float,
                cols: int | None = None) -> dict:
     from netns_lab.agents import agent_argv
 
@@ -260,7 +267,7 @@ def run_agents(lab, meta: dict, job: int, *, direct: bool, tmp: Path, timeout: f
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     maps = [lab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", str(job), "--rank", str(r), "--mappers",
                                               str(MAPPERS), "--input", f, "--json", "--timeout", "30",
-                                              *(["--direct"] if direct else []),
+                                              *map_args,
                                               *(["--cols", str(cols)] if cols else [])),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for r, f in enumerate(meta["files"])]
@@ -321,7 +328,12 @@ def agents_row(corpus: dict, system: str, r: dict, want: dict) -> dict:
         "retransmits": sum(m["retransmits"] for m in maps),
         "mapper_map_s": max(m["map_s"] for m in maps), "mapper_send_s": max(m["send_s"] for m in maps),
         "mapper_total_s": max(m["total_s"] for m in maps),
-        "reducer": {k: red[k] for k in ("wait_s", "data_s", "drain_s", "total_s", "leftover_packets",
+        "mapper_cpu_s": sum(m["cpu_s"] for m in maps), "reducer_cpu_s": red["cpu_s"],
+        "tuples_to_switch": sum(m["tuples_to_switch"] for m in maps),
+        "padding": sum(m["padding"] for m in maps),
+        "bytes_to_reducer": (proto.HDR_LEN * red["leftover_packets"]
+                             + kv_proto.TUPLE_BYTES * red["leftover_tuples"]),
+        "reducer": {k: red[k] for k in ("wait_s", "data_s", "drain_s", "total_s", "cpu_s", "leftover_packets",
                                         "leftover_tuples", "partial_packets", "dup_packets", "drain_keys",
                                         "drain_total", "leftover_total", "words")},
     }
@@ -329,7 +341,7 @@ def agents_row(corpus: dict, system: str, r: dict, want: dict) -> dict:
         diff = [w for w in set(want) | set(r["counts"]) if want.get(w) != r["counts"].get(w)]
         row["mismatched_words"] = len(diff)
         row["mismatch_examples"] = {w: [want.get(w), r["counts"].get(w)] for w in sorted(diff)[:5]}
-    if system == "inc":
+    if system != "off":
         row["hot_keys"] = hot_keys(want, r["drained"])
     return row
 
@@ -400,9 +412,9 @@ def run_spark(meta: dict, master: str, tmp: Path, timeout: float) -> dict:
 
 def run(args) -> dict:
     systems = args.systems.split(",")
-    bad = set(systems) - {"inc", "off", "pyspark"}
+    bad = set(systems) - set(SYSTEMS)
     if bad:
-        raise RuntimeError(f"unknown systems {sorted(bad)} (inc, off, pyspark)")
+        raise RuntimeError(f"unknown systems {sorted(bad)} ({', '.join(SYSTEMS)})")
     if "pyspark" in systems:
         try:
             import pyspark  # noqa: F401
@@ -425,7 +437,7 @@ def run(args) -> dict:
     rows = []
     lab = incd = None
     job = 700
-    need_lab = any(s in ("inc", "off") for s in systems)
+    need_lab = any(s != "pyspark" for s in systems)
     try:
         if need_lab:
             from incd.process import IncdProcess
@@ -448,7 +460,7 @@ def run(args) -> dict:
                                "partitions": r["partitions"], "master": args.spark_master,
                                "version": r["version"]}
                     else:
-                        r = run_agents(lab, c, job, direct=system == "off", tmp=tmp, timeout=args.timeout,
+                        r = run_agents(lab, c, job, map_args=SYSTEMS[system], tmp=tmp, timeout=args.timeout,
                                        cols=args.cols)
                         job += 1
                         row = agents_row(c, system, r, want)
@@ -481,7 +493,7 @@ def summarize(rows: list[dict], corpora: list[dict]) -> list[dict]:
     out = []
     for c in corpora:
         med = {}
-        for system in ("inc", "off", "pyspark"):
+        for system in SYSTEMS:
             rs = [r for r in rows if r["corpus"] == c["name"] and r["system"] == system]
             if not rs:
                 continue
@@ -491,6 +503,8 @@ def summarize(rows: list[dict], corpora: list[dict]) -> list[dict]:
             if "absorbed_tuples_pct" in rs[0]:
                 d["absorbed_tuples_pct"] = float(np.median([r["absorbed_tuples_pct"] for r in rs]))
                 d["absorbed_occurrences_pct"] = float(np.median([r["absorbed_occurrences_pct"] for r in rs]))
+                d["reducer_cpu_s"] = float(np.median([r["reducer_cpu_s"] for r in rs]))
+                d["bytes_to_reducer"] = int(np.median([r["bytes_to_reducer"] for r in rs]))
             med[system] = d
         sp = med.get("pyspark", {}).get("seconds")
         for d in med.values():
@@ -501,18 +515,19 @@ def summarize(rows: list[dict], corpora: list[dict]) -> list[dict]:
 
 def table(result: dict) -> str:
     lines = [f"{'corpus':>6} {'system':>8} {'seconds':>8} {'Mwords/s':>9} {'absorbed % tuples/occ':>22} "
-             f"{'x PySpark':>9} exact"]
+             f"{'reducer: MB in, CPU s':>22} {'x PySpark':>9} exact"]
     for d in result["summary"]:
         ab = (f"{d['absorbed_tuples_pct']:.1f} / {d['absorbed_occurrences_pct']:.1f}"
               if "absorbed_tuples_pct" in d else "-")
+        red = (f"{d['bytes_to_reducer'] / 1e6:.1f}, {d['reducer_cpu_s']:.2f}" if "reducer_cpu_s" in d else "-")
         vs = f"{d['speedup_vs_pyspark']:.2f}" if d["speedup_vs_pyspark"] else "-"
         lines.append(f"{d['corpus']:>6} {d['system']:>8} {d['seconds']:>8.2f} {d['words_per_s'] / 1e6:>9.2f} "
-                     f"{ab:>22} {vs:>9} {'yes' if d['exact'] else 'NO'}")
+                     f"{ab:>22} {red:>22} {vs:>9} {'yes' if d['exact'] else 'NO'}")
     for c in result["corpora"]:
         lines.append(f"{c['name']}: {c['bytes'] / 1e6:.1f} MB, {c['words']} words, {c['distinct']} distinct; {c['what']}")
     for r in result["rows"]:
         if r.get("hot_keys") and r["rep"] == 0:
-            lines.append(f"hot keys, {r['corpus']} (inc): absorbed share of the occurrences by key rank")
+            lines.append(f"hot keys, {r['corpus']} ({r['system']}): absorbed share of the occurrences by key rank")
             for h in r["hot_keys"]:
                 lines.append(f"  ranks {h['ranks']:>14}: {h['share_of_occurrences'] * 100:6.2f}% of the words, "
                              f"{h['absorbed_share'] * 100:6.2f}% absorbed; {h['keys_fully_absorbed']} of "
@@ -524,8 +539,9 @@ def table(result: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpora", default="zipf,real", help="comma-separated: zipf, real (default %(default)s)")
-    p.add_argument("--systems", default="inc,off,pyspark", help="comma-separated: inc, off, pyspark "
-                   "(default %(default)s)")
+    p.add_argument("--systems", default="inc,off,pyspark", help="comma-separated: inc (only the keys that "
+                   "hold an aggregator through the switch), inc-all (every tuple through the switch), off "
+                   "(switch aggregation off), pyspark (default %(default)s)")
     p.add_argument("--zipf-mb", type=float, default=105.0, help="Zipf corpus size in MB (default %(default)s)")
     p.add_argument("--vocab", type=int, default=200_000, help="Zipf vocabulary (default %(default)s)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent (default %(default)s)")
@@ -536,8 +552,8 @@ def main() -> int:
                    "reported (default %(default)s)")
     p.add_argument("--spark-master", default="local[2]")
     p.add_argument("--mtu", type=int, default=3400)
-    p.add_argument("--cols", type=int, default=None, help="switch columns the job asks for (default: incd's, "
-                   "half the switch's %d)" % 512)
+    p.add_argument("--cols", type=int, default=512, help="switch columns the job asks for (default %(default)s: "
+                   "the whole array of incd's default build; the job has the switch to itself)")
     p.add_argument("--cache", default="/tmp/inc_kv_bench", help="corpora cache and scratch (default %(default)s)")
     p.add_argument("--lab-name", default="inckv", help="name of the lab this run creates")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")

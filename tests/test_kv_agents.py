@@ -243,6 +243,25 @@ def test_reducer_dedupe_drain_and_merge():
     assert (s.s.drains, s.s.drain_total, s.s.leftover_total, s.s.words) == (2, 17, 8, 3)
 
 
+def test_reducer_batch_is_packet_by_packet():
+    """packets() on a batch (as the reducer receives them) does what packet() does
+    one at a time; key-0 places (padding) are not tuples; acks come out sealed."""
+    gk = np.array([[0, kv.word_key("p"), 0]], np.uint64)
+    rows_g, sizes_g = kv.build_kv_grid(gk, np.array([[0, 3, 0]]), job=9, gen=4, flow=1, psn0=7)
+    pkts = [leftover(0, 0, [("a", 2), ("b", 1)]), leftover(0, 0, [("a", 2)]), b"\x01" * 10,
+            leftover(1, 3, [("c", 4)], gen=3), rows_g[0, :sizes_g[0]].tobytes(), leftover(1, 4, [("a", 1)])]
+    one = ka.ReducerState(job=9, gen=4, world=2)
+    want = [r for r in (one.packet(p) for p in pkts) if r is not None]
+    many = ka.ReducerState(job=9, gen=4, world=2)
+    rows, lens = _rows(pkts)
+    assert many.packets(rows, lens) == want == [(0, 0, 2), (0, 0, 1), (1, 7, 2), (1, 4, 1)]
+    assert one.s == many.s and (many.s.leftover_tuples, many.s.leftover_total, many.s.dup_packets,
+                                many.s.bad_packets) == (4, 7, 1, 2)
+    acks = ka.build_acks(job=9, gen=4, flows=[0, 1], psns=[0, 2**32 + 5], tuples=[2, 0])
+    assert ka.parse_acks(acks, np.full(2, acks.shape[1]), job=9, gen=4, flow=1, n=10).tolist() == [5]
+    assert acks[0].tobytes() == ka.build_ack(job=9, gen=4, flow=0, psn=0, tuples=2)
+
+
 def test_reducer_collision_reported_never_merged():
     s = ka.ReducerState(job=1, gen=1, world=3)
     s.packet(kv.build_kv_packet([7, 8], [2, 3], job=1, gen=1, flow=0, psn=0))
@@ -330,8 +349,31 @@ def test_wordcount_exact(kvlab, tmp_path):
     assert red["drain_total"] + red["leftover_total"] == sum(want.values())
     assert sum(m["acks_switch"] for m in maps) > 0 and sum(m["acks_reducer"] for m in maps) > 0
     assert sum(m["packets"] for m in maps) == sum(m["acks_switch"] + m["acks_reducer"] for m in maps)
+    # each mapper has a part of its own and knew which keys hold an aggregator there:
+    # what it sent through the switch was all absorbed, the rest came straight
+    for m in maps:
+        assert m["route"] == "owned" and 0 < m["claimed"] <= m["aggregators"]
+        assert m["acks_switch"] == m["packets_to_switch"] > 0, m
+    assert red["partial_packets"] == 0
+    assert red["leftover_tuples"] == sum(m["tuples"] - m["tuples_to_switch"] for m in maps)
     fin = [j for j in kvlab.incd.status()["finished"] if j["job"] == 80][-1]
     assert fin["end_reason"] == "the reducer finished"
+    # (the switch counts the padding places, key 0, as absorbed)
+    assert fin["counters"]["kv_leftover"] == 0 and fin["counters"]["kv_absorbed"] == \
+        sum(m["tuples_to_switch"] + m["padding"] for m in maps)
+
+
+def test_wordcount_all_via_switch_small_part(kvlab, tmp_path):
+    """--all-via-switch with few columns: every tuple goes through the switch at its
+    key's row, the keys that find their aggregator taken are passed on to the
+    reducer (partial packets), and the counts are exact."""
+    files, want = make_corpus(tmp_path, 3, seed=7, lines=600)
+    maps, red, counts = run_wordcount(kvlab, tmp_path, 86, files, map_args=["--all-via-switch", "--cols", "3"])
+    assert counts == dict(want)
+    assert all(m["route"] == "switch" and m["tuples_to_switch"] == m["tuples"] for m in maps)
+    assert red["partial_packets"] > 0 and red["drain_total"] > 0 and red["leftover_total"] > 0
+    c = [j for j in kvlab.incd.status()["finished"] if j["job"] == 86][-1]
+    assert c["cols"] == 3 and c["counters"]["kv_leftover"] == red["leftover_tuples"]
 
 
 def test_wordcount_direct_switch_aggregation_off(kvlab, tmp_path):
