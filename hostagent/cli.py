@@ -144,13 +144,26 @@ def cmd_ps(a) -> int:
     return 0
 
 
+def kv_chunk_kb() -> int:
+    from .kv_agent import CHUNK_BYTES
+
+    return CHUNK_BYTES >> 10
+
+
+def _member_args(p, fail_help: str) -> None:
+    """What every member of a job takes: where incd is and how long to wait."""
+    p.add_argument("--switch", help="incd address (default: this host's default gateway)")
+    p.add_argument("--register-timeout", type=float, default=30.0,
+                   help="how long to wait for the other members to register (default %(default)s)")
+    p.add_argument("--fail-timeout", type=float, default=2.0, metavar="S", help=fail_help + " (default %(default)s)")
+
+
 def _kv_job_args(p) -> None:
     """What a word count's mapper and reducer both take."""
     p.add_argument("--job", type=int, required=True)
     p.add_argument("--mappers", type=int, required=True, help="number of mappers")
-    p.add_argument("--switch", help="incd address (default: this host's default gateway)")
-    p.add_argument("--register-timeout", type=float, default=30.0)
-    p.add_argument("--fail-timeout", type=float, default=2.0, metavar="S")
+    _member_args(p, "fail within about S seconds when another member of the job dies or hangs (incd "
+                 "reports it); also how long this one may be silent before incd takes it for hung")
 
 
 def _check_kv_job(a) -> None:
@@ -171,6 +184,8 @@ def cmd_kv_map(a) -> int:
                        f"{kv_agent.kv_proto.WINDOW} psns per mapper)")
     if a.direct and a.all_via_switch:
         raise CliError("--direct and --all-via-switch exclude each other")
+    if not 1 <= a.chunk_kb <= 1 << 20:
+        raise CliError("--chunk-kb must be in 1..1048576")
     if a.cols is not None and not 1 <= a.cols <= 1 << 16:
         raise CliError("--cols must be in 1..65536")
     for f in a.input:
@@ -179,7 +194,7 @@ def cmd_kv_map(a) -> int:
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     st = kv_agent.run_mapper(a.job, a.rank, a.mappers, a.input, window=a.window, switch=a.switch,
                              register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                             fail_timeout=a.fail_timeout, cols=a.cols,
+                             fail_timeout=a.fail_timeout, cols=a.cols, chunk_bytes=a.chunk_kb << 10,
                              route="direct" if a.direct else "switch" if a.all_via_switch else "owned", say=say)
     res = dict(vars(st))
     print(json.dumps(res) if a.json else
@@ -242,7 +257,6 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--verify", action="store_true", help="check the result against the seeded inputs")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.add_argument("--quiet", action="store_true", help="no progress lines")
-    a.add_argument("--switch", help="incd address (default: this host's default gateway)")
     a.add_argument("--window", type=int, default=64, help="packets in flight (default %(default)s)")
     a.add_argument("--mode", choices=["modulo", "hash", "ps"], default="modulo",
                    help="modulo: switch only (NetReduce); hash: switch with a parameter server "
@@ -255,12 +269,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--compute-s", type=float, help="compute time per epoch (for the deadline sizing)")
     a.add_argument("--timeout", type=float, default=10.0,
                    help="fail if no result arrives for this many seconds (default %(default)s)")
-    a.add_argument("--register-timeout", type=float, default=30.0,
-                   help="how long to wait for the other ranks to register (default %(default)s)")
-    a.add_argument("--fail-timeout", type=float, default=2.0, metavar="S",
-                   help="fail within about S seconds when another member of the job dies or hangs "
-                   "(incd reports it), or when incd is gone and no result comes; also how long this "
-                   "rank may be silent before incd takes it for hung (default %(default)s)")
+    _member_args(a, "fail within about S seconds when another member of the job dies or hangs (incd "
+                 "reports it), or when incd is gone and no result comes; also how long this rank may be "
+                 "silent before incd takes it for hung")
     a.set_defaults(fn=cmd_allreduce)
     q = sub.add_parser("ps", help="parameter server of one hash- or ps-mode job",
                        description="Serve one job as its parameter server: finish the sums the "
@@ -270,18 +281,16 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--job", type=int, required=True)
     q.add_argument("--world", type=int, required=True, help="number of worker ranks")
     q.add_argument("--mode", choices=["hash", "ps"], default="hash")
-    q.add_argument("--switch", help="incd address (default: this host's default gateway)")
-    q.add_argument("--register-timeout", type=float, default=30.0)
-    q.add_argument("--fail-timeout", type=float, default=2.0, metavar="S",
-                   help="as for allreduce: how long this PS may be silent before incd takes it for "
-                   "hung, and how long it serves without packets once incd is gone (default %(default)s)")
+    _member_args(q, "as for allreduce: how long this PS may be silent before incd takes it for hung, "
+                 "and how long it serves without packets once incd is gone")
     q.add_argument("--json", action="store_true", help="print the final statistics as JSON")
     q.set_defaults(fn=cmd_ps)
     m = sub.add_parser("kv-map", help="word count: count words of text files and send them through the switch",
                        description="Mapper of a key-value (word count) job: tokenizes the input (lowercase; "
                        "anything but letters and digits separates words), counts words per chunk and sends "
-                       "the counts as (key, int32) tuples to the switch, which sums them; what it cannot "
-                       "absorb goes to the reducer. Then sends the reducer its key -> word dictionary.")
+                       "the counts as (key, int32) tuples while it reads on: the keys that hold an "
+                       "aggregator of its part of the switch through the switch, which sums them, the "
+                       "rest straight to the reducer. Then sends the reducer its key -> word dictionary.")
     _kv_job_args(m)
     m.add_argument("--rank", type=int, required=True, help="this mapper's flow id, 0..mappers-1")
     m.add_argument("--input", action="append", required=True, metavar="FILE",
@@ -292,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
                    "default: incd's, half the switch); the first mapper to register decides")
     m.add_argument("--timeout", type=float, default=10.0,
                    help="fail if no acknowledgement comes for this many seconds (default %(default)s)")
+    m.add_argument("--chunk-kb", type=int, default=kv_chunk_kb(),
+                   help="text counted at a time (the combiner's reach; default %(default)s)")
     m.add_argument("--all-via-switch", action="store_true",
                    help="send every tuple through the switch, also of keys that hold no aggregator of this "
                    "mapper's part (the switch passes those on to the reducer); default: only the keys that "

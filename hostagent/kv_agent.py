@@ -699,7 +699,9 @@ def _stream(sock, src: WordSource, router: _Router, *, job, gen, flow, window, s
     rx = batchio.Receiver(fd, 256, proto.HDR_LEN + 64, addrs=True)
     red_ip = int(np.frombuffer(socket.inet_aton(reducer_dest[0]), "<u4")[0])
     win = AckWindow(0, window)
-    srtt, rto = None, 0.05
+    # Until the first RTT sample: long enough for a reducer that shares its CPU
+    # with busy mappers (a whole window resent for nothing otherwise).
+    srtt, rto = None, 0.2
     mapping = True
     mapped_at = last_progress = rto_fired = time.monotonic()
     while mapping or not win.finished:

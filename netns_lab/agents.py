@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 
 class AgentRunError(RuntimeError):
@@ -51,21 +52,48 @@ def run_allreduce(lab, *, job: int, world: int, numel: int | None = None, dtype:
         if numel is not None:
             argv += ["--numel", str(numel), "--dtype", dtype]
         procs.append(lab.popen(hosts[r], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return collect([(f"rank {r}", p) for r, p in enumerate(procs)], job=job, timeout=timeout)
+
+
+def collect(procs: list[tuple[str, subprocess.Popen]], *, job: int, timeout: float) -> list[dict]:
+    """Waits for each (name, process) in turn, one deadline for all, and returns
+    each one's last line of output as JSON. A process still running at the
+    deadline: all are killed. Any that failed: AgentRunError naming each."""
+    deadline = time.monotonic() + timeout
     results, errors = [], []
-    for r, p in enumerate(procs):
+    for name, p in procs:
         try:
-            out, err = p.communicate(timeout=timeout)
+            out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for q in procs:
+            for _, q in procs:
                 q.kill()
-            raise AgentRunError(f"job {job}: rank {r} did not finish within {timeout}s")
+                q.wait()
+            raise AgentRunError(f"job {job}: {name} did not finish within {timeout:.0f}s") from None
         if p.returncode != 0:
-            errors.append(f"rank {r} exit {p.returncode}: {err.strip()[-500:]}")
+            errors.append(f"{name} exit {p.returncode}: {err.strip()[-500:]}")
             continue
         try:
             results.append(json.loads(out.strip().splitlines()[-1]))
         except (json.JSONDecodeError, IndexError):
-            errors.append(f"rank {r}: no JSON result: {out[-300:]!r} {err[-300:]!r}")
+            errors.append(f"{name}: no JSON result: {out[-300:]!r} {err[-300:]!r}")
     if errors:
         raise AgentRunError(f"job {job}: " + "; ".join(errors))
     return results
+
+
+def run_wordcount(lab, *, job: int, files: list[str], out: str, map_args: list[str] | tuple = (),
+                  reducer_cmd: list[str] | None = None, timeout: float = 300.0) -> tuple[list[dict], dict]:
+    """One word count: `kv-reduce` on the ps host writing out, `kv-map` rank r on
+    h(r+1) reading files[r]. reducer_cmd: what runs inc-agent's command line for
+    the reducer (default agent_argv()). Returns (the mappers' JSON results, the
+    reducer's)."""
+    n = str(len(files))
+    red = lab.popen("ps", [*(reducer_cmd or agent_argv()), "kv-reduce", "--job", str(job), "--mappers", n,
+                           "--out", str(out), "--json"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = [lab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", str(job), "--rank", str(r), "--mappers", n,
+                                              "--input", str(f), "--json", *map_args),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r, f in enumerate(files)]
+    res = collect([*((f"mapper {r}", p) for r, p in enumerate(maps)), ("reducer", red)], job=job, timeout=timeout)
+    return res[:-1], res[-1]

@@ -255,44 +255,24 @@ def reducer_wrapper(argv: list[str]) -> int:
 
 def run_agents(lab, meta: dict, job: int, *, map_args: list[str], tmp: Path, timeout: float,
                cols: int | None = None) -> dict:
-    from netns_lab.agents import agent_argv
+    from netns_lab.agents import AgentRunError, run_wordcount
 
     out = tmp / f"counts{job}.json"
     split = tmp / f"drained{job}.json"
     for p in (out, split):
         p.unlink(missing_ok=True)
     t0 = time.time()
-    red = lab.popen("ps", [sys.executable, str(Path(__file__).resolve()), "_reduce", str(split), "kv-reduce",
-                           "--job", str(job), "--mappers", str(MAPPERS), "--out", str(out), "--json"],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    maps = [lab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", str(job), "--rank", str(r), "--mappers",
-                                              str(MAPPERS), "--input", f, "--json", "--timeout", "30",
-                                              *map_args,
-                                              *(["--cols", str(cols)] if cols else [])),
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for r, f in enumerate(meta["files"])]
-    res, errors = [], []
-    procs = [*((f"mapper {r}", p) for r, p in enumerate(maps)), ("reducer", red)]
-    deadline = time.monotonic() + timeout
-    for name, p in procs:
-        try:
-            o, e = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for _, q in procs:
-                q.kill()
-                q.wait()
-            raise RuntimeError(f"job {job}: {name} did not finish in {timeout:.0f}s")
-        if p.returncode != 0:
-            errors.append(f"{name} exit {p.returncode}: {e.strip()[-500:]}")
-            continue
-        res.append(json.loads(o.strip().splitlines()[-1]))
-    if errors:
-        raise RuntimeError(f"job {job}: " + "; ".join(errors))
+    try:
+        maps, red = run_wordcount(lab, job=job, files=meta["files"], out=str(out), timeout=timeout,
+                                  map_args=["--timeout", "30", *map_args, *(["--cols", str(cols)] if cols else [])],
+                                  reducer_cmd=[sys.executable, str(Path(__file__).resolve()), "_reduce", str(split)])
+    except AgentRunError as e:
+        raise RuntimeError(str(e)) from None
     sp = json.loads(split.read_text(encoding="utf-8"))
     counts = json.loads(out.read_text(encoding="utf-8"))
     out.unlink()
     split.unlink()
-    return {"seconds": sp["t_end"] - t0, "mappers": res[:-1], "reducer": res[-1], "counts": counts,
+    return {"seconds": sp["t_end"] - t0, "mappers": maps, "reducer": red, "counts": counts,
             "drained": sp["drained"]}
 
 

@@ -189,6 +189,27 @@ def test_dictionary_line_round_trip_and_bad_lines():
             ka.parse_dictionary(bad, 4)
 
 
+def test_part_owners_hottest_claims_and_the_switch_column():
+    per, cols, parts, flow = 5, 12, 3, 2
+    own = kv.PartOwners(per, cols // parts)
+    rng = np.random.default_rng(9)
+    keys = rng.integers(1, 2**64 - 1, 400, dtype=np.uint64)
+    vals = rng.integers(1, 100, 400)
+    # the aggregator's column is the one the switch computes (kv.column, from inc_kv_col)
+    col = kv.column(keys, offset=7, cols=cols, parts=parts, flow=flow) - 7 - (flow % parts) * (cols // parts)
+    assert (own.index(keys) % (cols // parts) == col).all()
+    assert (own.index(keys) // (cols // parts) == kv.kv_row(keys, per)).all()
+    held = own.claim(keys, vals)
+    assert own.claimed == len(set(own.index(keys).tolist())) == held.sum()
+    for a in set(own.index(keys).tolist()):  # each aggregator to its hottest key (first of equals)
+        mine = np.nonzero(own.index(keys) == a)[0]
+        best = mine[np.argmax(vals[mine])]
+        assert own.owner[a] == keys[best] and held[best]
+    # later chunks: the holders are still held, newcomers find everything taken
+    again = own.claim(np.append(keys[held], np.uint64(12345)), np.append(vals[held], 10**6))
+    assert again[:-1].all() and (again[-1] == (own.owner[own.index([12345])[0]] == 12345))
+
+
 def _rows(pkts):
     width = max(len(p) for p in pkts) + 8
     rows = np.zeros((len(pkts), width), np.uint8)
@@ -304,31 +325,15 @@ def make_corpus(tmp_path, mappers, seed, lines=1500, vocab=3000):
 
 
 def run_wordcount(lab, tmp_path, job, files, *, window=64, timeout=180, map_args=()):
-    from netns_lab.agents import agent_argv
+    from netns_lab import agents
 
     out = tmp_path / f"counts{job}.json"
-    red = lab.popen("ps", agent_argv("kv-reduce", "--job", str(job), "--mappers", str(len(files)),
-                                     "--out", str(out), "--json"),
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    maps = [lab.popen(f"h{r + 1}", agent_argv("kv-map", "--job", str(job), "--rank", str(r), "--mappers",
-                                              str(len(files)), "--input", f, "--window", str(window), "--json",
-                                              *map_args),
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for r, f in enumerate(files)]
-    res, errors = [], []
-    for name, p in [*((f"mapper {r}", p) for r, p in enumerate(maps)), ("reducer", red)]:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in [*maps, red]:
-                q.kill()
-            raise AssertionError(f"job {job}: {name} did not finish in {timeout}s")
-        if p.returncode != 0:
-            errors.append(f"{name} exit {p.returncode}: {e.strip()[-600:]}")
-            continue
-        res.append(json.loads(o.strip().splitlines()[-1]))
-    assert not errors, f"job {job}: " + "; ".join(errors)
-    return res[:-1], res[-1], json.loads(out.read_text(encoding="utf-8"))
+    try:
+        maps, red = agents.run_wordcount(lab, job=job, files=files, out=str(out), timeout=timeout,
+                                         map_args=["--window", str(window), *map_args])
+    except agents.AgentRunError as e:
+        raise AssertionError(str(e)) from None
+    return maps, red, json.loads(out.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +346,8 @@ def kvlab(root):
 
 def test_wordcount_exact(kvlab, tmp_path):
     files, want = make_corpus(tmp_path, 3, seed=1)
-    maps, red, counts = run_wordcount(kvlab, tmp_path, 80, files)
+    # small chunks: the same key is sent in many packets, at the same row each time
+    maps, red, counts = run_wordcount(kvlab, tmp_path, 80, files, map_args=["--chunk-kb", "16"])
     assert counts == dict(want)
     assert red["collisions"] == [] and red["dictionaries"] == 3
     # both paths did work: the switch absorbed most, the tail went to the reducer
@@ -354,6 +360,7 @@ def test_wordcount_exact(kvlab, tmp_path):
     for m in maps:
         assert m["route"] == "owned" and 0 < m["claimed"] <= m["aggregators"]
         assert m["acks_switch"] == m["packets_to_switch"] > 0, m
+        assert m["tuples_to_switch"] > 2 * m["claimed"]  # keys came back chunk after chunk: all absorbed
     assert red["partial_packets"] == 0
     assert red["leftover_tuples"] == sum(m["tuples"] - m["tuples_to_switch"] for m in maps)
     fin = [j for j in kvlab.incd.status()["finished"] if j["job"] == 80][-1]
