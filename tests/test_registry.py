@@ -73,9 +73,13 @@ def regions(reg):
 
 def test_resize_protocol_and_compaction(dp):
     reg = Registry(dp, 64, {}, memory=MemoryManager(64, "edf", Link()))
-    a, b, c = (Rank(reg, j, 8, j) for j in (1, 2, 3))
-    ja, jb, jc = a.wait(), b.wait(), c.wait()
-    assert {ja.offset, jb.offset, jc.offset} == {0, 16, 32} and regions(reg) == {0: 16, 16: 16, 32: 16}
+    ranks = []
+    for j in (1, 2, 3):  # one after the other: a at 0, b at 16, c at 32 (in threads the order is chance)
+        ranks.append(Rank(reg, j, 8, j))
+        ranks[-1].wait()
+    a, b, c = ranks
+    ja, jb, jc = a.job, b.job, c.job
+    assert (ja.offset, jb.offset, jc.offset) == (0, 16, 32) and regions(reg) == {0: 16, 16: 16, 32: 16}
     gen_c = jc.gen
     reg.leave(ja, 0)                       # a hole at 0..15, free 48..63
     d = Rank(reg, 4, 16, 4)                # wants 32: fits in total, not in one run
