@@ -490,11 +490,17 @@ def test_stopped_reducer_fails_the_mappers_with_a_message(kvlab, tmp_path):
                                                     "--input", f, "--timeout", "3"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for r, f in enumerate(files)]
+        blamed_reducer = 0
         for p in maps:
             _, err = p.communicate(timeout=30)
             assert p.returncode == 1 and "Traceback" not in err, err
             last = err.strip().splitlines()[-1]
-            assert last.startswith("inc-agent: job 84") and ("reducer" in last or "acknowledgement" in last), err
+            # the first mapper to give up blames the reducer; incd may then tell
+            # the others that it left before they gave up themselves
+            own = "reducer" in last or "acknowledgement" in last
+            assert last.startswith("inc-agent: job 84") and (own or "left before finishing" in last), err
+            blamed_reducer += own
+        assert blamed_reducer >= 1
         assert time.monotonic() - t0 < 15
     finally:
         red.send_signal(signal.SIGCONT)
