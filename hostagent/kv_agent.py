@@ -79,14 +79,28 @@ def tokenize(text: str) -> list[str]:
 
 
 def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The file's bytes in pieces of about chunk_bytes, cut only at line ends
-    (a word, or a UTF-8 sequence, never spans two chunks)."""
+    """The file's bytes in pieces of about chunk_bytes, each cut just after a
+    byte where the cut changes no word: an ASCII separator that str.lower() does
+    not look across (so not ' . : ^ `, which can decide a final sigma). A UTF-8
+    sequence never contains an ASCII byte, so none is split either. Cutting
+    inside long lines keeps the combiner's one C call (which holds the GIL, and
+    with it the heartbeat) short; only a run with no such byte grows a piece."""
     with open(path, "rb") as f:
-        while True:
-            lines = f.readlines(chunk_bytes)
-            if not lines:
-                return
-            yield b"".join(lines)
+        held: list[bytes] = []  # read but not yielded: no cut byte in any of it
+        while data := f.read(chunk_bytes):
+            cut = data.translate(_CUT_AFTER).rfind(b"\0") + 1
+            if not cut:
+                held.append(data)
+                continue
+            yield b"".join([*held, data[:cut]])
+            held = [data[cut:]] if cut < len(data) else []
+        if held:
+            yield b"".join(held)
+
+
+# 0 where a chunk may end: ASCII bytes that are neither letters, digits nor case-ignorable.
+_CUT_AFTER = bytes(0 if c < 128 and not chr(c).isalnum() and chr(c) not in "'.:^`" else 1
+                   for c in range(256))
 
 
 # ASCII: letters lowercased, digits kept, every other byte a separator.

@@ -190,6 +190,9 @@ def validate_register(req: dict) -> Request:
             cols = num("cols", 1, 1 << 16)
         if req.get("parts") is not None:
             parts = num("parts", 1, world)
+        if cols is not None and cols < (parts or world):
+            raise RegistrationError(f"'cols' {cols} is fewer than the job's {parts or world} parts "
+                                    f"(one column at least per part{'' if parts else ', one part per mapper'})")
     shape = req.get("shape")
     if shape is not None and (not isinstance(shape, str) or len(shape) > 64):
         raise RegistrationError("'shape' must be a short string")

@@ -125,6 +125,11 @@ def test_validate_register_kv_fields():
         validate_register({**base, "parts": 3})  # more parts than mappers
     with pytest.raises(RegistrationError, match="'cols'"):
         validate_register({**base, "cols": 0})
+    with pytest.raises(RegistrationError, match="'cols' 1 is fewer than the job's 2 parts"):
+        validate_register({**base, "cols": 1})  # a column per mapper at least
+    with pytest.raises(RegistrationError, match="'cols' 1 is fewer than the job's 2 parts"):
+        validate_register({**base, "cols": 1, "parts": 2})
+    assert validate_register({**base, "cols": 1, "parts": 1}).cols == 1
     assert validate_register({"job": 5, "world": 2, "mode": "kv", "port": 9, "role": "ps"}).rank == -1
 
 
