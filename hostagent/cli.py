@@ -144,6 +144,11 @@ def cmd_ps(a) -> int:
     return 0
 
 
+def kv_splits() -> tuple[str, ...]:
+    from .kv_agent import SPLITS
+    return SPLITS
+
+
 def kv_chunk_kb() -> int:
     from .kv_agent import CHUNK_BYTES
 
@@ -195,7 +200,8 @@ def cmd_kv_map(a) -> int:
     st = kv_agent.run_mapper(a.job, a.rank, a.mappers, a.input, window=a.window, switch=a.switch,
                              register_timeout=a.register_timeout, progress_timeout=a.timeout,
                              fail_timeout=a.fail_timeout, cols=a.cols, chunk_bytes=a.chunk_kb << 10,
-                             route="direct" if a.direct else "switch" if a.all_via_switch else "owned", say=say)
+                             route="direct" if a.direct else "switch" if a.all_via_switch else "owned",
+                             split=a.split, say=say)
     res = dict(vars(st))
     print(json.dumps(res) if a.json else
           f"kv-map job {a.job} mapper {a.rank}/{a.mappers}: {st.words} words ({st.distinct} distinct) as "
@@ -287,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_ps)
     m = sub.add_parser("kv-map", help="word count: count words of text files and send them through the switch",
                        description="Mapper of a key-value (word count) job: tokenizes the input (lowercase; "
-                       "anything but letters and digits separates words), counts words per chunk and sends "
+                       "anything but letters and digits separates words; or --split whitespace), counts words per chunk and sends "
                        "the counts as (key, int32) tuples while it reads on: the keys that hold an "
                        "aggregator of its part of the switch through the switch, which sums them, the "
                        "rest straight to the reducer. Then sends the reducer its key -> word dictionary.")
@@ -303,6 +309,10 @@ def parser() -> argparse.ArgumentParser:
                    help="fail if no acknowledgement comes for this many seconds (default %(default)s)")
     m.add_argument("--chunk-kb", type=int, default=kv_chunk_kb(),
                    help="text counted at a time (the combiner's reach; default %(default)s)")
+    m.add_argument("--split", choices=kv_splits(), default="words",
+                   help="what a word is: 'words' (default), lowercased runs of letters and digits; "
+                   "'whitespace', whatever lies between whitespace, case kept (as str.split() and "
+                   "Hadoop's or Spark's WordCount example). All mappers of a job should agree")
     m.add_argument("--all-via-switch", action="store_true",
                    help="send every tuple through the switch, also of keys that hold no aggregator of this "
                    "mapper's part (the switch passes those on to the reducer); default: only the keys that "

@@ -78,17 +78,19 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES, split: str = "words") -> Iterator[bytes]:
     """The file's bytes in pieces of about chunk_bytes, each cut just after a
-    byte where the cut changes no word: an ASCII separator that str.lower() does
-    not look across (so not ' . : ^ `, which can decide a final sigma). A UTF-8
-    sequence never contains an ASCII byte, so none is split either. Cutting
-    inside long lines keeps the combiner's one C call (which holds the GIL, and
-    with it the heartbeat) short; only a run with no such byte grows a piece."""
+    byte where the cut changes no word (split "words": an ASCII separator that
+    str.lower() does not look across, so not ' . : ^ `, which can decide a
+    final sigma; "whitespace": ASCII whitespace). A UTF-8 sequence never
+    contains an ASCII byte, so none is split either. Cutting inside long lines
+    keeps the combiner's one C call (which holds the GIL, and with it the
+    heartbeat) short; only a run with no such byte grows a piece."""
+    cut_after = _CUT_AFTER[split]
     with open(path, "rb") as f:
         held: list[bytes] = []  # read but not yielded: no cut byte in any of it
         while data := f.read(chunk_bytes):
-            cut = data.translate(_CUT_AFTER).rfind(b"\0") + 1
+            cut = data.translate(cut_after).rfind(b"\0") + 1
             if not cut:
                 held.append(data)
                 continue
@@ -98,24 +100,38 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
             yield b"".join(held)
 
 
-# 0 where a chunk may end: ASCII bytes that are neither letters, digits nor case-ignorable.
-_CUT_AFTER = bytes(0 if c < 128 and not chr(c).isalnum() and chr(c) not in "'.:^`" else 1
-                   for c in range(256))
+# The ASCII bytes str.split() splits on (bytes.split() leaves out \x1c-\x1f).
+_ASCII_SPACE = bytes(range(9, 14)) + bytes(range(0x1c, 0x21))
+# 0 where a chunk may end. words: ASCII bytes that are neither letters, digits
+# nor case-ignorable.
+_CUT_AFTER = {
+    "words": bytes(0 if c < 128 and not chr(c).isalnum() and chr(c) not in "'.:^`" else 1 for c in range(256)),
+    "whitespace": bytes(0 if c in _ASCII_SPACE else 1 for c in range(256)),
+}
+SPLITS = tuple(_CUT_AFTER)
 
 
 # ASCII: letters lowercased, digits kept, every other byte a separator.
 _ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 else 32
                      for c in range(256))
+_ASCII_SPACES = bytes(32 if c in _ASCII_SPACE else c for c in range(256))
 
 
-def count_words(chunk: bytes) -> Counter:
-    """tokenize() of the chunk (UTF-8, invalid bytes replaced), counted; the
-    words as UTF-8 bytes. ASCII text (the usual case) skips decoding and the
-    regular expression: same words, about twice as fast."""
-    if chunk.isascii():
-        return Counter(chunk.translate(_ASCII_WORDS).split())
-    c = Counter(tokenize(chunk.decode("utf-8", errors="replace")))
-    return Counter({w.encode("utf-8"): n for w, n in c.items()})
+def count_words(chunk: bytes, split: str = "words") -> Counter:
+    """The chunk's words (UTF-8, invalid bytes replaced), counted; the words as
+    UTF-8 bytes. split "words": tokenize(); "whitespace": str.split(), case
+    kept (Hadoop's and Spark's WordCount examples). ASCII text (the usual
+    case) skips decoding and the regular expression: same words, about twice
+    as fast."""
+    if split == "whitespace":
+        if chunk.isascii():
+            return Counter(chunk.translate(_ASCII_SPACES).split())
+        words = chunk.decode("utf-8", errors="replace").split()
+    else:
+        if chunk.isascii():
+            return Counter(chunk.translate(_ASCII_WORDS).split())
+        words = tokenize(chunk.decode("utf-8", errors="replace"))
+    return Counter({w.encode("utf-8"): n for w, n in Counter(words).items()})
 
 
 def split_counts(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,14 +158,18 @@ class WordSource:
     word), the number of words and the time spent. A word is hashed once
     (a cache of word -> key), not once per chunk."""
 
-    def __init__(self, paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key):
+    def __init__(self, paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key,
+                 split: str = "words"):
+        if split not in SPLITS:
+            raise KVError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
         self.dictionary: dict[int, str] = {}
         self.collisions: list = []
         self.words = 0
         self.map_s = 0.0
         self._key_fn = key_fn
         self._keys: dict[bytes, int] = {}
-        self._chunks = (c for p in paths for c in read_chunks(p, chunk_bytes))
+        self._split = split
+        self._chunks = (c for p in paths for c in read_chunks(p, chunk_bytes, split))
 
     def _key(self, w: bytes) -> int:
         word = w.decode("utf-8")
@@ -174,17 +194,18 @@ class WordSource:
             chunk = next(self._chunks)
         except StopIteration:
             return None
-        c = count_words(chunk)
+        c = count_words(chunk, self._split)
         self.words += sum(c.values())
         out = self.add(c)
         self.map_s += time.perf_counter() - t0
         return out
 
 
-def map_file(paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key):
+def map_file(paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key,
+             split: str = "words"):
     """All tuples of the input files, combined per chunk. Returns (keys, values,
     dictionary, collisions, words)."""
-    src = WordSource(paths, chunk_bytes, key_fn)
+    src = WordSource(paths, chunk_bytes, key_fn, split)
     ks, vs = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)]
     while (t := src.next()) is not None:
         ks.append(t[0])
@@ -514,7 +535,8 @@ def _leave(ctl: Control) -> None:
 def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: int = kv_proto.WINDOW,
                switch: str | None = None, ctrl_port: int = proto.CTRL_PORT, register_timeout: float = 30.0,
                progress_timeout: float = 10.0, fail_timeout: float = 2.0, cols: int | None = None,
-               chunk_bytes: int = CHUNK_BYTES, route: str = "owned", say=lambda m: None) -> MapStats:
+               chunk_bytes: int = CHUNK_BYTES, route: str = "owned", split: str = "words",
+               say=lambda m: None) -> MapStats:
     """One mapper of a kv job: registers, then maps its input chunk by chunk,
     sending each chunk's packets while it maps the next. cols: switch columns
     to ask for (incd's default if None). route (see _Router): "owned" (keys
@@ -523,7 +545,7 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
     aggregation off, a baseline: all tuples to the reducer's address; the
     switch forwards them like any other traffic and absorbs nothing; the job,
     the window, the reducer's acknowledgements and the dictionary are as
-    usual)."""
+    usual). split: what a word is (see count_words)."""
     if route not in ("owned", "switch", "direct"):
         raise KVError(f"route must be owned, switch or direct, not {route!r}")
     if not 1 <= window <= kv_proto.WINDOW:
@@ -538,7 +560,7 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
             raise KVError(f"cannot read input: {e}") from e
     t0 = time.perf_counter()
     st = MapStats(job, flow)
-    src = WordSource(inputs, chunk_bytes)
+    src = WordSource(inputs, chunk_bytes, split=split)
     sock = data_socket()
     ctl = None
     try:

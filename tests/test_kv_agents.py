@@ -56,32 +56,35 @@ def test_read_chunks_cuts_a_long_line():
 # the pieces that decide a cut: word characters, every ASCII separator (some of
 # them case-ignorable next to a final sigma), combining marks, broken UTF-8
 _CHUNK_TEXT = st.lists(st.sampled_from(["Σ", "Α", "a", "9", "é", "e\u0301", "İ", "日", "_", "\n", " ", "'", ".",
-                                        ":", "^", "`", ","]).map(str.encode)
+                                        ":", "^", "`", ",", "\x1c", "\x85", "\u3000"]).map(str.encode)
                        | st.binary(max_size=3), max_size=40)
 
 
 @settings(max_examples=500, deadline=None)
-@given(_CHUNK_TEXT, st.integers(1, 8))
-@example([b"\xce\x91\xce\xa3.\xce\x91"], 5)  # "ΑΣ.Α" cut after the '.': Σ would lower as a final sigma
-def test_read_chunks_count_as_the_whole(tmp_path_factory, parts, size):
+@given(_CHUNK_TEXT, st.integers(1, 8), st.sampled_from(ka.SPLITS))
+@example([b"\xce\x91\xce\xa3.\xce\x91"], 5, "words")  # "ΑΣ.Α" cut after the '.': Σ would lower as final
+@example([b"a,b\x1cc"], 2, "whitespace")  # a cut after ',' would make "a," and "b" of "a,b"
+def test_read_chunks_count_as_the_whole(tmp_path_factory, parts, size, split):
     """Wherever read_chunks cuts, counting the pieces gives the whole text's words."""
     raw = b"".join(parts)
     p = tmp_path_factory.mktemp("c") / "t.bin"
     p.write_bytes(raw)
-    chunks = list(ka.read_chunks(str(p), size))
+    chunks = list(ka.read_chunks(str(p), size, split))
     assert b"".join(chunks) == raw and all(chunks)
-    assert sum((ka.count_words(c) for c in chunks), collections.Counter()) == ka.count_words(raw)
+    assert sum((ka.count_words(c, split) for c in chunks), collections.Counter()) == ka.count_words(raw, split)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.characters(max_codepoint=0x7f), max_size=200)
        | st.text(max_size=60) | st.binary(max_size=80))
 def test_count_words_is_tokenize(text):
-    """The ASCII fast path and the Unicode path give tokenize()'s words (bytes
-    as the mapper reads them: invalid UTF-8 replaced)."""
+    """The ASCII fast path and the Unicode path give tokenize()'s words, or
+    str.split()'s with split "whitespace" (bytes as the mapper reads them:
+    invalid UTF-8 replaced)."""
     raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
-    want = collections.Counter(w.encode() for w in ka.tokenize(raw.decode("utf-8", errors="replace")))
-    assert ka.count_words(raw) == want
+    decoded = raw.decode("utf-8", errors="replace")
+    assert ka.count_words(raw) == collections.Counter(w.encode() for w in ka.tokenize(decoded))
+    assert ka.count_words(raw, "whitespace") == collections.Counter(w.encode() for w in decoded.split())
 
 
 def test_split_counts_big_values():
@@ -439,6 +442,22 @@ def test_wordcount_twice_same_lab_small_window(kvlab, tmp_path):
     open(files[0], "w").close()
     _, _, counts = run_wordcount(kvlab, tmp_path, 81, files, window=1)
     assert counts == dict(want)
+
+
+def test_wordcount_split_whitespace(kvlab, tmp_path):
+    """--split whitespace: the words are str.split()'s (case and punctuation kept,
+    Unicode whitespace separates), also in a long line cut into small chunks."""
+    files, _ = make_corpus(tmp_path, 3, seed=9, lines=300)
+    with open(files[2], "a", encoding="utf-8") as f:
+        f.write(" ".join(["The", "the,", "the", "naïve\u3000café", "a\x1cb", "c\x85d", "e\u2028F"] * 4000))
+    want = collections.Counter()
+    for p in files:
+        want.update(open(p, encoding="utf-8", newline="").read().split())
+    _, _, counts = run_wordcount(kvlab, tmp_path, 87, files, map_args=["--split", "whitespace", "--chunk-kb", "8"])
+    assert counts == dict(want)
+    # what the default split would have merged or cut stays apart
+    assert counts["the,"] == 4000 and counts["F"] == 4000 and counts["naïve"] == 4000
+    assert counts["the"] == 4000 and "a\x1cb" not in counts and counts["b"] == 4000
 
 
 @pytest.mark.parametrize("impair", [{"loss_pct": 2.0}, {"dup_pct": 5.0}, {"reorder_pct": 20.0}],

@@ -138,7 +138,9 @@ def test_delay_is_real_one_way_and_round_trip():
         rtt = tcp_connect_ms(lab, "h1", "h2")  # TCP too: four delayed hops
         print(f"delay 5 ms: sw->h2 {one}\n h1->h2 {two}\n TCP connect h1->h2 {rtt:.2f} ms")
         for rep, hops in ((one, 1), (two, 2)):
-            assert rep["count"] == rep["unique"] == 400 and rep["late"] == 0, rep
+            # nothing lost or doubled; order kept but for a few when the machine is
+            # loaded (2 of 400 once in CI, as in test_lab.test_delay_without_netem)
+            assert rep["count"] == rep["unique"] == 400 and rep["late"] <= 20, rep
             assert rep["min"] >= 5 * hops - 0.1, rep  # never early
             assert rep["median"] <= 5 * hops + 1.5, rep  # and not much late
         assert 19.5 <= rtt <= 30, rtt
