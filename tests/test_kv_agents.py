@@ -444,6 +444,60 @@ def test_wordcount_twice_same_lab_small_window(kvlab, tmp_path):
     assert counts == dict(want)
 
 
+def test_two_wordcounts_at_once_share_the_switch(kvlab, tmp_path):
+    """Job 88 is held active (its reducer stopped once registered: the mappers
+    wait for its acknowledgements) while job 89 runs from start to end on the
+    same hosts: 89 gets columns of its own, and both counts are exact."""
+    import signal
+    import time
+
+    from netns_lab.agents import agent_argv, collect
+
+    def reducer(job, *opts):
+        return kvlab.popen("ps", agent_argv("kv-reduce", "--job", str(job), "--mappers", "3", "--out",
+                                            str(tmp_path / f"c{job}.json"), "--json", *opts),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def mappers(job, seed, *opts):
+        (tmp_path / str(job)).mkdir()
+        files, want = make_corpus(tmp_path / str(job), 3, seed=seed, lines=800)
+        return want, [(f"mapper {r}", kvlab.popen(f"h{r + 1}", agent_argv(
+            "kv-map", "--job", str(job), "--rank", str(r), "--mappers", "3", "--input", f, "--json", *opts),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for r, f in enumerate(files)]
+
+    def job_now(job):
+        return next((j for j in kvlab.incd.status()["jobs"] if j["job"] == job), None)
+
+    def wait_for(what, cond):
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    red88 = reducer(88, "--fail-timeout", "60")
+    procs88 = [("reducer", red88)]
+    try:
+        wait_for("job 88's reducer never registered", lambda: (job_now(88) or {}).get("ps"))
+        red88.send_signal(signal.SIGSTOP)
+        want88, maps88 = mappers(88, 11, "--timeout", "60", "--fail-timeout", "60")
+        procs88 += maps88
+        wait_for("job 88 never became active", lambda: (job_now(88) or {}).get("state") == "active")
+        red89 = reducer(89)
+        want89, maps89 = mappers(89, 12)
+        collect([("reducer", red89), *maps89], job=89, timeout=120)
+        assert (job_now(88) or {}).get("state") == "active"  # it held its columns all along
+    finally:
+        red88.send_signal(signal.SIGCONT)
+        if len(procs88) == 1:
+            red88.kill()
+    collect(procs88, job=88, timeout=120)
+    for job, want in ((88, want88), (89, want89)):
+        assert json.loads((tmp_path / f"c{job}.json").read_text(encoding="utf-8")) == dict(want), job
+    fin = {j["job"]: j for j in kvlab.incd.status()["finished"] if j["job"] in (88, 89)}
+    (a, b) = sorted((j["offset"], j["offset"] + j["cols"]) for j in fin.values())
+    assert a[1] <= b[0] and all(j["counters"]["kv_absorbed"] > 0 for j in fin.values()), fin
+
+
 def test_wordcount_split_whitespace(kvlab, tmp_path):
     """--split whitespace: the words are str.split()'s (case and punctuation kept,
     Unicode whitespace separates), also in a long line cut into small chunks."""
