@@ -293,7 +293,8 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_ps)
     m = sub.add_parser("kv-map", help="word count: count words of text files and send them through the switch",
                        description="Mapper of a key-value (word count) job: tokenizes the input (lowercase; "
-                       "anything but letters and digits separates words; or --split whitespace), counts words per chunk and sends "
+                       "anything but letters and digits separates words; or --split whitespace), counts words per "
+                       "chunk and sends "
                        "the counts as (key, int32) tuples while it reads on: the keys that hold an "
                        "aggregator of its part of the switch through the switch, which sums them, the "
                        "rest straight to the reducer. Then sends the reducer its key -> word dictionary.")

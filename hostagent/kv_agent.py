@@ -114,7 +114,9 @@ SPLITS = tuple(_CUT_AFTER)
 # ASCII: letters lowercased, digits kept, every other byte a separator.
 _ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 else 32
                      for c in range(256))
-_ASCII_SPACES = bytes(32 if c in _ASCII_SPACE else c for c in range(256))
+# Per split, ASCII text translated so that bytes.split() gives its words.
+_ASCII_TO_SPACES = {"words": _ASCII_WORDS,
+                    "whitespace": bytes(32 if c in _ASCII_SPACE else c for c in range(256))}
 
 
 def count_words(chunk: bytes, split: str = "words") -> Counter:
@@ -123,14 +125,10 @@ def count_words(chunk: bytes, split: str = "words") -> Counter:
     kept (Hadoop's and Spark's WordCount examples). ASCII text (the usual
     case) skips decoding and the regular expression: same words, about twice
     as fast."""
-    if split == "whitespace":
-        if chunk.isascii():
-            return Counter(chunk.translate(_ASCII_SPACES).split())
-        words = chunk.decode("utf-8", errors="replace").split()
-    else:
-        if chunk.isascii():
-            return Counter(chunk.translate(_ASCII_WORDS).split())
-        words = tokenize(chunk.decode("utf-8", errors="replace"))
+    if chunk.isascii():
+        return Counter(chunk.translate(_ASCII_TO_SPACES[split]).split())
+    text = chunk.decode("utf-8", errors="replace")
+    words = text.split() if split == "whitespace" else tokenize(text)
     return Counter({w.encode("utf-8"): n for w, n in Counter(words).items()})
 
 

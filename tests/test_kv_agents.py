@@ -39,15 +39,12 @@ def test_read_chunks_never_split_words(tmp_path):
         collections.Counter(w.encode() for w in ka.tokenize(p.read_text()))
 
 
-def test_read_chunks_cuts_a_long_line():
+def test_read_chunks_cuts_a_long_line(tmp_path):
     """One 10 MB line is read in pieces of about chunk_bytes, not whole (the
     mapper's heartbeat stalls while one piece is counted)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile() as f:
-        f.write(b"alpha beta, gamma " * 600_000)
-        f.flush()
-        chunks = list(ka.read_chunks(f.name, 1 << 20))
+    p = tmp_path / "line.txt"
+    p.write_bytes(b"alpha beta, gamma " * 600_000)
+    chunks = list(ka.read_chunks(str(p), 1 << 20))
     assert len(chunks) >= 10 and max(map(len, chunks)) <= 2 << 20
     assert sum((ka.count_words(c) for c in chunks), collections.Counter()) == \
         {b"alpha": 600_000, b"beta": 600_000, b"gamma": 600_000}
