@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import inputs, proto
+from bpf import control, wire
+
+from . import inputs
 from .collective import AllreduceError, Communicator
 from .ps import ParameterServer
 from .quantize import QuantizeError
-from .transport import MAX_FAIL_TIMEOUT, Session, TransportError
+from .transport import Session, TransportError
 
 
 class CliError(Exception):
@@ -32,17 +34,23 @@ def load_input(path: str) -> np.ndarray:
     return x
 
 
+def _check_limits(a) -> None:
+    """The limits every member command shares (bpf.control holds them)."""
+    try:
+        control.check_job(a.job)
+        control.check_fail_timeout(a.fail_timeout)
+    except control.LimitError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_allreduce(a) -> int:
-    if a.world < 1 or a.world > proto.MAX_WORKERS:
-        raise CliError(f"--world must be in 1..{proto.MAX_WORKERS}")
+    if a.world < 1 or a.world > wire.MAX_WORKERS:
+        raise CliError(f"--world must be in 1..{wire.MAX_WORKERS}")
     if not 0 <= a.rank < a.world:
         raise CliError(f"--rank must be in 0..{a.world - 1}")
-    if not 1 <= a.job < proto.MAX_JOBS:
-        raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
+    _check_limits(a)
     if a.iters < 1:
         raise CliError("--iters must be at least 1")
-    if not 0 < a.fail_timeout <= MAX_FAIL_TIMEOUT:
-        raise CliError(f"--fail-timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
     if a.inp and a.verify:
         raise CliError("--verify recomputes every rank's seeded input, so it cannot check --in data; "
                        "compare the --out files instead")
@@ -114,12 +122,9 @@ def cmd_allreduce(a) -> int:
 
 
 def cmd_ps(a) -> int:
-    if not 1 <= a.world <= proto.MAX_WORKERS:
-        raise CliError(f"--world must be in 1..{proto.MAX_WORKERS}")
-    if not 1 <= a.job < proto.MAX_JOBS:
-        raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
-    if not 0 < a.fail_timeout <= MAX_FAIL_TIMEOUT:
-        raise CliError(f"--fail-timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
+    if not 1 <= a.world <= wire.MAX_WORKERS:
+        raise CliError(f"--world must be in 1..{wire.MAX_WORKERS}")
+    _check_limits(a)
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"ps: registering job {a.job} ({a.mode}, {a.world} workers) with incd ...")
     ps = ParameterServer(a.job, a.world, mode=a.mode, switch=a.switch,
@@ -172,10 +177,9 @@ def _kv_job_args(p) -> None:
 
 
 def _check_kv_job(a) -> None:
-    if not 1 <= a.mappers <= proto.MAX_WORKERS:
-        raise CliError(f"--mappers must be in 1..{proto.MAX_WORKERS}")
-    if not 1 <= a.job < proto.MAX_JOBS:
-        raise CliError(f"--job must be in 1..{proto.MAX_JOBS - 1}")
+    if not 1 <= a.mappers <= wire.MAX_WORKERS:
+        raise CliError(f"--mappers must be in 1..{wire.MAX_WORKERS}")
+    _check_limits(a)
 
 
 def cmd_kv_map(a) -> int:
@@ -184,9 +188,9 @@ def cmd_kv_map(a) -> int:
     _check_kv_job(a)
     if not 0 <= a.rank < a.mappers:
         raise CliError(f"--rank must be in 0..{a.mappers - 1}")
-    if not 1 <= a.window <= kv_agent.kv_proto.WINDOW:
-        raise CliError(f"--window must be in 1..{kv_agent.kv_proto.WINDOW} (the switch remembers "
-                       f"{kv_agent.kv_proto.WINDOW} psns per mapper)")
+    if not 1 <= a.window <= wire.KV_WINDOW:
+        raise CliError(f"--window must be in 1..{wire.KV_WINDOW} (the switch remembers "
+                       f"{wire.KV_WINDOW} psns per mapper)")
     if a.direct and a.all_via_switch:
         raise CliError("--direct and --all-via-switch exclude each other")
     if not 1 <= a.chunk_kb <= 1 << 20:

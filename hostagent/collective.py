@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import proto, quantize
+from bpf import wire
+
+from . import quantize
 from .transport import Session
 
 
@@ -22,15 +24,15 @@ class Communicator:
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.dtype == np.int32:
-            out, overflow = self.s.reduce(x.ravel(), proto.OP_SUM)
+            out, overflow = self.s.reduce(x.ravel(), wire.OP_SUM)
             if overflow:  # every rank sees the same flag on the same results, so all take this path
                 return self._wide_sum(x.ravel()).reshape(x.shape)
             return out.reshape(x.shape)
         if x.dtype == np.float32:
             e_local = quantize.block_exponents(x, self.block)
-            e_max, _ = self.s.reduce(e_local, proto.OP_MAX)
+            e_max, _ = self.s.reduce(e_local, wire.OP_MAX)
             q = quantize.quantize(x, e_max, self.world, self.block)
-            total, overflow = self.s.reduce(q, proto.OP_SUM)
+            total, overflow = self.s.reduce(q, wire.OP_SUM)
             if overflow:  # impossible with agreed exponents; never hand back a wrong sum
                 raise AllreduceError("quantized sum overflowed in the switch")
             self.last_e_max = e_max
@@ -42,8 +44,8 @@ class Communicator:
         low and high 16-bit halves are reduced on their own (each sum fits in
         int32 for up to 2^15 ranks) and put together in int64."""
         v64 = v.astype(np.int64)
-        lo, o1 = self.s.reduce((v64 & 0xFFFF).astype(np.int32), proto.OP_SUM)
-        hi, o2 = self.s.reduce((v64 >> 16).astype(np.int32), proto.OP_SUM)
+        lo, o1 = self.s.reduce((v64 & 0xFFFF).astype(np.int32), wire.OP_SUM)
+        hi, o2 = self.s.reduce((v64 >> 16).astype(np.int32), wire.OP_SUM)
         if o1 or o2:  # cannot happen with <= 64 ranks; never hand back a wrong sum
             raise AllreduceError("int32 halves overflowed in the switch")
         self.widened += 1

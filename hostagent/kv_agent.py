@@ -35,7 +35,7 @@ with no word in any dictionary is an error (exit status 1).
 
 The pure parts (tokenize, count_words, WordSource, split_counts, AckWindow,
 parse_acks, dictionary_line, ReducerState; RowPacker and PartOwners in
-kv_proto) are unit-tested in tests/test_kv_agents.py.
+kv_wire) are unit-tested in tests/test_kv_agents.py.
 """
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import batchio, kv_proto, proto
-from .transport import (MAX_FAIL_TIMEOUT, Control, TransportError, connect_incd, data_socket)
+from bpf import control, kv_wire, wire
+
+from . import batchio
+from .transport import (Control, TransportError, connect_incd, data_socket)
 
 INT32_MAX = 2**31 - 1
 CHUNK_BYTES = 4 << 20          # the mapper's combiner counts this much text at a time
@@ -156,7 +158,7 @@ class WordSource:
     word), the number of words and the time spent. A word is hashed once
     (a cache of word -> key), not once per chunk."""
 
-    def __init__(self, paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key,
+    def __init__(self, paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_wire.word_key,
                  split: str = "words"):
         if split not in SPLITS:
             raise KVError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -199,7 +201,7 @@ class WordSource:
         return out
 
 
-def map_file(paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_proto.word_key,
+def map_file(paths: Iterable[str], chunk_bytes: int = CHUNK_BYTES, key_fn=kv_wire.word_key,
              split: str = "words"):
     """All tuples of the input files, combined per chunk. Returns (keys, values,
     dictionary, collisions, words)."""
@@ -219,8 +221,8 @@ class AckWindow:
     not acknowledged."""
 
     def __init__(self, n: int, window: int):
-        if not 1 <= window <= kv_proto.WINDOW:
-            raise ValueError(f"window must be in 1..{kv_proto.WINDOW}")
+        if not 1 <= window <= wire.KV_WINDOW:
+            raise ValueError(f"window must be in 1..{wire.KV_WINDOW}")
         self.n, self.window = n, window
         self.acked = np.zeros(n, dtype=bool)
         self.sent_at = np.zeros(n)
@@ -277,9 +279,9 @@ def parse_acks(rows: np.ndarray, lens: np.ndarray, *, job: int, gen: int, flow: 
     k = rows.shape[0]
     if not k:
         return np.zeros(0, np.int64)
-    h = np.frombuffer(rows[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
-    ok = ((lens >= proto.HDR_LEN) & (h["version"] == proto.VERSION) & (h["type"] == kv_proto.T_KV_ACK)
-          & (h["job"] == job) & (h["gen"] == gen) & (h["rank"] == flow) & proto.csum_ok(rows, lens))
+    h = np.frombuffer(rows[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
+    ok = ((lens >= wire.HDR_LEN) & (h["version"] == wire.VERSION) & (h["type"] == wire.T_KV_ACK)
+          & (h["job"] == job) & (h["gen"] == gen) & (h["rank"] == flow) & wire.csum_ok(rows, lens))
     idx = h["psn"].astype(np.int64)
     return idx[ok & (idx < n)]
 
@@ -288,13 +290,13 @@ def build_acks(*, job: int, gen: int, flows, psns, tuples) -> np.ndarray:
     """The reducer's acknowledgements of leftover packets: header-only
     INC_T_KV_ACKs (slot = tuples it took), sealed, one uint8 row each."""
     flows = np.asarray(flows, np.int64)
-    h = np.zeros(flows.size, proto.HDR_DTYPE)
-    h["version"], h["type"], h["op"] = proto.VERSION, kv_proto.T_KV_ACK, proto.OP_SUM
+    h = np.zeros(flows.size, wire.HDR_DTYPE)
+    h["version"], h["type"], h["op"] = wire.VERSION, wire.T_KV_ACK, wire.OP_SUM
     h["job"], h["gen"], h["rank"] = job, gen, flows
     h["psn"] = np.asarray(psns, np.int64) & 0xFFFFFFFF
     h["slot"] = tuples
-    rows = h.view(np.uint8).reshape(flows.size, proto.HDR_LEN).copy()
-    proto.seal_rows(rows, np.zeros(flows.size, np.int64))
+    rows = h.view(np.uint8).reshape(flows.size, wire.HDR_LEN).copy()
+    wire.seal_rows(rows, np.zeros(flows.size, np.int64))
     return rows
 
 
@@ -375,7 +377,7 @@ class ReducerState:
 
     def packet(self, data: bytes) -> tuple[int, int, int] | None:
         """One datagram from the switch: see packets()."""
-        row = np.zeros((1, (max(len(data), proto.HDR_LEN) + 7) // 4 * 4), np.uint8)
+        row = np.zeros((1, (max(len(data), wire.HDR_LEN) + 7) // 4 * 4), np.uint8)
         row[0, :len(data)] = np.frombuffer(data, np.uint8)
         r = self.packets(row, np.array([len(data)]))
         return r[0] if r else None
@@ -388,14 +390,14 @@ class ReducerState:
         k = rows.shape[0]
         if not k:
             return []
-        if rows.shape[1] < proto.HDR_LEN:
+        if rows.shape[1] < wire.HDR_LEN:
             raise ValueError("rows narrower than an INC header")
         lens = np.asarray(lens, np.int64)
-        h = np.frombuffer(rows[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
-        nt = h["numel"].astype(np.int64) // kv_proto.TUPLE_WORDS
-        ok = ((lens >= proto.HDR_LEN) & (h["version"] == proto.VERSION) & (h["type"] == kv_proto.T_KV)
+        h = np.frombuffer(rows[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
+        nt = h["numel"].astype(np.int64) // wire.KV_TUPLE_WORDS
+        ok = ((lens >= wire.HDR_LEN) & (h["version"] == wire.VERSION) & (h["type"] == wire.T_KV)
               & (h["job"] == self.job) & (h["gen"] == self.gen) & (h["rank"] < self.world)
-              & (h["numel"] % kv_proto.TUPLE_WORDS == 0) & proto.csum_ok(rows, lens))
+              & (h["numel"] % wire.KV_TUPLE_WORDS == 0) & wire.csum_ok(rows, lens))
         self.s.bad_packets += int(k - ok.sum())
         out, ks, vs = [], [], []
         for i, flow, psn, n, fl in zip(np.nonzero(ok)[0].tolist(), h["rank"][ok].tolist(), h["psn"][ok].tolist(),
@@ -406,9 +408,9 @@ class ReducerState:
                 continue
             self.seen.add((flow, psn))
             self.s.leftover_packets += 1
-            self.s.partial_packets += bool(fl & kv_proto.F_KV_PARTIAL)
+            self.s.partial_packets += bool(fl & wire.F_KV_PARTIAL)
             if n:
-                t = np.frombuffer(rows[i], kv_proto.TUPLE_DTYPE, n, proto.HDR_LEN)
+                t = np.frombuffer(rows[i], kv_wire.TUPLE_DTYPE, n, wire.HDR_LEN)
                 ks.append(t["key"])
                 vs.append(t["value"])
         if ks:
@@ -443,7 +445,7 @@ class ReducerState:
         self.dict_from.add(flow)
         self.s.dictionaries += 1
         new = words if all(type(k) is int for k in words) else {int(k): str(w) for k, w in words.items()}
-        bad = kv_proto.merge_dictionary(self.words, new)
+        bad = kv_wire.merge_dictionary(self.words, new)
         for c in [*bad, *((int(k), str(a), str(b)) for k, a, b in collisions)]:
             if all(c[0] != x[0] or {c[1], c[2]} - {x[1], x[2]} for x in self.s.collisions):
                 self.s.collisions.append(c)
@@ -530,8 +532,8 @@ def _leave(ctl: Control) -> None:
         pass
 
 
-def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: int = kv_proto.WINDOW,
-               switch: str | None = None, ctrl_port: int = proto.CTRL_PORT, register_timeout: float = 30.0,
+def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: int = wire.KV_WINDOW,
+               switch: str | None = None, ctrl_port: int = wire.CTRL_PORT, register_timeout: float = 30.0,
                progress_timeout: float = 10.0, fail_timeout: float = 2.0, cols: int | None = None,
                chunk_bytes: int = CHUNK_BYTES, route: str = "owned", split: str = "words",
                say=lambda m: None) -> MapStats:
@@ -546,10 +548,12 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
     usual). split: what a word is (see count_words)."""
     if route not in ("owned", "switch", "direct"):
         raise KVError(f"route must be owned, switch or direct, not {route!r}")
-    if not 1 <= window <= kv_proto.WINDOW:
-        raise KVError(f"window must be in 1..{kv_proto.WINDOW} (the switch remembers {kv_proto.WINDOW} psns per flow)")
-    if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
-        raise KVError(f"fail_timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
+    if not 1 <= window <= wire.KV_WINDOW:
+        raise KVError(f"window must be in 1..{wire.KV_WINDOW} (the switch remembers {wire.KV_WINDOW} psns per flow)")
+    try:
+        control.check_fail_timeout(fail_timeout, 'fail_timeout')
+    except control.LimitError as e:
+        raise KVError(str(e)) from None
     for path in inputs:  # before registering: a bad input must not start the job
         try:
             with open(path, "rb") as f:
@@ -565,7 +569,7 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
         ctl = Control(connect_incd(switch, ctrl_port))
         ctl.sock.settimeout(register_timeout + 10)
         say(f"mapper {flow}/{world}: registering job {job} ...")
-        req = {"op": "register", "job": job, "rank": flow, "world": world, "mode": "kv",
+        req = {"op": "register", "version": control.CONTROL_VERSION, "job": job, "rank": flow, "world": world, "mode": "kv",
                "port": sock.getsockname()[1], "window": window, "timeout": register_timeout}
         if cols is not None:
             req["cols"] = cols
@@ -573,8 +577,8 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
         fail = _Failure()
         ctl.start(fail.on_event, fail_timeout)
         gen = int(reply["gen"])
-        W = max(1, min(window, int(reply.get("window") or window), kv_proto.WINDOW))
-        per = int(reply.get("tuples") or kv_proto.tuples_for_mtu(1500))
+        W = max(1, min(window, int(reply.get("window") or window), wire.KV_WINDOW))
+        per = int(reply.get("tuples") or kv_wire.tuples_for_mtu(1500))
         if per < 1:
             raise KVError("the switch ports' MTU is too small for a key-value packet")
         red = reply.get("ps") or {}
@@ -584,7 +588,7 @@ def run_mapper(job: int, flow: int, world: int, inputs: list[str], *, window: in
         owners = None
         kcols, parts = int(reply.get("cols") or 0), int(reply.get("parts") or 0)
         if parts == world and kcols >= parts:  # a part of its own: it knows who holds what
-            owners = kv_proto.PartOwners(per, kcols // parts)
+            owners = kv_wire.PartOwners(per, kcols // parts)
         router = _Router(route, per, owners)
         try:
             _stream(sock, src, router, job=job, gen=gen, flow=flow, window=W,
@@ -634,7 +638,7 @@ class _PacketLog:
     destination (the switch or the reducer)."""
 
     def __init__(self, per: int, dests: list[tuple[str, int]]):
-        self.width = proto.HDR_LEN + per * kv_proto.TUPLE_BYTES
+        self.width = wire.HDR_LEN + per * kv_wire.TUPLE_BYTES
         self.names = [batchio.sockaddr_in(*d) for d in dests]
         self.n = 0
         self._grow(256)
@@ -666,8 +670,8 @@ class _PacketLog:
 
     def resend(self, fd: int, idx: np.ndarray) -> None:
         sub = self.rows[idx]
-        sub[:, 2] |= proto.F_RETRANS
-        proto.seal_rows(sub, (self.sizes[idx] - proto.HDR_LEN) // 4)
+        sub[:, 2] |= wire.F_RETRANS
+        wire.seal_rows(sub, (self.sizes[idx] - wire.HDR_LEN) // 4)
         self.rows[idx] = sub
         batchio.send_msgs(fd, self.msgs.subset(idx))
 
@@ -683,9 +687,9 @@ class _Router:
     everything through the switch; "direct": everything to the reducer
     (switch aggregation off)."""
 
-    def __init__(self, route: str, per: int, owners: kv_proto.PartOwners | None):
+    def __init__(self, route: str, per: int, owners: kv_wire.PartOwners | None):
         self.route, self.per, self.owners = route, per, owners
-        self.packer = kv_proto.RowPacker(per)
+        self.packer = kv_wire.RowPacker(per)
         self.cold_k: list[np.ndarray] = []
         self.cold_v: list[np.ndarray] = []
         self.cold_n = 0
@@ -712,14 +716,14 @@ class _Router:
         self.tuples_to_switch += int(np.count_nonzero(gk))
         self.packets_to_switch += gk.shape[0]
         if gk.shape[0]:
-            rows, sizes = kv_proto.build_kv_grid(gk, gv, **hdr)
-            self.padding += int((sizes - proto.HDR_LEN).sum()) // kv_proto.TUPLE_BYTES - int(np.count_nonzero(gk))
+            rows, sizes = kv_wire.build_kv_grid(gk, gv, **hdr)
+            self.padding += int((sizes - wire.HDR_LEN).sum()) // kv_wire.TUPLE_BYTES - int(np.count_nonzero(gk))
             out.append((rows, sizes, TO_SWITCH))
             hdr = {**hdr, "psn0": hdr["psn0"] + gk.shape[0]}
         full = self.cold_n if final else self.cold_n - self.cold_n % self.per
         if full:
             k, v = np.concatenate(self.cold_k), np.concatenate(self.cold_v)
-            out.append((*kv_proto.build_kv_packets(k[:full], v[:full], self.per, **hdr), TO_REDUCER))
+            out.append((*kv_wire.build_kv_packets(k[:full], v[:full], self.per, **hdr), TO_REDUCER))
             self.cold_k, self.cold_v, self.cold_n = [k[full:]], [v[full:]], self.cold_n - full
         return out
 
@@ -730,7 +734,7 @@ def _stream(sock, src: WordSource, router: _Router, *, job, gen, flow, window, s
     window meanwhile; returns when every packet is acknowledged."""
     log = _PacketLog(router.per, [switch_dest, reducer_dest])
     fd = sock.fileno()
-    rx = batchio.Receiver(fd, 256, proto.HDR_LEN + 64, addrs=True)
+    rx = batchio.Receiver(fd, 256, wire.HDR_LEN + 64, addrs=True)
     red_ip = int(np.frombuffer(socket.inet_aton(reducer_dest[0]), "<u4")[0])
     win = AckWindow(0, window)
     # Until the first RTT sample: long enough for a reducer that shares its CPU
@@ -773,7 +777,7 @@ def _stream(sock, src: WordSource, router: _Router, *, job, gen, flow, window, s
             ok_rows = parse_acks(got, lens, job=job, gen=gen, flow=flow, n=win.n)
             if not ok_rows.size:
                 continue
-            h = np.frombuffer(got[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
+            h = np.frombuffer(got[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
             new = win.ack(ok_rows)
             if not new.size:
                 continue
@@ -895,13 +899,15 @@ class _DictServer:
         return True
 
 
-def run_reducer(job: int, world: int, *, switch: str | None = None, ctrl_port: int = proto.CTRL_PORT,
+def run_reducer(job: int, world: int, *, switch: str | None = None, ctrl_port: int = wire.CTRL_PORT,
                 register_timeout: float = 30.0, fail_timeout: float = 2.0, timeout: float = 600.0,
                 say=lambda m: None) -> tuple[dict[str, int], ReduceSummary, dict]:
     """Serves one kv job as its reducer. Returns (counts, summary, info); raises
     CollisionError (with .counts/.summary) if keys collided."""
-    if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
-        raise KVError(f"fail_timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
+    try:
+        control.check_fail_timeout(fail_timeout, 'fail_timeout')
+    except control.LimitError as e:
+        raise KVError(str(e)) from None
     t0 = time.perf_counter()
     sock, lsock = _reducer_sockets()
     ctl = None
@@ -909,7 +915,7 @@ def run_reducer(job: int, world: int, *, switch: str | None = None, ctrl_port: i
         ctl = Control(connect_incd(switch, ctrl_port))
         ctl.sock.settimeout(register_timeout + 10)
         say(f"reducer: registering job {job} ({world} mappers) on port {sock.getsockname()[1]} ...")
-        reply = ctl.call({"op": "register", "role": "ps", "job": job, "world": world, "mode": "kv",
+        reply = ctl.call({"op": "register", "version": control.CONTROL_VERSION, "role": "ps", "job": job, "world": world, "mode": "kv",
                                 "port": sock.getsockname()[1], "timeout": register_timeout})
         fail = _Failure()
         ctl.start(fail.on_event, fail_timeout)
@@ -921,7 +927,7 @@ def run_reducer(job: int, world: int, *, switch: str | None = None, ctrl_port: i
         server = _DictServer(lsock, job)
         t_reg = time.perf_counter()
         say(f"reducer: job {job} gen {gen} running")
-        rx = batchio.Receiver(sock.fileno(), 256, proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
+        rx = batchio.Receiver(sock.fileno(), 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64)
         names = np.stack([batchio.sockaddr_in(*members[f]) for f in range(world)])
 
         def ack(got: list[tuple[int, int, int]]) -> int:

@@ -18,9 +18,11 @@ import threading
 import time
 
 
-from . import batchio, proto
+from bpf import control, wire
+
+from . import batchio
 from .ps_merge import EVICT_AFTER_S, Merger, PSStats
-from .transport import (MAX_FAIL_TIMEOUT, REJOIN_S, Control, TransportError, connect_incd, data_socket,
+from .transport import (REJOIN_S, Control, TransportError, connect_incd, data_socket,
                         params_from)
 
 __all__ = ["ParameterServer", "PSStats"]
@@ -28,12 +30,14 @@ __all__ = ["ParameterServer", "PSStats"]
 
 class ParameterServer:
     def __init__(self, job: int, world: int, *, mode: str = "hash", switch: str | None = None,
-                 ctrl_port: int = proto.CTRL_PORT, register_timeout: float = 30.0,
+                 ctrl_port: int = wire.CTRL_PORT, register_timeout: float = 30.0,
                  fail_timeout: float = 2.0):
         if mode not in ("hash", "ps"):
             raise TransportError("a parameter server serves hash or ps mode")
-        if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
-            raise TransportError(f"fail_timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
+        try:
+            control.check_fail_timeout(fail_timeout, 'fail_timeout')
+        except control.LimitError as e:
+            raise TransportError(str(e)) from None
         self.fail_timeout = fail_timeout
         self.sock = data_socket()
         self.ctl = None
@@ -42,7 +46,7 @@ class ParameterServer:
             self.ctl = Control(ctrl)
             ctrl.settimeout(register_timeout + 10)
             reply = self.ctl.call({
-                "op": "register", "role": "ps", "job": job, "world": world, "mode": mode,
+                "op": "register", "version": control.CONTROL_VERSION, "role": "ps", "job": job, "world": world, "mode": mode,
                 "port": self.sock.getsockname()[1], "timeout": register_timeout})
         except BaseException:
             self.close()
@@ -50,7 +54,7 @@ class ParameterServer:
         self.p = params_from(reply)
         members = {m["rank"]: (m["addr"], m["port"]) for m in self.p.members or []}
         self.merge = Merger(job, self.p.gen, world, mode, {r: a for r, (a, _) in members.items()})
-        dests = [(self.p.data_addr, proto.PORT)] if mode == "hash" else list(members.values())
+        dests = [(self.p.data_addr, wire.PORT)] if mode == "hash" else list(members.values())
         self.out = batchio.Outbox(self.merge.done_rows, dests)
         self.stop = threading.Event()
         self.end_reason: str | None = None
@@ -85,7 +89,7 @@ class ParameterServer:
                                 REJOIN_S)
         self.ctl.start(self._on_event, self.fail_timeout)
         fd = self.sock.fileno()
-        rx = batchio.Receiver(fd, 256, proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64, addrs=True)
+        rx = batchio.Receiver(fd, 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64, addrs=True)
         m = self.merge
         next_check = last_rx = 0.0
         while not self.stop.is_set():
@@ -107,6 +111,6 @@ class ParameterServer:
                     self.out.send(fd, send, m.done_len[send])
             if m.evict_at and now >= next_check:
                 for pkt in m.evicts_due(now):
-                    self.sock.sendto(pkt, (self.p.data_addr, proto.PORT))
+                    self.sock.sendto(pkt, (self.p.data_addr, wire.PORT))
                 next_check = now + EVICT_AFTER_S / 2
         return self.stats

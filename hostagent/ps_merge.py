@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import proto
+from bpf import wire
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 RING = 4096          # pending psns (ps mode) and cached results, power of two
@@ -36,7 +36,7 @@ RING = 4096          # pending psns (ps mode) and cached results, power of two
 # the slot after the collision and can never complete it there.
 EVICT_AFTER_S = 0.0005
 EVICT_MAX_GAP_S = 0.05
-ROW = proto.HDR_LEN + 4 * proto.MAX_ELEMS
+ROW = wire.HDR_LEN + 4 * wire.MAX_ELEMS
 
 
 @dataclass
@@ -77,7 +77,7 @@ class _Pending:
     def combine(self, a: np.ndarray | None, b: np.ndarray) -> np.ndarray:
         if a is None:
             return b.copy()
-        return np.maximum(a, b) if self.op == proto.OP_MAX else a + b
+        return np.maximum(a, b) if self.op == wire.OP_MAX else a + b
 
     def total(self) -> np.ndarray:
         out = self.agg
@@ -107,14 +107,14 @@ class Merger:
         self.all_bits = (1 << world) - 1
         self.stats = PSStats()
         # Source check in ps mode: rank r's packets must come from its registered host.
-        self.member_ip = np.full(proto.MAX_WORKERS, -1, dtype=np.int64)
+        self.member_ip = np.full(wire.MAX_WORKERS, -1, dtype=np.int64)
         for r, addr in (member_addrs or {}).items():
             self.member_ip[r] = _ip_u32(addr)
         self.done_rows = np.zeros((RING, ROW), dtype=np.uint8)
         self.done_len = np.zeros(RING, dtype=np.int64)
         self.done_tag = np.full(RING, -1, dtype=np.int64)
         if mode == "ps":
-            self.acc = np.zeros((RING, proto.MAX_ELEMS), dtype=np.int64)
+            self.acc = np.zeros((RING, wire.MAX_ELEMS), dtype=np.int64)
             self.tag = np.full(RING, -1, dtype=np.int64)
             self.bits = np.zeros(RING, dtype=np.uint64)
             self.numel = np.zeros(RING, dtype=np.int64)
@@ -128,16 +128,16 @@ class Merger:
                lanes: np.ndarray, overflow: np.ndarray) -> np.ndarray:
         """Writes result packets for these psns into the cache; returns their rows."""
         d = psn & (RING - 1)
-        hdr = np.zeros(psn.size, proto.HDR_DTYPE)
-        hdr["version"], hdr["type"] = proto.VERSION, proto.T_RESULT
-        hdr["flags"] = np.where(overflow, proto.F_OVERFLOW, 0)
+        hdr = np.zeros(psn.size, wire.HDR_DTYPE)
+        hdr["version"], hdr["type"] = wire.VERSION, wire.T_RESULT
+        hdr["flags"] = np.where(overflow, wire.F_OVERFLOW, 0)
         hdr["op"], hdr["job"], hdr["gen"] = op, self.job, self.gen
         hdr["psn"], hdr["slot"], hdr["numel"], hdr["bitmap"] = psn, slot, numel, self.all_bits
-        self.done_rows[d, :proto.HDR_LEN] = hdr.view(np.uint8).reshape(psn.size, -1)
-        self.done_rows[d, proto.HDR_LEN:] = lanes.astype("<i4").view(np.uint8)
-        self.done_len[d] = proto.HDR_LEN + 4 * numel
+        self.done_rows[d, :wire.HDR_LEN] = hdr.view(np.uint8).reshape(psn.size, -1)
+        self.done_rows[d, wire.HDR_LEN:] = lanes.astype("<i4").view(np.uint8)
+        self.done_len[d] = wire.HDR_LEN + 4 * numel
         sealed = self.done_rows[d]  # a copy (fancy index): sealed, then written back
-        proto.seal_rows(sealed, numel)
+        wire.seal_rows(sealed, numel)
         self.done_rows[d] = sealed
         self.done_tag[d] = psn
         self.stats.results += psn.size
@@ -145,9 +145,9 @@ class Merger:
 
     def _finish_slow(self, psn: int, acc: _Pending) -> int:
         total = acc.total()
-        overflow = acc.overflow or (acc.op == proto.OP_SUM and (
+        overflow = acc.overflow or (acc.op == wire.OP_SUM and (
             total.max(initial=0) > INT32_MAX or total.min(initial=0) < INT32_MIN))
-        lanes = np.zeros((1, proto.MAX_ELEMS), dtype=np.int64)
+        lanes = np.zeros((1, wire.MAX_ELEMS), dtype=np.int64)
         lanes[0, :acc.numel] = total
         del self.pending[psn]
         self.evict_at.pop(psn, None)
@@ -165,19 +165,19 @@ class Merger:
         k = rows.shape[0]
         st.packets += k
         lens = lens.astype(np.int64)
-        h = np.frombuffer(rows[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
+        h = np.frombuffer(rows[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
         numel = h["numel"].astype(np.int64)
         rank = h["rank"].astype(np.int64)
-        ok = ((lens >= proto.HDR_LEN) & (h["version"] == proto.VERSION) & (h["type"] == proto.T_DATA)
+        ok = ((lens >= wire.HDR_LEN) & (h["version"] == wire.VERSION) & (h["type"] == wire.T_DATA)
               & (h["job"] == self.job) & (h["gen"] == self.gen) & (numel > 0)
-              & (numel <= proto.MAX_ELEMS) & (lens >= proto.HDR_LEN + 4 * numel) & (rank < self.world)
-              & ((h["op"] == proto.OP_SUM) | (h["op"] == proto.OP_MAX)))
-        intact = proto.csum_ok(rows, lens)  # changed on the way: as if lost
-        st.corrupt += int((~intact & (lens >= proto.HDR_LEN + 4 * numel) & (numel > 0)).sum())
+              & (numel <= wire.MAX_ELEMS) & (lens >= wire.HDR_LEN + 4 * numel) & (rank < self.world)
+              & ((h["op"] == wire.OP_SUM) | (h["op"] == wire.OP_MAX)))
+        intact = wire.csum_ok(rows, lens)  # changed on the way: as if lost
+        st.corrupt += int((~intact & (lens >= wire.HDR_LEN + 4 * numel) & (numel > 0)).sum())
         ok &= intact
-        agg = (h["flags"] & proto.F_AGGREGATE) != 0
+        agg = (h["flags"] & wire.F_AGGREGATE) != 0
         if self.mode == "ps":
-            ok &= ~agg & (src_ip == self.member_ip[np.minimum(rank, proto.MAX_WORKERS - 1)])
+            ok &= ~agg & (src_ip == self.member_ip[np.minimum(rank, wire.MAX_WORKERS - 1)])
         st.ignored += k - int(ok.sum())
         psn = h["psn"].astype(np.int64)
         out = []
@@ -189,9 +189,9 @@ class Merger:
                 sel = np.nonzero(full)[0]
                 _, first = np.unique(psn[sel], return_index=True)
                 sel = sel[np.sort(first)]
-                lanes = rows[sel, proto.HDR_LEN:ROW].view("<i4")
+                lanes = rows[sel, wire.HDR_LEN:ROW].view("<i4")
                 out.append(self._store(psn[sel], numel[sel], h["op"][sel], h["slot"][sel], lanes,
-                                       (h["flags"][sel] & proto.F_OVERFLOW) != 0))
+                                       (h["flags"][sel] & wire.F_OVERFLOW) != 0))
                 st.aggregates += sel.size
                 if self.pending:
                     for p in psn[sel].tolist():
@@ -237,7 +237,7 @@ class Merger:
             u, first = np.unique(r[fr], return_index=True)
             c = fr[first]
             self.tag[u], self.numel[u], self.op[u], self.bits[u] = psn[sel][c], numel[sel][c], op[c], 0
-            self.acc[u] = np.where(op[c] == proto.OP_MAX, INT32_MIN, 0)[:, None]
+            self.acc[u] = np.where(op[c] == wire.OP_MAX, INT32_MIN, 0)[:, None]
         same_psn = self.tag[r] == psn[sel]
         mine = same_psn & (self.numel[r] == numel[sel]) & (self.op[r] == op)
         alias, mismatch = sel[~same_psn], sel[same_psn & ~mine]
@@ -251,8 +251,8 @@ class Merger:
         st.ignored += int(r.size - use.sum())
         st.singles += int(use.sum())
         r, op, bit = r[use], op[use], bit[use]
-        lanes = rows[taken[use], proto.HDR_LEN:ROW].view("<i4").astype(np.int64)
-        s = op == proto.OP_SUM
+        lanes = rows[taken[use], wire.HDR_LEN:ROW].view("<i4").astype(np.int64)
+        s = op == wire.OP_SUM
         if s.any():
             np.add.at(self.acc, r[s], lanes[s])
         if (~s).any():
@@ -262,9 +262,9 @@ class Merger:
         if not done.size:
             return np.zeros(0, dtype=np.int64), alias, mismatch
         n = self.numel[done]
-        live = np.arange(proto.MAX_ELEMS)[None, :] < n[:, None]
+        live = np.arange(wire.MAX_ELEMS)[None, :] < n[:, None]
         lanes = np.where(live, self.acc[done], 0)
-        ovf = (self.op[done] == proto.OP_SUM) & ((lanes > INT32_MAX) | (lanes < INT32_MIN)).any(axis=1)
+        ovf = (self.op[done] == wire.OP_SUM) & ((lanes > INT32_MAX) | (lanes < INT32_MIN)).any(axis=1)
         d = self._store(self.tag[done], n, self.op[done], np.zeros(done.size, dtype=np.int64), lanes, ovf)
         self.tag[done] = -1
         return d, alias, mismatch
@@ -278,14 +278,14 @@ class Merger:
             st.results_resent += 1
             return d
         psn, numel, op, flags, rank = int(h["psn"]), int(h["numel"]), int(h["op"]), int(h["flags"]), int(h["rank"])
-        lanes = row[proto.HDR_LEN:proto.HDR_LEN + 4 * numel].view("<i4").astype(np.int64)
+        lanes = row[wire.HDR_LEN:wire.HDR_LEN + 4 * numel].view("<i4").astype(np.int64)
         acc = self.pending.get(psn)
         if acc is None:
             acc = self.pending[psn] = _Pending(numel, op, int(h["slot"]))
         elif acc.numel != numel or acc.op != op:
             st.ignored += 1
             return None
-        if flags & proto.F_AGGREGATE:
+        if flags & wire.F_AGGREGATE:
             bitmap = int(h["bitmap"])
             if bitmap & acc.agg_bits or bitmap & ~self.all_bits:
                 st.overlaps_ignored += 1  # a repeat of an aggregate already merged
@@ -294,10 +294,10 @@ class Merger:
             st.partials += bitmap != self.all_bits
             acc.agg = acc.combine(acc.agg, lanes)
             acc.agg_bits |= bitmap
-            acc.overflow |= bool(flags & proto.F_OVERFLOW)
+            acc.overflow |= bool(flags & wire.F_OVERFLOW)
         else:
             st.singles += 1
-            st.collisions += bool(flags & proto.F_COLLISION)
+            st.collisions += bool(flags & wire.F_COLLISION)
             if rank in acc.singles:
                 st.ignored += 1
                 return None
@@ -318,10 +318,10 @@ class Merger:
                 del self.evict_at[psn]
                 self.evict_gap.pop(psn, None)
             elif now >= at:
-                hdr = np.zeros(1, proto.HDR_DTYPE)
-                hdr[0] = (proto.VERSION, proto.C["INC_T_EVICT"], 0, acc.op, self.job, self.gen,
+                hdr = np.zeros(1, wire.HDR_DTYPE)
+                hdr[0] = (wire.VERSION, wire.T_EVICT, 0, acc.op, self.job, self.gen,
                           psn, acc.slot, 0, acc.numel, 0, 0)
-                out.append(proto.seal_bytes(hdr.tobytes() + bytes(4 * acc.numel)))
+                out.append(wire.seal_bytes(hdr.tobytes() + bytes(4 * acc.numel)))
                 self.stats.evicts_sent += 1
                 # Again later if the partial is still short: its missing
                 # contribution may be lost and come only with the workers'

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import batchio, proto
+from bpf import control, wire
+
+from . import batchio
 
 
 # Below this, 4 agents sharing 2 cores time out on each other just by being
@@ -78,7 +80,7 @@ def data_socket() -> socket.socket:
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
         s.bind(("0.0.0.0", 0))
-        if not proto.PORT_MIN <= s.getsockname()[1] <= proto.PORT_MAX:
+        if not wire.PORT_MIN <= s.getsockname()[1] <= wire.PORT_MAX:
             return s
         s.close()
     raise TransportError("no UDP port outside the INC range")
@@ -87,7 +89,6 @@ def data_socket() -> socket.socket:
 # A member sends a heartbeat this often (as a fraction of its --fail-timeout);
 # incd declares it hung when none came for the whole fail timeout.
 HEARTBEATS_PER_TIMEOUT = 4
-MAX_FAIL_TIMEOUT = 3600.0  # incd ignores heartbeats that claim more
 # How long a member whose control connection broke keeps trying to rejoin a
 # restarted incd (which waits 10 s by default for it; starting takes seconds).
 REJOIN_S = 30.0
@@ -267,14 +268,16 @@ class Session:
     fail_timeout without one, since nobody can tell it about failures any more."""
 
     def __init__(self, job: int, rank: int, world: int, *, window: int = 64,
-                 switch: str | None = None, ctrl_port: int = proto.CTRL_PORT,
+                 switch: str | None = None, ctrl_port: int = wire.CTRL_PORT,
                  register_timeout: float = 30.0, progress_timeout: float = 10.0,
                  shape: str | None = None, mode: str = "modulo", demand: dict | None = None,
                  fail_timeout: float = 2.0):
         if mode not in MODES:
             raise TransportError(f"mode must be one of {MODES}")
-        if not 0 < fail_timeout <= MAX_FAIL_TIMEOUT:
-            raise TransportError(f"fail_timeout must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
+        try:
+            control.check_fail_timeout(fail_timeout, 'fail_timeout')
+        except control.LimitError as e:
+            raise TransportError(str(e)) from None
         self.rank = rank
         self.progress_timeout = progress_timeout
         self.fail_timeout = fail_timeout
@@ -287,7 +290,7 @@ class Session:
             self.ctl = Control(sock)
             sock.settimeout(register_timeout + 10)
             reply = self.ctl.call({
-                "op": "register", "job": job, "rank": rank, "world": world, "window": window,
+                "op": "register", "version": control.CONTROL_VERSION, "job": job, "rank": rank, "world": world, "window": window,
                 "port": self.udp.getsockname()[1], "mode": mode, "timeout": register_timeout,
                 "shape": shape, **(demand or {}),
             })
@@ -315,7 +318,7 @@ class Session:
         self.rttvar = 0.0
         self.rto = 0.02
         self.cwnd = float(self.params.window)  # AIMD congestion window, at most the job's window
-        self._rx = batchio.Receiver(self.udp.fileno(), 256, proto.HDR_LEN + 4 * proto.MAX_ELEMS + 64)
+        self._rx = batchio.Receiver(self.udp.fileno(), 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64)
         self.stats = ReduceStats()
 
     @property
@@ -402,7 +405,7 @@ class Session:
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rto = min(0.2, max(MIN_RTO, self.srtt + 4 * self.rttvar))
 
-    def reduce(self, values: np.ndarray, op: int = proto.OP_SUM) -> tuple[np.ndarray, bool]:
+    def reduce(self, values: np.ndarray, op: int = wire.OP_SUM) -> tuple[np.ndarray, bool]:
         """Aggregate an int32 vector with the other ranks. Returns (result, overflowed)."""
         with self._lock:
             self.in_reduce = True
@@ -424,16 +427,16 @@ class Session:
         psn0_abs = self.next_psn
         psn0 = psn0_abs & 0xFFFFFFFF
         hashed = p.mode == "hash"
-        buf, sizes = proto.build_packets(values, E, job=p.job, gen=p.gen, rank=self.rank, psn0=psn0,
+        buf, sizes = wire.build_packets(values, E, job=p.job, gen=p.gen, rank=self.rank, psn0=psn0,
                                          op=op, hash_region=(p.offset, p.slots) if hashed else None)
         npk = len(buf)
         self.next_psn = psn0_abs + npk
         raw = buf.view(np.uint8).reshape(npk, -1)
-        lsum = proto.lane_sums(buf)  # for resealing after header changes
+        lsum = wire.lane_sums(buf)  # for resealing after header changes
         msgs = batchio.Messages(raw, sizes.astype(np.uint64))
         hdr_gen = buf["hdr"]["gen"]
         sent_gen = np.full(npk, -1, dtype=np.int64)  # a resize changes the generation between psns
-        want_numel = (sizes - proto.HDR_LEN) // 4
+        want_numel = (sizes - wire.HDR_LEN) // 4
         out = np.zeros((npk, E), dtype=np.int32)
         got = np.zeros(npk, dtype=bool)
         sends = np.zeros(npk, dtype=np.int32)
@@ -448,8 +451,8 @@ class Session:
 
         def resend(idx: np.ndarray, now: float) -> None:
             nonlocal retx
-            buf["hdr"]["flags"][idx] |= proto.F_RETRANS
-            proto.seal(buf, idx, lsum)
+            buf["hdr"]["flags"][idx] |= wire.F_RETRANS
+            wire.seal(buf, idx, lsum)
             sent_at[idx] = now
             sends[idx] += 1
             retx += idx.size
@@ -468,7 +471,7 @@ class Session:
                     limit = min(limit, max(nxt, fence - psn0_abs))
                 if limit > nxt:
                     hdr_gen[nxt:limit] = sent_gen[nxt:limit] = p.gen  # the generation when first sent
-                    proto.seal(buf, slice(nxt, limit), lsum)
+                    wire.seal(buf, slice(nxt, limit), lsum)
                     sent_at[nxt:limit] = now
                     sends[nxt:limit] = 1
                     batchio.send_msgs(fd, msgs.msgs, nxt, limit - nxt)
@@ -482,17 +485,17 @@ class Session:
             if k:
                 rows = rx.buf[:k]
                 lens = rx.m.msgs["len"][:k].astype(np.int64)
-                h = np.frombuffer(rows[:, :proto.HDR_LEN].tobytes(), dtype=proto.HDR_DTYPE)
+                h = np.frombuffer(rows[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
                 idx = (h["psn"].astype(np.int64) - psn0) & 0xFFFFFFFF
-                ok = ((h["version"] == proto.VERSION) & (h["type"] == proto.T_RESULT) & (h["job"] == p.job)
-                      & (lens >= proto.HDR_LEN) & (idx < npk))
-                intact = proto.csum_ok(rows, lens)  # changed on the way: as if lost
+                ok = ((h["version"] == wire.VERSION) & (h["type"] == wire.T_RESULT) & (h["job"] == p.job)
+                      & (lens >= wire.HDR_LEN) & (idx < npk))
+                intact = wire.csum_ok(rows, lens)  # changed on the way: as if lost
                 self.stats.corrupt += int((ok & ~intact).sum())
                 ok &= intact
                 idx = np.where(ok, idx, 0)
                 numel = h["numel"].astype(np.int64)
                 ok &= ((h["gen"] == sent_gen[idx]) & ~got[idx] & (numel == want_numel[idx])
-                       & (lens >= proto.HDR_LEN + 4 * numel))
+                       & (lens >= wire.HDR_LEN + 4 * numel))
                 sel = np.nonzero(ok)[0]
                 if sel.size:
                     if sel.size == 1:
@@ -502,13 +505,13 @@ class Session:
                         sel = sel[first]
                     full = want_numel[ids] == E
                     if full.any():
-                        out[ids[full]] = rows[sel[full], proto.HDR_LEN:proto.HDR_LEN + 4 * E].view("<i4")
+                        out[ids[full]] = rows[sel[full], wire.HDR_LEN:wire.HDR_LEN + 4 * E].view("<i4")
                     for j, r in zip(ids[~full], sel[~full]):  # the short last packet, at most one
                         m = int(want_numel[j])
-                        out[j, :m] = rows[r, proto.HDR_LEN:proto.HDR_LEN + 4 * m].view("<i4")
+                        out[j, :m] = rows[r, wire.HDR_LEN:wire.HDR_LEN + 4 * m].view("<i4")
                     got[ids] = True
                     ngot += ids.size
-                    overflow |= bool(np.any(h["flags"][sel] & proto.F_OVERFLOW))
+                    overflow |= bool(np.any(h["flags"][sel] & wire.F_OVERFLOW))
                     clean = ids[sends[ids] == 1]
                     if clean.size:
                         self._sample_rtt(now - float(sent_at[clean].mean()))

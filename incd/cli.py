@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from hostagent import proto
+from bpf import wire
 
 from . import daemon
 from .memory import POLICIES
@@ -296,9 +296,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--netns", help="network namespace the ports live in (default: current)")
     s.add_argument("--config", help="JSON file: netns, ports, listen, listen_port, pool_slots, hash_slots, "
                    "allow, register_timeout, rejoin_grace")
-    s.add_argument("--listen", help=f"control API address[:port] (default 0.0.0.0:{proto.CTRL_PORT})")
+    s.add_argument("--listen", help=f"control API address[:port] (default 0.0.0.0:{wire.CTRL_PORT})")
     s.add_argument("--pool-slots", type=int, help="aggregator slots in the switch "
-                   f"(default {proto.C['INC_POOL_SLOTS_DEFAULT']})")
+                   f"(default {wire.C['INC_POOL_SLOTS_DEFAULT']})")
     s.add_argument("--hash-slots", type=int, help="slots of the region all hash-mode jobs share "
                    "(default: half the pool)")
     s.add_argument("--policy", choices=POLICIES, help="how modulo jobs share switch memory: fifo, static "

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hostagent import proto
+from bpf import wire
 
 from . import jobstate, netinfo
 from .dataplane import Dataplane, Port, unpin_dir
@@ -31,8 +31,8 @@ class Config:
     netns: str | None = None
     ports: list[str] = field(default_factory=list)
     listen: str = "0.0.0.0"
-    listen_port: int = proto.CTRL_PORT
-    pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"]
+    listen_port: int = wire.CTRL_PORT
+    pool_slots: int = wire.POOL_SLOTS_DEFAULT
     hash_slots: int | None = None  # region shared by hash-mode jobs; default half the pool
     policy: str = "edf"            # memory policy for modulo jobs: fifo, static, edf
     partitions: int = 4            # static policy

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hostagent import proto
+import bpf
+from bpf import wire
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-SWITCH_SRC = BPF_DIR / "inc_switch.bpf.c"
+BPF_DIR = bpf.source_dir()
+SWITCH_SRC = bpf.source("inc_switch.bpf.c")
 MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports", "mode_progs",
              "kv_pool", "kv_flows")
 KV_AGG_DTYPE = np.dtype([("key", "<u8"), ("value", "<i8")])  # struct inc_kv_agg (checked at load)
@@ -45,8 +46,8 @@ def _bcc():
 
 
 class Dataplane:
-    def __init__(self, pool_slots: int = proto.C["INC_POOL_SLOTS_DEFAULT"], pin_dir: Path | None = None,
-                 kv_cols: int = proto.C["INC_KV_COLS_DEFAULT"]):
+    def __init__(self, pool_slots: int = wire.POOL_SLOTS_DEFAULT, pin_dir: Path | None = None,
+                 kv_cols: int = wire.KV_COLS_DEFAULT):
         """pin_dir: maps live there (bpffs); maps already pinned there are reused
         as they are (`adopted`), which is how a restarted incd takes over."""
         bcc = _bcc()
@@ -56,7 +57,7 @@ class Dataplane:
             raise DataplaneError(f"key-value columns {kv_cols} out of range 1..{1 << 16}")
         self.pool_slots = pool_slots
         self.kv_cols = kv_cols
-        self.kv_rows = proto.C["INC_KV_MAX_TUPLES"]
+        self.kv_rows = wire.KV_MAX_TUPLES
         cflags = [f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", f"-DINC_KV_COLS={kv_cols}", "-w"]
         self.adopted = False
         if pin_dir is not None:
@@ -69,10 +70,10 @@ class Dataplane:
             self.bpf = bcc.BPF(src_file=str(SWITCH_SRC).encode(), cflags=cflags)
             self.ingress = self.bpf.load_func(b"xdp_inc_ingress", bcc.BPF.XDP)
             self.mode_fns = {
-                proto.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),
-                proto.MODE_HASH: self.bpf.load_func(b"xdp_inc_hash", bcc.BPF.XDP),
-                proto.C["INC_PROG_HASH_FROM_PS"]: self.bpf.load_func(b"xdp_inc_hash_from_ps", bcc.BPF.XDP),
-                proto.C["INC_MODE_KV"]: self.bpf.load_func(b"xdp_inc_kv", bcc.BPF.XDP),
+                wire.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),
+                wire.MODE_HASH: self.bpf.load_func(b"xdp_inc_hash", bcc.BPF.XDP),
+                wire.PROG_HASH_FROM_PS: self.bpf.load_func(b"xdp_inc_hash_from_ps", bcc.BPF.XDP),
+                wire.MODE_KV: self.bpf.load_func(b"xdp_inc_kv", bcc.BPF.XDP),
             }
             self.egress = self.bpf.load_func(
                 b"xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP
@@ -98,8 +99,8 @@ class Dataplane:
     # --- ports -----------------------------------------------------------
     def attach(self, ports: list[Port]) -> None:
         """XDP in native mode on every port, and all ports in the broadcast devmap."""
-        if len(ports) > proto.C["INC_MAX_PORTS"]:
-            raise DataplaneError(f"at most {proto.C['INC_MAX_PORTS']} ports")
+        if len(ports) > wire.MAX_PORTS:
+            raise DataplaneError(f"at most {wire.C['INC_MAX_PORTS']} ports")
         for i, p in enumerate(ports):
             val = self.tx_ports.Leaf()
             val.ifindex = p.ifindex
@@ -126,7 +127,7 @@ class Dataplane:
 
     # --- jobs ---------------------------------------------------------------
     def set_job(self, job: int, *, offset: int, slots: int, gen: int, world: int,
-                mode: int = proto.MODE_MODULO) -> None:
+                mode: int = wire.MODE_MODULO) -> None:
         v = self.jobs.Leaf()
         v.offset, v.slots, v.gen, v.mode, v.world = offset, slots, gen, mode, world
         self.jobs[ct.c_int(job)] = v
@@ -160,10 +161,10 @@ class Dataplane:
         src.addr = int.from_bytes(addr, "little")  # keeps network order in memory
         src.port = int.from_bytes(port.to_bytes(2, "big"), "little")
         src.ifindex = ifindex
-        self.sources[ct.c_int(job * proto.MAX_WORKERS + rank)] = src
+        self.sources[ct.c_int(job * wire.MAX_WORKERS + rank)] = src
 
     def clear_source(self, job: int, rank: int) -> None:
-        self.sources[ct.c_int(job * proto.MAX_WORKERS + rank)] = self.sources.Leaf()
+        self.sources[ct.c_int(job * wire.MAX_WORKERS + rank)] = self.sources.Leaf()
 
     def set_ps(self, job: int, **fields) -> None:
         """Hash mode: where the job's parameter server is."""
@@ -184,7 +185,7 @@ class Dataplane:
 
     def programmed_jobs(self) -> list[int]:
         """Job ids the switch accepts packets for (an adopted map may hold some)."""
-        return [j for j in range(1, proto.MAX_JOBS) if self.jobs[ct.c_int(j)].mode]
+        return [j for j in range(1, wire.MAX_JOBS) if self.jobs[ct.c_int(j)].mode]
 
     def forget_job(self, job: int) -> None:
         """Removes every trace of a job incd no longer knows (after a restart)."""
@@ -193,7 +194,7 @@ class Dataplane:
             del self.members[k]
         self.clear_ps(job)
         self.clear_kv_flows(job)
-        for rank in range(proto.MAX_WORKERS):
+        for rank in range(wire.MAX_WORKERS):
             self.clear_source(job, rank)
 
     # --- key-value jobs -------------------------------------------------------
@@ -213,12 +214,12 @@ class Dataplane:
             raise DataplaneError(f"columns [{offset}, {offset + cols}) outside 0..{self.kv_cols}")
         if not 1 <= parts <= cols:
             raise DataplaneError(f"{parts} parts for {cols} columns")
-        if not 1 <= world <= proto.MAX_WORKERS:
+        if not 1 <= world <= wire.MAX_WORKERS:
             raise DataplaneError(f"world {world} out of range")
         if reset_flows:
             self.reset_kv_flows(job, world)
         v = self.jobs.Leaf()
-        v.offset, v.slots, v.gen, v.mode, v.world = offset, cols, gen, proto.C["INC_MODE_KV"], world
+        v.offset, v.slots, v.gen, v.mode, v.world = offset, cols, gen, wire.MODE_KV, world
         v.epoch, v.parts = epoch & 1, parts
         self.jobs[ct.c_int(job)] = v
 
@@ -230,7 +231,7 @@ class Dataplane:
         inactive, to drain). Waits grace_s so that packets that read the old epoch
         before the flip have finished adding (XDP runs a packet in microseconds)."""
         v = self.jobs[ct.c_int(job)]
-        if v.mode != proto.C["INC_MODE_KV"]:
+        if v.mode != wire.MODE_KV:
             raise DataplaneError(f"job {job} is not a key-value job")
         old = int(v.epoch) & 1
         v.epoch = old ^ 1
@@ -241,7 +242,7 @@ class Dataplane:
 
     def _kv_range(self, job: int, epoch: int) -> tuple[int, int]:
         v = self.jobs[ct.c_int(job)]
-        if v.mode != proto.C["INC_MODE_KV"]:
+        if v.mode != wire.MODE_KV:
             raise DataplaneError(f"job {job} is not a key-value job")
         start = (epoch & 1) * self.kv_cols * self.kv_rows + int(v.offset) * self.kv_rows
         return start, int(v.slots) * self.kv_rows
@@ -307,15 +308,15 @@ class Dataplane:
     def read_kv_seen(self, job: int, flow: int) -> dict[int, dict]:
         """psn -> {"state": "pending"|"all"|"partial", "absorbed": n, "mask": int}
         for the psns the flow's ring remembers."""
-        names = {proto.C["INC_KV_PENDING"]: "pending", proto.C["INC_KV_ALL"]: "all",
-                 proto.C["INC_KV_PARTIAL"]: "partial"}
+        names = {wire.KV_PENDING: "pending", wire.KV_ALL: "all",
+                 wire.KV_PARTIAL: "partial"}
         try:
             v = self.kv_flows[self._flow_key(job, flow)]
         except KeyError:
             return {}
         out = {}
         for e in v.ring:
-            if e.state != proto.C["INC_KV_EMPTY"]:
+            if e.state != wire.KV_EMPTY:
                 mask = sum(int(w) << (64 * i) for i, w in enumerate(e.mask))
                 out[int(e.psn)] = {"state": names.get(e.state, str(e.state)), "absorbed": int(e.absorbed),
                                    "mask": mask}
@@ -324,7 +325,7 @@ class Dataplane:
     def clear_kv_job(self, job: int) -> None:
         """Forgets a key-value job: entry, seen state, and both copies of its columns."""
         v = self.jobs[ct.c_int(job)]
-        if v.mode == proto.C["INC_MODE_KV"]:
+        if v.mode == wire.MODE_KV:
             self.clear_kv(job, 0)
             self.clear_kv(job, 1)
         self.clear_kv_flows(job)
@@ -334,13 +335,13 @@ class Dataplane:
     def read_stats(self, job: int) -> dict:
         per_cpu = self.stats[ct.c_int(job)]
         out = {f: 0 for f, _ in self.stats.sLeaf._fields_ if f != "drops"}
-        drops = [0] * len(proto.DROP_REASONS)
+        drops = [0] * len(wire.DROP_REASONS)
         for v in per_cpu:
             for f in out:
                 out[f] += getattr(v, f)
             for i in range(len(drops)):
                 drops[i] += v.drops[i]
-        out["drops"] = dict(zip(proto.DROP_REASONS, drops))
+        out["drops"] = dict(zip(wire.DROP_REASONS, drops))
         return out
 
     def reset_stats(self, job: int) -> None:
@@ -354,9 +355,9 @@ class Dataplane:
         held: dict[str, int] = {}
         for i in range(offset, offset + size):
             s = self.pool[ct.c_int(i)]
-            if s.state == proto.C["INC_SLOT_EMPTY"]:
+            if s.state == wire.SLOT_EMPTY:
                 continue
-            j = self.jobs[ct.c_int(s.job)] if 0 < s.job < proto.MAX_JOBS else None
+            j = self.jobs[ct.c_int(s.job)] if 0 < s.job < wire.MAX_JOBS else None
             key = str(s.job) if j is not None and j.mode and j.gen == s.gen else "reclaimable"
             held[key] = held.get(key, 0) + 1
         return held
@@ -367,7 +368,7 @@ class Dataplane:
         n = 0
         for i in range(offset, offset + size):
             s = self.pool[ct.c_int(i)]
-            if s.state != proto.C["INC_SLOT_EMPTY"] and s.job == job:
+            if s.state != wire.SLOT_EMPTY and s.job == job:
                 self.pool[ct.c_int(i)] = self.pool.Leaf()
                 n += 1
         return n

@@ -28,19 +28,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from hostagent import proto
+from bpf import control, wire
 
 from .allocator import AllocError, RegionAllocator
 from .memory import MIN_SLOTS, JobDemand, MemoryManager, needed_slots
 from .netinfo import NetInfoError, Path
 
-MAX_WINDOW = 4096
 KV_DRAIN_GRACE_S = 0.01  # after an epoch flip, before the old copy is read (XDP runs a packet in microseconds)
 MODES = ("modulo", "hash", "ps", "kv")
-MODE_CODE = {"modulo": proto.MODE_MODULO, "hash": proto.MODE_HASH, "kv": proto.C["INC_MODE_KV"]}
-KV_WINDOW = proto.C["INC_KV_WINDOW"]         # a mapper's window may not exceed the switch's seen ring
-KV_MAX_FLOWS = proto.C["INC_KV_MAX_FLOWS"]   # mappers of all kv jobs together
-KV_COLS_DEFAULT = proto.C["INC_KV_COLS_DEFAULT"]
+MODE_CODE = {"modulo": wire.MODE_MODULO, "hash": wire.MODE_HASH, "kv": wire.MODE_KV}
+KV_WINDOW = wire.KV_WINDOW         # a mapper's window may not exceed the switch's seen ring
+KV_MAX_FLOWS = wire.KV_MAX_FLOWS   # mappers of all kv jobs together
+KV_COLS_DEFAULT = wire.KV_COLS_DEFAULT
 
 
 class RegistrationError(RuntimeError):
@@ -169,8 +168,8 @@ def validate_register(req: dict) -> Request:
     role = req.get("role", "worker")
     if role not in ("worker", "ps"):
         raise RegistrationError(f"'role' must be 'worker' or 'ps', got {short(role)}")
-    job = num("job", 1, proto.MAX_JOBS - 1)
-    world = num("world", 1, proto.MAX_WORKERS)
+    job = num("job", control.JOB_MIN, control.JOB_MAX)
+    world = num("world", 1, wire.MAX_WORKERS)
     port = num("port", 1, 65535)
     mode = req.get("mode", "modulo")
     if mode not in MODES:
@@ -180,7 +179,7 @@ def validate_register(req: dict) -> Request:
             raise RegistrationError("modulo jobs have no parameter server")
         return Request(job, role, -1, world, None, port, mode, None)
     rank = num("rank", 0, world - 1)
-    window = num("window", 1, MAX_WINDOW)
+    window = num("window", 1, control.MAX_WINDOW)
     cols = parts = None
     if mode == "kv":
         if window > KV_WINDOW:
@@ -424,7 +423,7 @@ class Registry:
             self.jobs.pop(job.id, None)
             return
         job.gen = self._next_gen()
-        job.elems = proto.elems_for_mtu(min(m.path.mtu for m in self._all_members(job)))
+        job.elems = wire.elems_for_mtu(min(m.path.mtu for m in self._all_members(job)))
         if job.mode == "kv":
             try:
                 self._program_kv(job)
@@ -447,9 +446,9 @@ class Registry:
         self._changed()
 
     def _program_kv(self, job: Job) -> None:
-        from hostagent import kv_proto
+        from bpf import kv_wire
 
-        job.tuples = kv_proto.tuples_for_mtu(min(m.path.mtu for m in self._all_members(job)))
+        job.tuples = kv_wire.tuples_for_mtu(min(m.path.mtu for m in self._all_members(job)))
         self.dp.reset_stats(job.id)
         for m in job.members.values():  # a mapper's flow id is its rank
             self.dp.set_source(job.id, m.rank, socket.inet_aton(m.addr), m.port, m.path.ifindex)
@@ -742,7 +741,7 @@ class Registry:
                 return 0
             live = {(j.id, j.gen) for j in self.jobs.values() if j.mode == "hash" and j.state == "active"}
             off, size = self.hash_region
-            empty = proto.C["INC_SLOT_EMPTY"]
+            empty = wire.SLOT_EMPTY
             n = 0
             for i in range(off, off + size):
                 s = self.dp.read_slot(i)

@@ -30,12 +30,11 @@ import socketserver
 import struct
 import threading
 
-from hostagent import proto
+from bpf import control, wire
 
 from .registry import RegistrationError, Registry, resolve_path
 
 MAX_LINE = 64 * 1024
-MAX_REGISTER_TIMEOUT = 600.0  # how long a registration may wait for the rest of its job
 log = logging.getLogger("incd")
 
 
@@ -120,7 +119,7 @@ def register_timeout(req: dict, default: float) -> float:
     v = req.get("timeout", default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10**6:
         raise RegistrationError(f"'timeout' must be a number of seconds in [0, 1000000], got {short(v)}")
-    return min(max(float(v), 0.1), MAX_REGISTER_TIMEOUT)
+    return min(max(float(v), 0.1), control.MAX_REGISTER_TIMEOUT)
 
 
 def joined_reply(job, rank: int) -> dict:
@@ -129,12 +128,12 @@ def joined_reply(job, rank: int) -> dict:
     kv = {}
     if job.mode == "kv":  # the job's columns of the switch's key-value array, and the packet size
         kv = {"cols": job.slots, "parts": job.parts, "epoch": job.kv_epoch, "tuples": job.tuples,
-              "kv_window": proto.C["INC_KV_WINDOW"]}
+              "kv_window": wire.KV_WINDOW}
     return {
         "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
         "window": job.window, "offset": job.offset, "slots": job.slots,
         "elems": job.elems, "data_addr": member.path.switch_addr,
-        "data_port": proto.PORT, "mode": job.mode,
+        "data_port": wire.PORT, "mode": job.mode,
         "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
         "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
                     for m in sorted(job.members.values(), key=lambda m: m.rank)],

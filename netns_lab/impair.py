@@ -44,13 +44,14 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+import bpf
 
 from . import nsutil
 from .errors import LabConfigError, LabError
 from .plan import parse_rate
 
-BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "impair.bpf.c"
+BPF_SOURCE = bpf.source("impair.bpf.c")
 
 UNLIMITED_BPS = 100 * 10**9  # "no --rate": HTB still needs a rate for class 1:10
 REORDER_SLOW_BPS = 20 * 10**6  # delays a 3 KB frame by ~1.2 ms

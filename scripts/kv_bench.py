@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
 
-from hostagent import kv_proto, proto  # noqa: E402
+from bpf import kv_wire, wire  # noqa: E402
 from hostagent.kv_agent import read_chunks, tokenize  # noqa: E402
 
 MAPPERS = 3
@@ -311,8 +311,8 @@ def agents_row(corpus: dict, system: str, r: dict, want: dict) -> dict:
         "mapper_cpu_s": sum(m["cpu_s"] for m in maps), "reducer_cpu_s": red["cpu_s"],
         "tuples_to_switch": sum(m["tuples_to_switch"] for m in maps),
         "padding": sum(m["padding"] for m in maps),
-        "bytes_to_reducer": (proto.HDR_LEN * red["leftover_packets"]
-                             + kv_proto.TUPLE_BYTES * red["leftover_tuples"]),
+        "bytes_to_reducer": (wire.HDR_LEN * red["leftover_packets"]
+                             + kv_wire.TUPLE_BYTES * red["leftover_tuples"]),
         "reducer": {k: red[k] for k in ("wait_s", "data_s", "drain_s", "total_s", "cpu_s", "leftover_packets",
                                         "leftover_tuples", "partial_packets", "dup_packets", "drain_keys",
                                         "drain_total", "leftover_total", "words")},

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
-from bpf_testrun import XDP_REDIRECT, prog_test_run  # noqa: E402
-from hostagent import kv_proto as kv  # noqa: E402
-from hostagent import proto  # noqa: E402
+from bpf.testrun import XDP_REDIRECT, prog_test_run  # noqa: E402
+from bpf import kv_wire as kv  # noqa: E402
+from bpf import wire  # noqa: E402
 
-TUPLES = (1, 16, 64, 128, kv.MAX_TUPLES)
+TUPLES = (1, 16, 64, 128, wire.KV_MAX_TUPLES)
 W_IP, W_PORT = "10.77.1.2", 40000
 
 
@@ -40,7 +40,7 @@ def packet(job, flow, psn, keys, vals, flags=0) -> bytes:
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
-    return bytes(Ether() / IP(src=W_IP, dst="10.77.1.1") / UDP(sport=W_PORT, dport=proto.PORT)
+    return bytes(Ether() / IP(src=W_IP, dst="10.77.1.1") / UDP(sport=W_PORT, dport=wire.PORT)
                  / Raw(kv.build_kv_packet(keys, vals, job=job, gen=1, flow=flow, psn=psn, flags=flags)))
 
 
@@ -86,16 +86,16 @@ def main() -> int:
             dp.set_kv_job(job, offset=0, cols=cols, gen=1, world=1, parts=1, reset_flows=psn == 0)
             dp.clear_kv(job, 0)
             r = prog_test_run(dp.ingress.fd, packet(job, 0, psn, keys, vals))  # claims every row
-            assert r.verdict == XDP_REDIRECT and len(r.data) == 42 + proto.HDR_LEN
+            assert r.verdict == XDP_REDIRECT and len(r.data) == 42 + wire.HDR_LEN
             res["claim"].append(r.duration_ns)
             r = prog_test_run(dp.ingress.fd, packet(job, 0, psn + 1, keys, vals))  # adds
             res["add"].append(r.duration_ns)
-            r = prog_test_run(dp.ingress.fd, packet(job, 0, psn + 1, keys, vals, proto.F_RETRANS))  # re-ACK
+            r = prog_test_run(dp.ingress.fd, packet(job, 0, psn + 1, keys, vals, wire.F_RETRANS))  # re-ACK
             res["resend"].append(r.duration_ns)
             other = keys ^ np.uint64(1 << 40)  # same column (the xor of both halves changes), other key
             other = other ^ np.uint64(1 << 8)
             r = prog_test_run(dp.ingress.fd, packet(job, 0, psn + 2, other, vals))  # all collide
-            assert r.verdict == XDP_REDIRECT and len(r.data) > 42 + proto.HDR_LEN
+            assert r.verdict == XDP_REDIRECT and len(r.data) > 42 + wire.HDR_LEN
             res["collide"].append(r.duration_ns)
             psn += 3
         for k, v in res.items():

@@ -41,7 +41,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/nu
 fi
 stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
-  "$VENV/bin/pip" install -q -e ".[test,bench]"
+  "$VENV/bin/pip" install -q -e ".[switch,lab,test,bench]"
   rm -f "$VENV"/.installed-*; touch "$stamp"
 fi
 

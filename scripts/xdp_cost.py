@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
-from bpf_testrun import XDP_DROP, XDP_REDIRECT, prog_test_run  # noqa: E402
-from hostagent import proto  # noqa: E402
+from bpf.testrun import XDP_DROP, XDP_REDIRECT, prog_test_run  # noqa: E402
+from bpf import wire  # noqa: E402
 
 LANES = (32, 64, 128, 256, 512, 800)
 
@@ -37,8 +37,8 @@ def packet(job: int, gen: int, psn: int, lanes: int, rank: int = 0) -> bytes:
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
-    buf, sizes = proto.build_packets(np.arange(lanes, dtype=np.int32), lanes, job=job, gen=gen, rank=rank, psn0=psn)
-    return bytes(Ether() / IP(src="10.77.1.2", dst="10.77.1.1") / UDP(sport=40000, dport=proto.PORT)
+    buf, sizes = wire.build_packets(np.arange(lanes, dtype=np.int32), lanes, job=job, gen=gen, rank=rank, psn0=psn)
+    return bytes(Ether() / IP(src="10.77.1.2", dst="10.77.1.1") / UDP(sport=40000, dport=wire.PORT)
                  / Raw(buf.tobytes()[: sizes[0]]))
 
 

@@ -1,11 +1,28 @@
+"""Test groups by folder: unit/ (no root, seconds), dataplane/ (root: the real
+XDP program under BPF_PROG_TEST_RUN, no traffic), lab/ (root: namespaces, incd
+and agents). Each test gets its folder's marker, so `pytest -m unit` runs the
+quick ones; a test may carry a lighter marker of its own (a pure-logic test in
+a lab file is `unit`)."""
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+GROUPS = ("unit", "dataplane", "lab")
+# Tests of one group share helpers across files (test_failures uses test_registry's).
+for g in GROUPS:
+    sys.path.insert(0, str(HERE / g))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(g) for g in GROUPS):
+            continue
+        group = Path(str(item.fspath)).relative_to(HERE).parts[0]
+        if group in GROUPS:
+            item.add_marker(getattr(pytest.mark, group))
 
 
 def require_root():

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from netns_lab.agents import run_allreduce
-from labutil import LabWithIncd
+from netns_lab.harness import LabWithIncd
 
 FUZZER = Path(__file__).resolve().parent / "inc_fuzzer.py"
 JOB = 61

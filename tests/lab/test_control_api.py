@@ -15,12 +15,12 @@ import threading
 
 import pytest
 
-from hostagent import proto
+from bpf import wire
 from incd import daemon
 from incd.cli import admin_request
 from incd.server import MAX_LINE
 from netns_lab.agents import run_allreduce
-from labutil import LabWithIncd
+from netns_lab.harness import LabWithIncd
 from test_fuzz import wait_active
 from test_memory_e2e import wait_for
 
@@ -70,7 +70,7 @@ class Ctl:
     def __init__(self, lab, host: str, addr: str | None = None):
         self.s = socket_in(lab.netns(host))
         self.s.settimeout(30)
-        self.s.connect((addr or lab.host(host)["gateway"], proto.CTRL_PORT))
+        self.s.connect((addr or lab.host(host)["gateway"], wire.CTRL_PORT))
         self.f = self.s.makefile("rb")
 
     def send(self, req) -> None:
@@ -166,9 +166,9 @@ BAD_REQUESTS = {
     "job a string": (reg("1"), ["'job'"]),
     "job a bool": (reg(True), ["'job'"]),
     "job 0": (reg(0), ["'job'"]),
-    "job too big": (reg(proto.MAX_JOBS), ["'job'"]),
+    "job too big": (reg(wire.MAX_JOBS), ["'job'"]),
     "world 0": (reg(1, world=0), ["'world'"]),
-    "world too big": (reg(1, world=proto.MAX_WORKERS + 1), ["'world'"]),
+    "world too big": (reg(1, world=wire.MAX_WORKERS + 1), ["'world'"]),
     "rank outside world": (reg(1, rank=5), ["'rank'"]),
     "rank a float": (reg(1, rank=0.5), ["'rank'"]),
     "window 0": (reg(1, window=0), ["'window'"]),

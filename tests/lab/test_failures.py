@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from hostagent import proto
+from bpf import wire
 from hostagent.transport import Control
 from incd.registry import Registry
-from labutil import LabWithIncd
+from netns_lab.harness import LabWithIncd
 from netns_lab.agents import PSProcess, agent_argv, run_allreduce
 from test_registry import PATH, dp, wait_event  # noqa: F401  (dp: the real dataplane fixture)
 
@@ -153,7 +153,7 @@ def test_watchdog_clears_stale_hash_slots(dp):
 
     def put(i, owner, gen):
         v = pool.Leaf()
-        v.job, v.gen, v.state, v.count, v.psn = owner, gen, proto.C["INC_SLOT_PARTIAL"], 1, 3
+        v.job, v.gen, v.state, v.count, v.psn = owner, gen, wire.SLOT_PARTIAL, 1, 3
         pool[ctypes.c_int(i)] = v
 
     put(off, job.id, job.gen)             # the running job's: kept
@@ -161,11 +161,11 @@ def test_watchdog_clears_stale_hash_slots(dp):
     put(off + 2, job.id, job.gen ^ 0x55)  # an older run of the same job id
     reg.watchdog()                        # the first call scans at once
     states = [dp.read_slot(off + i).state for i in range(3)]
-    assert states == [proto.C["INC_SLOT_PARTIAL"], proto.C["INC_SLOT_EMPTY"], proto.C["INC_SLOT_EMPTY"]]
+    assert states == [wire.SLOT_PARTIAL, wire.SLOT_EMPTY, wire.SLOT_EMPTY]
     assert reg.snapshot()["stale_slots_cleared"] == 2
     assert reg.clear_stale_slots() == 0
     reg.leave(job, 0, done=True)          # the job's own slots go at its end
-    assert reg.snapshot()["hash_region"] is None and dp.read_slot(off).state == proto.C["INC_SLOT_EMPTY"]
+    assert reg.snapshot()["hash_region"] is None and dp.read_slot(off).state == wire.SLOT_EMPTY
     assert reg.alloc.free_slots() == 64 and size == 16
 
 

@@ -5,7 +5,7 @@ A KV packet is an inc_hdr (type INC_T_KV; rank = the mapper's flow id; psn = its
 sequence number in the flow; numel = 32-bit words that follow) and numel / 3
 tuples of (u64 key, i32 value), little-endian, 12 bytes each. The csum rule is
 the one of every INC packet: header and payload words sum to 0 mod 2^32, so
-proto.csum_ok() checks KV packets too.
+wire.csum_ok() checks KV packets too.
 
 Keys: the first 8 bytes of blake2b of the word's UTF-8, as a little-endian
 u64, with 0 mapped to 1 (key 0 means "no tuple" on the wire and "empty" in the
@@ -20,20 +20,20 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from hostagent import proto
+from bpf import wire
 
-C = proto.C
-T_KV = C["INC_T_KV"]
-T_KV_ACK = C["INC_T_KV_ACK"]
-MODE_KV = C["INC_MODE_KV"]
-F_KV_PARTIAL = C["INC_F_KV_PARTIAL"]
-TUPLE_WORDS = C["INC_KV_TUPLE_WORDS"]
-MAX_TUPLES = C["INC_KV_MAX_TUPLES"]
-WINDOW = C["INC_KV_WINDOW"]
+C = wire.C
+T_KV = wire.T_KV
+T_KV_ACK = wire.T_KV_ACK
+MODE_KV = wire.MODE_KV
+F_KV_PARTIAL = wire.F_KV_PARTIAL
+TUPLE_WORDS = wire.KV_TUPLE_WORDS
+MAX_TUPLES = wire.KV_MAX_TUPLES
+WINDOW = wire.KV_WINDOW
 
 TUPLE_DTYPE = np.dtype([("key", "<u8"), ("value", "<i4")])  # struct inc_kv_tuple, packed
 assert TUPLE_DTYPE.itemsize == 4 * TUPLE_WORDS
-assert MAX_TUPLES * TUPLE_WORDS <= proto.MAX_ELEMS
+assert MAX_TUPLES * TUPLE_WORDS <= wire.MAX_ELEMS
 TUPLE_BYTES = TUPLE_DTYPE.itemsize
 
 
@@ -59,7 +59,7 @@ def merge_dictionary(acc: dict[int, str], new: dict[int, str]) -> list[tuple[int
 
 def tuples_for_mtu(mtu: int) -> int:
     """Tuples that fit in one KV packet on a link of this MTU."""
-    return max(0, min(MAX_TUPLES, (mtu - proto.IP_UDP_OVERHEAD - proto.HDR_LEN) // TUPLE_BYTES))
+    return max(0, min(MAX_TUPLES, (mtu - wire.IP_UDP_OVERHEAD - wire.HDR_LEN) // TUPLE_BYTES))
 
 
 def build_kv_packets(keys: np.ndarray, values: np.ndarray, per_packet: int = MAX_TUPLES, *, job: int,
@@ -98,13 +98,13 @@ def build_kv_grid(keys: np.ndarray, values: np.ndarray, *, job: int, gen: int, f
         raise ValueError(f"tuples per packet must be 1..{MAX_TUPLES}")
     if values.size and (values.min() < -2**31 or values.max() >= 2**31):
         raise ValueError("values must fit int32 (split larger counts into several tuples)")
-    pkt = np.dtype([("hdr", proto.HDR_DTYPE), ("t", TUPLE_DTYPE, (per,))])
+    pkt = np.dtype([("hdr", wire.HDR_DTYPE), ("t", TUPLE_DTYPE, (per,))])
     buf = np.zeros(npk, dtype=pkt)
     hdr = buf["hdr"]
-    hdr["version"] = proto.VERSION
+    hdr["version"] = wire.VERSION
     hdr["type"] = T_KV
     hdr["flags"] = flags
-    hdr["op"] = proto.OP_SUM
+    hdr["op"] = wire.OP_SUM
     hdr["job"] = job
     hdr["gen"] = gen
     hdr["rank"] = flow
@@ -116,8 +116,8 @@ def build_kv_grid(keys: np.ndarray, values: np.ndarray, *, job: int, gen: int, f
     buf["t"]["key"] = keys
     buf["t"]["value"] = values
     rows = buf.view(np.uint8).reshape(npk, pkt.itemsize)
-    proto.seal_rows(rows, hdr["numel"].astype(np.int64))
-    sizes = proto.HDR_LEN + counts * TUPLE_BYTES
+    wire.seal_rows(rows, hdr["numel"].astype(np.int64))
+    sizes = wire.HDR_LEN + counts * TUPLE_BYTES
     return rows, sizes
 
 
@@ -142,21 +142,21 @@ def parse_kv(data: bytes | memoryview) -> tuple[np.void, np.ndarray]:
     """A KV packet (or ACK) as (header, tuples). Tuples with key 0 (none) are
     left out. Raises ValueError on a bad packet."""
     data = bytes(data)
-    if len(data) < proto.HDR_LEN:
+    if len(data) < wire.HDR_LEN:
         raise ValueError("shorter than the INC header")
-    h = proto.parse_header(data[: proto.HDR_LEN])
-    if h["version"] != proto.VERSION or h["type"] not in (T_KV, T_KV_ACK):
+    h = wire.parse_header(data[: wire.HDR_LEN])
+    if h["version"] != wire.VERSION or h["type"] not in (T_KV, T_KV_ACK):
         raise ValueError("not a KV packet")
     n = int(h["numel"])
-    if n % TUPLE_WORDS or proto.HDR_LEN + 4 * n > len(data):
+    if n % TUPLE_WORDS or wire.HDR_LEN + 4 * n > len(data):
         raise ValueError("tuple count beyond the packet")
     row = np.frombuffer(data, np.uint8)
     pad = (-len(data)) % 4
     if pad:
         row = np.concatenate([row, np.zeros(pad, np.uint8)])
-    if not proto.csum_ok(row[None, :], np.array([len(data)]))[0]:
+    if not wire.csum_ok(row[None, :], np.array([len(data)]))[0]:
         raise ValueError("bad csum")
-    t = np.frombuffer(data, TUPLE_DTYPE, n // TUPLE_WORDS, proto.HDR_LEN)
+    t = np.frombuffer(data, TUPLE_DTYPE, n // TUPLE_WORDS, wire.HDR_LEN)
     return h, t[t["key"] != 0].copy()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from netns_lab.agents import PSProcess, run_allreduce
-from labutil import LabWithIncd
+from netns_lab.harness import LabWithIncd
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ bpf/inc_proto.h, and the constants Python parses must be the compiler's."""
 import json
 import subprocess
 
-from hostagent import proto
+from bpf import wire
 
 PROG = r'''
 #include <stdio.h>
@@ -24,18 +24,18 @@ def compiled_layout(tmp_path):
     src = tmp_path / "layout.c"
     src.write_text(PROG)
     exe = tmp_path / "layout"
-    subprocess.run(["gcc", "-I", str(proto.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
+    subprocess.run(["gcc", "-I", str(wire.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
     return json.loads(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
 
 
 def test_header_layout_matches_c(tmp_path):
     c = compiled_layout(tmp_path)
-    assert c.pop("__size")[0] == proto.HDR_LEN == proto.HDR_STRUCT.size
+    assert c.pop("__size")[0] == wire.HDR_LEN == wire.HDR_STRUCT.size
     for name in ("INC_MAX_ELEMS", "INC_PORT", "INC_DROP__COUNT"):
-        assert c.pop(name)[0] == proto.C[name]
-    assert list(c) == list(proto.HDR_DTYPE.names)
+        assert c.pop(name)[0] == wire.C[name]
+    assert list(c) == list(wire.HDR_DTYPE.names)
     for name, (off, size) in c.items():
-        dt, py_off = proto.HDR_DTYPE.fields[name][:2]
+        dt, py_off = wire.HDR_DTYPE.fields[name][:2]
         assert (py_off, dt.itemsize) == (off, size), name
 
 
@@ -57,15 +57,15 @@ def test_hash_slot_matches_c(tmp_path):
     src = tmp_path / "hash.c"
     src.write_text(HASH_PROG)
     exe = tmp_path / "hash"
-    subprocess.run(["gcc", "-I", str(proto.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
+    subprocess.run(["gcc", "-I", str(wire.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
     rows = [list(map(int, line.split())) for line in
             subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()]
     assert len(rows) > 500
     for job, size, psn, slot in rows:
-        assert int(proto.hash_slots(job, np.array([psn]), 100, size)[0]) == slot
+        assert int(wire.hash_slots(job, np.array([psn]), 100, size)[0]) == slot
         assert 100 <= slot < 100 + size
 
 
 def test_frame_fits_xdp_linear_limit():
     # Ethernet + IPv4 + UDP + header + full payload must stay under ~3.5 KiB.
-    assert 14 + proto.IP_UDP_OVERHEAD + proto.HDR_LEN + 4 * proto.MAX_ELEMS <= 3500
+    assert 14 + wire.IP_UDP_OVERHEAD + wire.HDR_LEN + 4 * wire.MAX_ELEMS <= 3500

@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from bpf_testrun import XDP_REDIRECT, prog_test_run
-from hostagent import kv_proto as kv
-from hostagent import proto
+from bpf.testrun import XDP_REDIRECT, prog_test_run
+from bpf import kv_wire as kv
+from bpf import wire
 from incd.netinfo import Path
 from incd.registry import KV_WINDOW, RegistrationError, Registry, validate_register
 from incd.server import joined_reply
@@ -94,11 +94,11 @@ def send(dp, job: int, gen: int, flow: int, psn: int, keys, vals) -> tuple[str, 
     payload = kv.build_kv_packet(np.asarray(keys, np.uint64), np.asarray(vals, np.int64), job=job, gen=gen,
                                  flow=flow, psn=psn)
     pkt = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:fe") / IP(src=W_IP, dst="10.77.1.1")
-                / UDP(sport=W_PORT + flow, dport=proto.PORT) / Raw(payload))
+                / UDP(sport=W_PORT + flow, dport=wire.PORT) / Raw(payload))
     r = prog_test_run(dp.ingress.fd, pkt)
     assert r.verdict == XDP_REDIRECT, r.verdict_name
     h, t = kv.parse_kv(r.data[ETH_IP_UDP:])
-    if h["type"] == kv.T_KV_ACK:
+    if h["type"] == wire.T_KV_ACK:
         return "ack", []
     return "reducer", list(zip(t["key"].tolist(), t["value"].tolist()))
 
@@ -141,17 +141,17 @@ def test_registration_programs_the_switch_and_answers_everyone(reg, dp):
         assert (r["mode"], r["job"], r["world"], r["gen"]) == ("kv", 21, 3, job.gen)
         assert (r["cols"], r["parts"], r["epoch"], r["window"], r["kv_window"]) == (30, 3, 0, 100, 128)
         assert r["offset"] == job.offset and r["slots"] == 30
-        assert r["tuples"] == kv.tuples_for_mtu(3400) and r["data_port"] == proto.PORT
+        assert r["tuples"] == kv.tuples_for_mtu(3400) and r["data_port"] == wire.PORT
         assert r["ps"] == {"addr": R_IP, "port": R_PORT}
         assert [m["rank"] for m in r["members"]] == [0, 1, 2]
     assert maps[0]["data_addr"] == "10.77.1.1" and red["data_addr"] == "10.77.9.1"
     # default share: half the columns, rounded down to a multiple of the parts (one per mapper)
     v = dp.jobs[ct.c_int(21)]
     assert (v.mode, v.offset, v.slots, v.parts, v.epoch, v.world, v.gen) == (
-        proto.C["INC_MODE_KV"], job.offset, 30, 3, 0, 3, job.gen)
+        wire.MODE_KV, job.offset, 30, 3, 0, 3, job.gen)
     assert dp.job_ps[ct.c_int(21)].port == socket.htons(R_PORT)
     for r in range(3):
-        src = dp.sources[ct.c_int(21 * proto.MAX_WORKERS + r)]
+        src = dp.sources[ct.c_int(21 * wire.MAX_WORKERS + r)]
         assert (src.addr, src.port, src.ifindex) == (
             int.from_bytes(socket.inet_aton(W_IP), "little"), socket.htons(W_PORT + r), 1)
     assert sorted(k.flow for k in dp.kv_flows.keys() if k.job == 21) == [0, 1, 2]
@@ -295,11 +295,11 @@ def test_job_ends_when_the_reducer_leaves_and_frees_everything(reg, dp):
     assert reg.kv_alloc.free_slots() == KV_COLS
     assert dp.jobs[ct.c_int(41)].mode == 0 and dp.job_ps[ct.c_int(41)].ifindex == 0
     assert not [k for k in dp.kv_flows.keys() if k.job == 41]
-    assert all(dp.sources[ct.c_int(41 * proto.MAX_WORKERS + r)].addr == 0 for r in (0, 1))
+    assert all(dp.sources[ct.c_int(41 * wire.MAX_WORKERS + r)].addr == 0 for r in (0, 1))
     a = dp.kv_pool  # both copies of its columns are empty
     for e in (0, 1):
-        base = e * KV_COLS * kv.MAX_TUPLES + job.offset * kv.MAX_TUPLES
-        assert all(a[ct.c_int(base + i)].key == 0 for i in range(0, 6 * kv.MAX_TUPLES, 7))
+        base = e * KV_COLS * wire.KV_MAX_TUPLES + job.offset * wire.KV_MAX_TUPLES
+        assert all(a[ct.c_int(base + i)].key == 0 for i in range(0, 6 * wire.KV_MAX_TUPLES, 7))
     rec = reg.finished[-1]
     assert rec["job"] == 41 and rec["end_reason"] == "the reducer finished"
     assert rec["counters"]["kv_absorbed"] == 4 and rec["counters"]["drains"] == 1
@@ -421,7 +421,7 @@ def collect(msock, rsock, job: int, left: collections.Counter) -> tuple[int, int
     to_red = n_left = 0
     for data in recv_all(rsock):
         h, t = kv.parse_kv(data)
-        assert h["type"] == kv.T_KV and h["job"] == job
+        assert h["type"] == wire.T_KV and h["job"] == job
         add(left, zip(t["key"].tolist(), t["value"].tolist()))
         to_red += 1
         n_left += len(t)
@@ -449,7 +449,7 @@ def close(*ctls) -> None:
 
 
 def test_lab_word_count_through_the_switch(root):
-    from labutil import LabWithIncd
+    from netns_lab.harness import LabWithIncd
     from test_control_api import Ctl
 
     job, world = 71, 2
@@ -541,7 +541,7 @@ def test_lab_kv_job_survives_an_incd_restart(root):
     """incd killed with -9 mid-job: the switch keeps absorbing (pinned maps),
     the restarted incd takes the job back with its columns and epoch, the
     members rejoin, and the reducer's drains still get exactly what was sent."""
-    from labutil import LabWithIncd
+    from netns_lab.harness import LabWithIncd
     from test_control_api import Ctl
 
     from incd import daemon

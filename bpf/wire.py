@@ -1,49 +1,72 @@
-"""The INC wire format, derived from bpf/inc_proto.h.
+"""The INC wire format, derived from the C headers of this package.
 
-Constants (#define INC_* and enum entries) are parsed out of the C header at
-import time, so there is no second hand-kept list. The header layout is written
+Constants (#define INC_* and enum entries) are parsed out of the C headers at
+import time, so there is no second hand-kept list; each is an attribute of this
+module without its INC_ prefix. The header layout is written
 out here as a numpy dtype because Python cannot take it from C without a
 compiler; tests/test_layout.py checks it against offsetof() from gcc.
 """
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 
-HEADER_PATH = Path(__file__).resolve().parent.parent / "bpf" / "inc_proto.h"
+from . import source
+
+# Files whose #defines and enums make the constants below, in include order.
+HEADERS = ("inc_proto.h",)
 
 
-def _parse_header(text: str) -> dict[str, int]:
-    consts: dict[str, int] = {}
-    for name, value in re.findall(r"^#define\s+(INC_\w+)\s+(0x[0-9a-fA-F]+|\d+)[uUlL]*\b", text, re.M):
-        consts[name] = int(value, 0)
-    for name, value in re.findall(r"^\s*(INC_\w+)\s*=\s*(0x[0-9a-fA-F]+|\d+)\s*,", text, re.M):
-        consts[name] = int(value, 0)
+def _value(expr: str, known: dict[str, int]) -> int | None:
+    """A constant expression of numbers, known INC_ names and + - * / ( ) << >>."""
+    expr = re.sub(r"\b(0x[0-9a-fA-F]+|\d+)[uUlL]+\b", r"\1", expr.strip())
+    expr = re.sub(r"\bINC_\w+\b", lambda m: str(known[m.group()]) if m.group() in known else "?", expr)
+    if not re.fullmatch(r"[0-9a-fA-Fx\s+\-*/()<>]+", expr) or "?" in expr:
+        return None
+    return int(eval(expr.replace("/", "//"), {"__builtins__": {}}))  # digits and operators only
+
+
+def parse_c_header(text: str, known: dict[str, int] | None = None) -> dict[str, int]:
+    """INC_* #defines and enum entries of a C header, with defines that name
+    other constants or are expressions of them resolved. Raises ValueError for
+    an INC_* define it cannot evaluate (it would silently miss Python)."""
+    consts = dict(known or {})
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    for name, expr in re.findall(r"^#define\s+(INC_\w+)[ \t]+(.+?)\s*$", text, re.M):
+        if name in ("INC_PROTO_H",) or name.endswith("_H"):
+            continue
+        v = _value(expr, consts)
+        if v is None:
+            raise ValueError(f"cannot evaluate #define {name} {expr}")
+        consts[name] = v
+    for body in re.findall(r"\benum\s+\w*\s*\{(.*?)\}", text, re.S):
+        nxt = 0
+        for entry in body.split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            name, _, expr = (x.strip() for x in entry.partition("="))
+            v = _value(expr, consts) if expr else nxt
+            if v is None:
+                raise ValueError(f"cannot evaluate enum entry {entry}")
+            consts[name] = v
+            nxt = v + 1
     return consts
 
 
-C = _parse_header(HEADER_PATH.read_text())
+def _load() -> dict[str, int]:
+    consts: dict[str, int] = {}
+    for h in HEADERS:
+        consts = parse_c_header(source(h).read_text(), consts)
+    return consts
 
-VERSION = C["INC_VERSION"]
-PORT = C["INC_PORT"]
-PORT_MIN = C["INC_PORT_MIN"]
-PORT_MAX = C["INC_PORT_MAX"]
-CTRL_PORT = C["INC_CTRL_PORT"]
-MAX_ELEMS = C["INC_MAX_ELEMS"]
-MAX_WORKERS = C["INC_MAX_WORKERS"]
-MAX_JOBS = C["INC_MAX_JOBS"]
-T_DATA = C["INC_T_DATA"]
-T_RESULT = C["INC_T_RESULT"]
-F_RETRANS = C["INC_F_RETRANS"]
-F_OVERFLOW = C["INC_F_OVERFLOW"]
-OP_SUM = C["INC_OP_SUM"]
-OP_MAX = C["INC_OP_MAX"]
-MODE_MODULO = C["INC_MODE_MODULO"]
-MODE_HASH = C["INC_MODE_HASH"]
-F_COLLISION = C["INC_F_COLLISION"]
-F_AGGREGATE = C["INC_F_AGGREGATE"]
+
+C = _load()
+HEADER_PATH = source(HEADERS[0])
+# Every constant without its INC_ prefix is an attribute of this module:
+# wire.MODE_KV, wire.KV_WINDOW, wire.DROP_BAD_CSUM ... (one namespace).
+globals().update({k[len("INC_"):]: v for k, v in C.items()})
 
 # Drop reasons in index order, named without the prefix: ["bad_hdr", ...].
 DROP_REASONS = [
@@ -53,7 +76,7 @@ DROP_REASONS = [
         key=lambda kv: kv[1],
     )
 ]
-assert len(DROP_REASONS) == C["INC_DROP__COUNT"], "drop enum in inc_proto.h is not dense"
+assert len(DROP_REASONS) == DROP__COUNT, "drop enum in inc_proto.h is not dense"
 
 HDR_DTYPE = np.dtype(
     [
@@ -80,8 +103,8 @@ IP_UDP_OVERHEAD = 20 + 8
 def hash_slots(job: int, psns: np.ndarray, offset: int, size: int) -> np.ndarray:
     """inc_hash_slot() of bpf/inc_proto.h for many psns at once."""
     with np.errstate(over="ignore"):
-        h = (np.asarray(psns, dtype=np.uint32) * np.uint32(C["INC_HASH_MUL_PSN"])
-             + np.uint32((job * C["INC_HASH_MUL_JOB"]) & 0xFFFFFFFF))
+        h = (np.asarray(psns, dtype=np.uint32) * np.uint32(HASH_MUL_PSN)
+             + np.uint32((job * HASH_MUL_JOB) & 0xFFFFFFFF))
     h ^= h >> np.uint32(15)
     return (offset + h % np.uint32(size)).astype(np.uint32)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "memsim.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "memsim.py"
 spec = importlib.util.spec_from_file_location("memsim", SCRIPT)
 memsim = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(memsim)

@@ -16,7 +16,7 @@ from hostagent import quantize
 from incd.process import IncdProcess
 from netns_lab.agents import AgentRunError, agent_argv, run_allreduce
 from netns_lab.topology import Lab
-from labutil import LabWithIncd, uniq
+from netns_lab.harness import LabWithIncd, uniq
 
 @pytest.fixture(scope="module")
 def lab4(root):
@@ -247,12 +247,12 @@ for line in sys.argv[3:]:
 
 
 def test_malformed_control_requests_get_errors(lab4):
-    from hostagent import proto
+    from bpf import wire
     reqs = ['{"op": "register", "job": 1, "rank": 0, "world": 2, "window": 8, "port": 5, "timeout": "x"}',
             '{"op": "register", "job": 0, "rank": 0, "world": 2, "window": 8, "port": 5}',
             '{"op": "register", "job": 3, "rank": 5, "world": 2, "window": 8, "port": 5}',
             '{"op": "frobnicate"}', '[1, 2]']
-    r = lab4.run("h1", [sys.executable, "-c", CTRL_CLIENT, lab4.host("h1")["gateway"], str(proto.CTRL_PORT), *reqs],
+    r = lab4.run("h1", [sys.executable, "-c", CTRL_CLIENT, lab4.host("h1")["gateway"], str(wire.CTRL_PORT), *reqs],
                  capture_output=True, text=True, timeout=30)
     replies = [json.loads(x) for x in r.stdout.splitlines()]
     assert [x["ok"] for x in replies] == [False] * 5, r.stdout + r.stderr

@@ -16,8 +16,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hostagent import kv_agent as ka
-from hostagent import kv_proto as kv
-from hostagent import proto
+from bpf import kv_wire as kv
+from bpf import wire
 from netns_lab.impair import read_counters
 
 # --- tokenizer and combiner ---------------------------------------------------------
@@ -145,7 +145,7 @@ def test_ack_window_send_ack_resend():
     w.mark_sent(*w.to_send(), now=3.0)
     assert w.ack([7, 8, 9]).size == 3 and w.finished and w.ack([9]).size == 0
     with pytest.raises(ValueError):
-        ka.AckWindow(5, kv.WINDOW + 1)
+        ka.AckWindow(5, wire.KV_WINDOW + 1)
 
 
 def test_ack_window_grows_as_the_mapper_maps():
@@ -197,7 +197,7 @@ def test_grid_packets_cut_trailing_padding():
     gk = np.array([[5, 0, 6, 0], [0, 0, 0, 9], [0, 3, 0, 0]], np.uint64)
     gv = np.array([[1, 0, 2, 0], [0, 0, 0, 4], [0, -7, 0, 0]], np.int64)
     rows, sizes = kv.build_kv_grid(gk, gv, job=2, gen=1, flow=1, psn0=10)
-    assert (sizes - proto.HDR_LEN).tolist() == [3 * kv.TUPLE_BYTES, 4 * kv.TUPLE_BYTES, 2 * kv.TUPLE_BYTES]
+    assert (sizes - wire.HDR_LEN).tolist() == [3 * kv.TUPLE_BYTES, 4 * kv.TUPLE_BYTES, 2 * kv.TUPLE_BYTES]
     for i in range(3):
         h, t = kv.parse_kv(rows[i, :sizes[i]].tobytes())  # sealed: the csum holds
         assert int(h["psn"]) == 10 + i
@@ -255,7 +255,7 @@ def test_parse_acks_and_reducer_ack_format():
     a = ka.build_ack(job=3, gen=2, flow=1, psn=5, tuples=4)
     h, t = kv.parse_kv(a)  # csum ok, header only
     assert (h["type"], h["job"], h["gen"], h["rank"], h["psn"], h["slot"], h["numel"], len(t)) == \
-        (kv.T_KV_ACK, 3, 2, 1, 5, 4, 0, 0)
+        (wire.T_KV_ACK, 3, 2, 1, 5, 4, 0, 0)
     bad = bytearray(ka.build_ack(job=3, gen=2, flow=1, psn=6))
     bad[8] ^= 1
     pkts = [a, ka.build_ack(job=3, gen=1, flow=1, psn=7), ka.build_ack(job=3, gen=2, flow=0, psn=8),
@@ -276,10 +276,10 @@ def leftover(flow, psn, pairs, *, job=9, gen=4, flags=0):
 def test_reducer_dedupe_drain_and_merge():
     s = ka.ReducerState(job=9, gen=4, world=2)
     assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)])) == (0, 0, 2)
-    assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)], flags=proto.F_RETRANS)) == (0, 0, 2)  # replay
-    assert s.packet(leftover(1, 0, [("a", 5)], flags=kv.F_KV_PARTIAL)) == (1, 0, 1)  # other flow, same psn
+    assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)], flags=wire.F_RETRANS)) == (0, 0, 2)  # replay
+    assert s.packet(leftover(1, 0, [("a", 5)], flags=wire.F_KV_PARTIAL)) == (1, 0, 1)  # other flow, same psn
     assert s.packet(leftover(1, 0, [("a", 5)])) == (1, 0, 1)  # duplicate: ACKed, not added
-    assert s.packet(leftover(1, 1, [], flags=kv.F_KV_PARTIAL)) == (1, 1, 0)
+    assert s.packet(leftover(1, 1, [], flags=wire.F_KV_PARTIAL)) == (1, 1, 0)
     assert s.packet(leftover(0, 1, [("a", 1)], gen=3)) is None  # older run
     assert s.packet(leftover(0, 1, [("a", 1)], job=8)) is None
     assert s.packet(leftover(2, 1, [("a", 1)])) is None  # no such mapper
@@ -371,7 +371,7 @@ def run_wordcount(lab, tmp_path, job, files, *, window=64, timeout=180, map_args
 
 @pytest.fixture(scope="module")
 def kvlab(root):
-    from labutil import LabWithIncd
+    from netns_lab.harness import LabWithIncd
 
     with LabWithIncd("k", workers=3, ps=True) as lab:
         yield lab
@@ -514,7 +514,7 @@ def test_wordcount_split_whitespace(kvlab, tmp_path):
 @pytest.mark.parametrize("impair", [{"loss_pct": 2.0}, {"dup_pct": 5.0}, {"reorder_pct": 20.0}],
                          ids=["loss2", "dup5", "reorder20"])
 def test_wordcount_exact_under_faults(root, tmp_path, impair):
-    from labutil import LabWithIncd
+    from netns_lab.harness import LabWithIncd
 
     with LabWithIncd("kf", workers=3, ps=True, **impair) as lab:
         # a large vocabulary: ~60 packets per mapper, so that 2 % loss surely hits some

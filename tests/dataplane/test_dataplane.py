@@ -11,8 +11,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from bpf_testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
-from hostagent import proto
+from bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, prog_test_run
+from bpf import wire
 
 W_MAC, SW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:fe"
 W_IP, SW_IP = "10.77.1.2", "10.77.1.1"
@@ -33,13 +33,13 @@ def dp(root):
     d.close()
 
 
-def inc(job, gen, rank, psn, vals, *, op=proto.OP_SUM, typ=proto.T_DATA, version=proto.VERSION,
-        numel=None, cut=0, dport=proto.PORT, flags=0, slot=0, src=W_IP, flip_bit=None,
+def inc(job, gen, rank, psn, vals, *, op=wire.OP_SUM, typ=wire.T_DATA, version=wire.VERSION,
+        numel=None, cut=0, dport=wire.PORT, flags=0, slot=0, src=W_IP, flip_bit=None,
         sport=W_PORT) -> bytes:
-    h = np.zeros(1, proto.HDR_DTYPE)
+    h = np.zeros(1, wire.HDR_DTYPE)
     vals = np.asarray(vals, dtype="<i4")
     h[0] = (version, typ, flags, op, job, gen, psn, slot, rank, len(vals) if numel is None else numel, 0, 0)
-    payload = proto.seal_bytes(h.tobytes() + vals.tobytes())
+    payload = wire.seal_bytes(h.tobytes() + vals.tobytes())
     if flip_bit is not None:  # corrupted after sealing, as on a bad link
         b = bytearray(payload)
         b[flip_bit // 8] ^= 1 << flip_bit % 8
@@ -52,15 +52,15 @@ def inc(job, gen, rank, psn, vals, *, op=proto.OP_SUM, typ=proto.T_DATA, version
 def sealed(out: bytes) -> bool:
     """The INC packet the switch sent carries a csum that checks out."""
     inc_part = np.frombuffer(out[42:], np.uint8)
-    return bool(proto.csum_ok(inc_part[None, :], np.array([inc_part.size]))[0])
+    return bool(wire.csum_ok(inc_part[None, :], np.array([inc_part.size]))[0])
 
 
 def lanes_of(out: bytes) -> np.ndarray:
-    return np.frombuffer(out[42 + proto.HDR_LEN:], "<i4")
+    return np.frombuffer(out[42 + wire.HDR_LEN:], "<i4")
 
 
 def hdr_of(out: bytes):
-    return proto.parse_header(out[42:42 + proto.HDR_LEN])
+    return wire.parse_header(out[42:42 + wire.HDR_LEN])
 
 
 @dataclass
@@ -131,31 +131,31 @@ def test_modulo_round_lifecycle(dp):
         if st.what == "last contributor":
             out = Ether(r.data)
             assert out[UDP].chksum == 0
-            assert hdr_of(r.data)["type"] == proto.T_RESULT
+            assert hdr_of(r.data)["type"] == wire.T_RESULT
         if st.what == "retransmission after completion":
             # unicast back out of the ingress port, addressed to the sender
             out = Ether(r.data)
             assert (out.src, out.dst) == (SW_MAC, W_MAC)
             assert (out[IP].src, out[IP].dst) == (SW_IP, W_IP)
-            assert (out[UDP].sport, out[UDP].dport) == (proto.PORT, W_PORT)
+            assert (out[UDP].sport, out[UDP].dport) == (wire.PORT, W_PORT)
             recomputed = IP(bytes(out[IP]))
             del recomputed.chksum
             assert IP(bytes(recomputed)).chksum == out[IP].chksum
-            assert hdr_of(r.data)["type"] == proto.T_RESULT
+            assert hdr_of(r.data)["type"] == wire.T_RESULT
 
 
 def test_full_packet_and_max_op(dp):
     job, gen = 6, 1
     dp.set_job(job, offset=OFFSET + SLOTS, slots=SLOTS, gen=gen, world=2)
     rng = np.random.default_rng(1)
-    x = rng.integers(-1000, 1000, proto.MAX_ELEMS, dtype=np.int32)
-    y = rng.integers(-1000, 1000, proto.MAX_ELEMS, dtype=np.int32)
+    x = rng.integers(-1000, 1000, wire.MAX_ELEMS, dtype=np.int32)
+    y = rng.integers(-1000, 1000, wire.MAX_ELEMS, dtype=np.int32)
     assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 0, x)).verdict == XDP_DROP
     r = prog_test_run(dp.ingress.fd, inc(job, gen, 1, 0, y))
     assert r.verdict == XDP_REDIRECT
     assert np.array_equal(lanes_of(r.data), x + y)
-    assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 1, x[:5], op=proto.OP_MAX)).verdict == XDP_DROP
-    r = prog_test_run(dp.ingress.fd, inc(job, gen, 1, 1, y[:5], op=proto.OP_MAX))
+    assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 1, x[:5], op=wire.OP_MAX)).verdict == XDP_DROP
+    r = prog_test_run(dp.ingress.fd, inc(job, gen, 1, 1, y[:5], op=wire.OP_MAX))
     assert r.verdict == XDP_REDIRECT
     assert lanes_of(r.data).tolist() == np.maximum(x[:5], y[:5]).tolist()
 
@@ -168,12 +168,12 @@ def test_overflow_is_flagged(dp):
     assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 0, [big, -5])).verdict == XDP_DROP
     r = prog_test_run(dp.ingress.fd, inc(job, gen, 1, 0, [1, 5]))
     assert r.verdict == XDP_REDIRECT
-    assert hdr_of(r.data)["flags"] & proto.F_OVERFLOW
+    assert hdr_of(r.data)["flags"] & wire.F_OVERFLOW
     assert dp.read_stats(job)["overflows"] == 1
     # a clean round on the same job carries no flag
     prog_test_run(dp.ingress.fd, inc(job, gen, 0, 1, [1]))
     r = prog_test_run(dp.ingress.fd, inc(job, gen, 1, 1, [2]))
-    assert r.verdict == XDP_REDIRECT and not hdr_of(r.data)["flags"] & proto.F_OVERFLOW
+    assert r.verdict == XDP_REDIRECT and not hdr_of(r.data)["flags"] & wire.F_OVERFLOW
 
 
 def test_single_worker_job_completes_at_once(dp):
@@ -183,12 +183,12 @@ def test_single_worker_job_completes_at_once(dp):
 
 
 NON_INC = [
-    ("tcp", bytes(Ether() / IP(src=W_IP, dst=SW_IP) / TCP(sport=5, dport=proto.CTRL_PORT))),
+    ("tcp", bytes(Ether() / IP(src=W_IP, dst=SW_IP) / TCP(sport=5, dport=wire.CTRL_PORT))),
     ("udp other port", bytes(Ether() / IP(src=W_IP, dst=SW_IP) / UDP(sport=5, dport=53) / Raw(b"x" * 40))),
-    ("udp below range", bytes(Ether() / IP() / UDP(dport=proto.PORT_MIN - 1) / Raw(b"x" * 40))),
-    ("udp above range", bytes(Ether() / IP() / UDP(dport=proto.PORT_MAX + 1) / Raw(b"x" * 40))),
+    ("udp below range", bytes(Ether() / IP() / UDP(dport=wire.PORT_MIN - 1) / Raw(b"x" * 40))),
+    ("udp above range", bytes(Ether() / IP() / UDP(dport=wire.PORT_MAX + 1) / Raw(b"x" * 40))),
     ("arp", bytes(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP())),
-    ("ip options", bytes(Ether() / IP(options=b"\x01\x01\x01\x01") / UDP(dport=proto.PORT) / Raw(b"x" * 40))),
+    ("ip options", bytes(Ether() / IP(options=b"\x01\x01\x01\x01") / UDP(dport=wire.PORT) / Raw(b"x" * 40))),
 ]
 
 
@@ -207,16 +207,16 @@ def bad_cases():
         ("job 0", inc(0, g, 0, 0, good), 0, "no_job"),
         ("job id out of range", inc(2000, g, 0, 0, good), 0, "no_job"),
         ("wrong version", inc(j, g, 0, 0, good, version=9), 0, "bad_hdr"),
-        ("spoofed result", inc(j, g, 0, 0, good, typ=proto.T_RESULT), 0, "bad_hdr"),
+        ("spoofed result", inc(j, g, 0, 0, good, typ=wire.T_RESULT), 0, "bad_hdr"),
         ("unknown op", inc(j, g, 0, 0, good, op=7), 0, "bad_hdr"),
         ("truncated header", inc(j, g, 0, 0, [], cut=10), 0, "bad_hdr"),
         ("old generation", inc(j, g - 1, 0, 0, good), j, "bad_gen"),
         ("rank beyond world", inc(j, g, 2, 0, good), j, "bad_rank"),
         ("numel beyond packet", inc(j, g, 0, 0, good, numel=3), j, "bad_len"),
         ("numel zero", inc(j, g, 0, 0, good, numel=0), j, "bad_len"),
-        ("numel above max", inc(j, g, 0, 0, good, numel=proto.MAX_ELEMS + 1), j, "bad_len"),
+        ("numel above max", inc(j, g, 0, 0, good, numel=wire.MAX_ELEMS + 1), j, "bad_len"),
         ("payload cut short", inc(j, g, 0, 0, good, cut=4), j, "bad_len"),
-        ("lane bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * (proto.HDR_LEN + 4) + 3), j, "bad_csum"),
+        ("lane bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * (wire.HDR_LEN + 4) + 3), j, "bad_csum"),
         ("psn bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * 8 + 1), j, "bad_csum"),
         ("rank bit flipped", inc(j, g, 0, 0, good, flip_bit=8 * 16), j, "bad_csum"),
         ("another host as rank 0", inc(j, g, 0, 0, good, src="10.77.2.2"), j, "bad_source"),
@@ -251,7 +251,7 @@ def hash_job(dp):
     job, gen = 20, 4
     for i in range(H_OFF, H_OFF + H_SIZE):
         dp.pool[__import__("ctypes").c_int(i)] = dp.pool.Leaf()
-    dp.set_job(job, offset=H_OFF, slots=H_SIZE, gen=gen, world=3, mode=proto.MODE_HASH)
+    dp.set_job(job, offset=H_OFF, slots=H_SIZE, gen=gen, world=3, mode=wire.MODE_HASH)
     dp.set_ps(job, mac=bytes.fromhex(PS_MAC.replace(":", "")), port_mac=bytes.fromhex(PS_SW_MAC.replace(":", "")),
               addr=socket.inet_aton(PS_IP), switch_addr=socket.inet_aton(PS_SW_IP), port=PS_PORT, rank=0,
               ifindex=1)  # lo: BPF_PROG_TEST_RUN needs a real device for ingress_ifindex
@@ -266,7 +266,7 @@ def to_ps(r) -> tuple:
     assert r.verdict == XDP_REDIRECT, r.verdict_name
     out = Ether(r.data)
     assert (out.dst, out.src) == (PS_MAC, PS_SW_MAC)
-    assert (out[IP].dst, out[IP].src, out[UDP].dport, out[UDP].sport) == (PS_IP, PS_SW_IP, PS_PORT, proto.PORT)
+    assert (out[IP].dst, out[IP].src, out[UDP].dport, out[UDP].sport) == (PS_IP, PS_SW_IP, PS_PORT, wire.PORT)
     h = hdr_of(r.data)
     assert sealed(r.data), "csum of the packet sent to the PS"
     return int(h["flags"]), int(h["bitmap"]), lanes_of(r.data).tolist()
@@ -291,38 +291,38 @@ def test_hash_claim_add_collision_complete_ack(dp, hash_job):
 
     b = flat(dp.read_stats(job))
     flags, bitmap, lanes = to_ps(run(inc(job, gen, 0, 6, [7, 7], slot=S)))     # another psn: collision
-    assert (flags, bitmap, lanes) == (proto.F_COLLISION, 0b001, [7, 7])
+    assert (flags, bitmap, lanes) == (wire.F_COLLISION, 0b001, [7, 7])
     assert dp.read_slot(S).psn == 5
     assert stat_delta(dp, job, b) == {"pkts_in": 1, "collisions": 1, "fallbacks": 1}
 
     b = flat(dp.read_stats(job))
     flags, bitmap, lanes = to_ps(run(inc(job, gen, 2, 5, [100, 200], slot=S)))   # last: sum to the PS
-    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE, 0b111, [111, 222])
+    assert (flags, bitmap, lanes) == (wire.F_AGGREGATE, 0b111, [111, 222])
     assert dp.read_slot(S).state == 2  # held until the ACK
     assert stat_delta(dp, job, b) == {"pkts_in": 1, "consumed": 1, "slots_completed": 1, "to_ps": 1}
 
     b = flat(dp.read_stats(job))
-    flags, bitmap, lanes = to_ps(run(inc(job, gen, 0, 5, [1, 2], slot=S, flags=proto.F_RETRANS)))
-    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE | proto.F_RETRANS, 0b111, [111, 222])
+    flags, bitmap, lanes = to_ps(run(inc(job, gen, 0, 5, [1, 2], slot=S, flags=wire.F_RETRANS)))
+    assert (flags, bitmap, lanes) == (wire.F_AGGREGATE | wire.F_RETRANS, 0b111, [111, 222])
     assert dp.read_slot(S).state == 2  # the complete aggregate is sent again, still held
     assert stat_delta(dp, job, b) == {"pkts_in": 1, "fallbacks": 1}
 
-    spoof = inc(job, gen, 0, 5, [111, 222], typ=proto.T_RESULT, slot=S)          # from a worker
+    spoof = inc(job, gen, 0, 5, [111, 222], typ=wire.T_RESULT, slot=S)          # from a worker
     b = flat(dp.read_stats(job))
     assert run(spoof, ingress_ifindex=1).verdict == XDP_DROP
     assert dp.read_slot(S).state == 2
     assert stat_delta(dp, job, b) == {"pkts_in": 1, "drops.bad_source": 1}
 
     b = flat(dp.read_stats(job))
-    ack = inc(job, gen, 0, 5, [111, 222], typ=proto.T_RESULT, slot=S, src=PS_IP)
+    ack = inc(job, gen, 0, 5, [111, 222], typ=wire.T_RESULT, slot=S, src=PS_IP)
     r = run(ack, ingress_ifindex=1)
     assert r.verdict == XDP_REDIRECT and lanes_of(r.data).tolist() == [111, 222]
     assert dp.read_slot(S).state == 0                                              # released
     assert stat_delta(dp, job, b) == {"pkts_in": 1, "releases": 1}
 
     b = flat(dp.read_stats(job))                                                   # a late resend
-    flags, bitmap, lanes = to_ps(run(inc(job, gen, 1, 5, [10, 20], slot=S, flags=proto.F_RETRANS)))
-    assert (flags, bitmap, lanes) == (proto.F_RETRANS, 0b010, [10, 20])
+    flags, bitmap, lanes = to_ps(run(inc(job, gen, 1, 5, [10, 20], slot=S, flags=wire.F_RETRANS)))
+    assert (flags, bitmap, lanes) == (wire.F_RETRANS, 0b010, [10, 20])
     assert dp.read_slot(S).state == 0                                              # resends never claim
     assert stat_delta(dp, job, b) == {"pkts_in": 1, "fallbacks": 1}
 
@@ -332,9 +332,9 @@ def test_hash_resend_evicts_partial(dp, hash_job):
     S = H_OFF + 5
     assert prog_test_run(dp.ingress.fd, inc(job, gen, 0, 7, [3, 4], slot=S)).verdict == XDP_DROP
     flags, bitmap, lanes = to_ps(prog_test_run(dp.ingress.fd, inc(job, gen, 2, 7, [9, 9], slot=S,
-                                                                  flags=proto.F_RETRANS)))
+                                                                  flags=wire.F_RETRANS)))
     # the partial (rank 0 only) goes to the PS; the resender's own data is not added
-    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE | proto.F_RETRANS, 0b001, [3, 4])
+    assert (flags, bitmap, lanes) == (wire.F_AGGREGATE | wire.F_RETRANS, 0b001, [3, 4])
     assert dp.read_slot(S).state == 0
 
 
@@ -364,7 +364,7 @@ def test_hash_stale_and_orphaned_slots_are_reclaimed(dp, hash_job):
     assert stat_delta(dp, job, b) == {"pkts_in": 2, "consumed": 2, "reclaims": 2}
     # a fresh slot of a live (job, psn) is not taken: that is a collision
     flags, _, _ = to_ps(prog_test_run(dp.ingress.fd, inc(job, gen, 0, 12, [1], slot=S1)))
-    assert flags == proto.F_COLLISION
+    assert flags == wire.F_COLLISION
 
 
 def test_hash_slot_outside_region_and_results_for_modulo_jobs(dp, hash_job):
@@ -375,7 +375,7 @@ def test_hash_slot_outside_region_and_results_for_modulo_jobs(dp, hash_job):
     assert stat_delta(dp, job, b) == {"pkts_in": 3, "drops.bad_slot": 3}
     dp.set_job(9, offset=OFFSET, slots=SLOTS, gen=3, world=2)
     before = dp.read_stats(0)["drops"]["bad_hdr"]
-    r = prog_test_run(dp.ingress.fd, inc(9, 3, 0, 0, [1], typ=proto.T_RESULT, src=PS_IP), ingress_ifindex=1)
+    r = prog_test_run(dp.ingress.fd, inc(9, 3, 0, 0, [1], typ=wire.T_RESULT, src=PS_IP), ingress_ifindex=1)
     assert r.verdict == XDP_DROP and dp.read_stats(0)["drops"]["bad_hdr"] == before + 1
 
 
@@ -384,7 +384,7 @@ def test_hash_evict_from_ps(dp, hash_job):
     complete slots are left alone (their aggregate is on its way), strangers are refused."""
     job, gen = hash_job
     S = H_OFF + 2
-    T_EVICT = proto.C["INC_T_EVICT"]
+    T_EVICT = wire.T_EVICT
     assert prog_test_run(dp.ingress.fd, inc(job, gen, 1, 30, [5, 6], slot=S)).verdict == XDP_DROP
     evict = inc(job, gen, 0, 30, [0, 0], typ=T_EVICT, slot=S, src=PS_IP)
     b = flat(dp.read_stats(job))
@@ -392,7 +392,7 @@ def test_hash_evict_from_ps(dp, hash_job):
                          ingress_ifindex=1).verdict == XDP_DROP  # not from the PS
     assert dp.read_slot(S).state == 1
     flags, bitmap, lanes = to_ps(prog_test_run(dp.ingress.fd, evict, ingress_ifindex=1))
-    assert (flags, bitmap, lanes) == (proto.F_AGGREGATE, 0b010, [5, 6])
+    assert (flags, bitmap, lanes) == (wire.F_AGGREGATE, 0b010, [5, 6])
     assert dp.read_slot(S).state == 0
     assert stat_delta(dp, job, b) == {"pkts_in": 2, "drops.bad_source": 1, "evictions": 1}
     # nothing left: a second EVICT finds no partial and is dropped

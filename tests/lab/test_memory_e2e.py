@@ -7,7 +7,7 @@ import json
 import subprocess
 import time
 
-from labutil import LabWithIncd
+from netns_lab.harness import LabWithIncd
 from netns_lab.agents import agent_argv, run_allreduce
 
 DEADLINE_ARGS = ["--deadline", "30", "--model-bytes", "50000000", "--epochs", "5", "--compute-s", "0.1"]

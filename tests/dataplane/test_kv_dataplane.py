@@ -19,9 +19,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpf_testrun import XDP_DROP, XDP_REDIRECT, prog_test_run
-from hostagent import kv_proto as kv
-from hostagent import proto
+from bpf.testrun import XDP_DROP, XDP_REDIRECT, prog_test_run
+from bpf import kv_wire as kv
+from bpf import wire
 
 W_MAC, SW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:fe"
 W_IP, SW_IP = "10.77.1.2", "10.77.1.1"
@@ -35,15 +35,15 @@ ETH_IP_UDP = 42
 # --- codec (no root) -----------------------------------------------------------
 
 def test_constants_and_frame_limit():
-    assert kv.TUPLE_BYTES == 12 and kv.TUPLE_WORDS == 3
-    assert kv.MAX_TUPLES * kv.TUPLE_WORDS <= proto.MAX_ELEMS
-    assert kv.C["INC_KV_MASK_WORDS"] * 64 >= kv.MAX_TUPLES
-    assert kv.WINDOW & (kv.WINDOW - 1) == 0  # the switch indexes the ring with psn & (W-1)
+    assert kv.TUPLE_BYTES == 12 and wire.KV_TUPLE_WORDS == 3
+    assert wire.KV_MAX_TUPLES * wire.KV_TUPLE_WORDS <= wire.MAX_ELEMS
+    assert wire.KV_MASK_WORDS * 64 >= wire.KV_MAX_TUPLES
+    assert wire.KV_WINDOW & (wire.KV_WINDOW - 1) == 0  # the switch indexes the ring with psn & (W-1)
     # a full packet stays under the ~3.5 KiB XDP sees linearly on veth
-    assert 14 + proto.IP_UDP_OVERHEAD + proto.HDR_LEN + kv.MAX_TUPLES * kv.TUPLE_BYTES <= 3500
-    assert kv.tuples_for_mtu(1500) == (1500 - 28 - proto.HDR_LEN) // 12
-    assert kv.tuples_for_mtu(9000) == kv.MAX_TUPLES and kv.tuples_for_mtu(40) == 0
-    assert "kv_old" in proto.DROP_REASONS
+    assert 14 + wire.IP_UDP_OVERHEAD + wire.HDR_LEN + wire.KV_MAX_TUPLES * kv.TUPLE_BYTES <= 3500
+    assert kv.tuples_for_mtu(1500) == (1500 - 28 - wire.HDR_LEN) // 12
+    assert kv.tuples_for_mtu(9000) == wire.KV_MAX_TUPLES and kv.tuples_for_mtu(40) == 0
+    assert "kv_old" in wire.DROP_REASONS
 
 
 def test_word_keys():
@@ -72,10 +72,10 @@ def test_build_parse_round_trip(n, per):
     got_k, got_v = [], []
     for i in range(len(rows)):
         data = rows[i, : sizes[i]].tobytes()
-        assert proto.csum_ok(rows[i:i + 1], sizes[i:i + 1])[0]
+        assert wire.csum_ok(rows[i:i + 1], sizes[i:i + 1])[0]
         h, t = kv.parse_kv(data)
-        assert (h["type"], h["job"], h["gen"], h["rank"], h["psn"]) == (kv.T_KV, 3, 2, 5, (2**32 - 1 + i) % 2**32)
-        assert sizes[i] == proto.HDR_LEN + 12 * len(t) and h["numel"] == 3 * len(t)
+        assert (h["type"], h["job"], h["gen"], h["rank"], h["psn"]) == (wire.T_KV, 3, 2, 5, (2**32 - 1 + i) % 2**32)
+        assert sizes[i] == wire.HDR_LEN + 12 * len(t) and h["numel"] == 3 * len(t)
         got_k.append(t["key"])
         got_v.append(t["value"])
     assert np.array_equal(np.concatenate(got_k), keys) and np.array_equal(np.concatenate(got_v), vals)
@@ -98,7 +98,7 @@ def test_codec_refuses_bad_input():
 def _compile_run(tmp_path, prog: str) -> str:
     src, exe = tmp_path / "p.c", tmp_path / "p"
     src.write_text(prog)
-    subprocess.run(["gcc", "-I", str(proto.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
+    subprocess.run(["gcc", "-I", str(wire.HEADER_PATH.parent), "-o", str(exe), str(src)], check=True)
     return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
 
 
@@ -160,21 +160,21 @@ def kvpkt(job, gen, flow, psn, keys, vals=None, *, flags=0, typ=None, numel=None
     payload = kv.build_kv_packet(keys, vals, job=job, gen=gen, flow=flow, psn=psn, flags=flags)
     if typ is not None or numel is not None:
         b = bytearray(payload)
-        at = proto.HDR_DTYPE.fields["numel"][1]
+        at = wire.HDR_DTYPE.fields["numel"][1]
         if typ is not None:
             b[1] = typ
         if numel is not None:
             b[at:at + 2] = numel.to_bytes(2, "little")
-        words = proto.HDR_LEN + 4 * (int.from_bytes(b[at:at + 2], "little") if numel is not None else 0)
+        words = wire.HDR_LEN + 4 * (int.from_bytes(b[at:at + 2], "little") if numel is not None else 0)
         if numel is None or words > len(b):
-            payload = proto.seal_bytes(bytes(b))
+            payload = wire.seal_bytes(bytes(b))
         else:  # the csum covers the words numel names, as the switch reads them
-            payload = proto.seal_bytes(bytes(b[:words])) + bytes(b[words:])
+            payload = wire.seal_bytes(bytes(b[:words])) + bytes(b[words:])
     if flip_bit is not None:
         b = bytearray(payload)
         b[flip_bit // 8] ^= 1 << flip_bit % 8
         payload = bytes(b)
-    pkt = bytes(Ether(src=W_MAC, dst=SW_MAC) / IP(src=src, dst=SW_IP) / UDP(sport=sport, dport=proto.PORT)
+    pkt = bytes(Ether(src=W_MAC, dst=SW_MAC) / IP(src=src, dst=SW_IP) / UDP(sport=sport, dport=wire.PORT)
                 / Raw(payload))
     return pkt[: len(pkt) - cut] if cut else pkt
 
@@ -203,17 +203,17 @@ class Delta:
 def is_ack(r, psn, absorbed, flow=0, retrans=False):
     """The switch answered with a header-only KV ACK back to the sender."""
     assert r.verdict == XDP_REDIRECT, r.verdict_name
-    assert len(r.data) == ETH_IP_UDP + proto.HDR_LEN
+    assert len(r.data) == ETH_IP_UDP + wire.HDR_LEN
     out = Ether(r.data)
     assert (out.src, out.dst, out[IP].src, out[IP].dst) == (SW_MAC, W_MAC, SW_IP, W_IP)
-    assert (out[UDP].sport, out[UDP].dport) == (proto.PORT, W_PORT)
-    assert out[IP].len == 20 + 8 + proto.HDR_LEN and out[UDP].len == 8 + proto.HDR_LEN
+    assert (out[UDP].sport, out[UDP].dport) == (wire.PORT, W_PORT)
+    assert out[IP].len == 20 + 8 + wire.HDR_LEN and out[UDP].len == 8 + wire.HDR_LEN
     chk = IP(bytes(out[IP]))
     del chk.chksum
     assert IP(bytes(chk)).chksum == out[IP].chksum
     h, t = kv.parse_kv(r.data[ETH_IP_UDP:])  # checks the csum
-    assert (h["type"], h["psn"], h["rank"], h["slot"], h["numel"], len(t)) == (kv.T_KV_ACK, psn, flow, absorbed, 0, 0)
-    assert bool(h["flags"] & proto.F_RETRANS) == retrans
+    assert (h["type"], h["psn"], h["rank"], h["slot"], h["numel"], len(t)) == (wire.T_KV_ACK, psn, flow, absorbed, 0, 0)
+    assert bool(h["flags"] & wire.F_RETRANS) == retrans
     return True
 
 
@@ -222,13 +222,13 @@ def to_reducer(r):
     assert r.verdict == XDP_REDIRECT, r.verdict_name
     out = Ether(r.data)
     assert (out.dst, out.src) == (R_MAC, R_SW_MAC)
-    assert (out[IP].dst, out[IP].src, out[UDP].dport, out[UDP].sport) == (R_IP, R_SW_IP, R_PORT, proto.PORT)
+    assert (out[IP].dst, out[IP].src, out[UDP].dport, out[UDP].sport) == (R_IP, R_SW_IP, R_PORT, wire.PORT)
     chk = IP(bytes(out[IP]))
     del chk.chksum
     assert IP(bytes(chk)).chksum == out[IP].chksum
     h, t = kv.parse_kv(r.data[ETH_IP_UDP:])
     # exactly the leftovers: no absorbed tuple is left in (compacted), lengths agree
-    assert len(r.data) == ETH_IP_UDP + proto.HDR_LEN + 12 * len(t) and h["numel"] == 3 * len(t)
+    assert len(r.data) == ETH_IP_UDP + wire.HDR_LEN + 12 * len(t) and h["numel"] == 3 * len(t)
     assert out[IP].len == len(r.data) - 14 and out[UDP].len == len(r.data) - 34
     return h, t
 
@@ -273,8 +273,8 @@ def test_claim_add_ack_other_key_partial_and_resends(dp):
     pkt3 = kvpkt(job, 1, 0, 3, [k3, k2, k1], [1, 2, 4])
     r3 = run(dp, pkt3)
     h, t = to_reducer(r3)
-    assert (h["flags"], h["slot"], h["numel"], t.tolist()) == (kv.F_KV_PARTIAL, 2, 3, [(k3, 1)])
-    assert len(r3.data) == ETH_IP_UDP + proto.HDR_LEN + 12 == len(pkt3) - 24  # absorbed tuples cut out
+    assert (h["flags"], h["slot"], h["numel"], t.tolist()) == (wire.F_KV_PARTIAL, 2, 3, [(k3, 1)])
+    assert len(r3.data) == ETH_IP_UDP + wire.HDR_LEN + 12 == len(pkt3) - 24  # absorbed tuples cut out
     assert agg_at(dp, job, 0, off, col, 1) == (k2, 2) and agg_at(dp, job, 0, off, col, 2) == (k1, 4)
     assert d() == {"pkts_in": 1, "kv_absorbed": 2, "kv_claimed": 2, "kv_leftover": 1, "kv_to_reducer": 1}
     seen = dp.read_kv_seen(job, 0)
@@ -283,12 +283,12 @@ def test_claim_add_ack_other_key_partial_and_resends(dp):
 
     before = dp.read_kv(job, 0).copy()
     # resends are never added twice: a fully absorbed psn is acknowledged again,
-    r = run(dp, kvpkt(job, 1, 0, 1, [k1], [3], flags=proto.F_RETRANS))
+    r = run(dp, kvpkt(job, 1, 0, 1, [k1], [3], flags=wire.F_RETRANS))
     assert is_ack(r, psn=1, absorbed=1, retrans=True)
     assert d() == {"pkts_in": 1, "kv_resent": 1, "kv_acks": 1}
     # a partial one goes to the reducer again with the same leftovers, marked as a resend
-    h2, t2 = to_reducer(run(dp, kvpkt(job, 1, 0, 3, [k3, k2, k1], [1, 2, 4], flags=proto.F_RETRANS)))
-    assert (h2["flags"], h2["slot"], t2.tolist()) == (kv.F_KV_PARTIAL | proto.F_RETRANS, 2, [(k3, 1)])
+    h2, t2 = to_reducer(run(dp, kvpkt(job, 1, 0, 3, [k3, k2, k1], [1, 2, 4], flags=wire.F_RETRANS)))
+    assert (h2["flags"], h2["slot"], t2.tolist()) == (wire.F_KV_PARTIAL | wire.F_RETRANS, 2, [(k3, 1)])
     assert d() == {"pkts_in": 1, "kv_resent": 1, "kv_to_reducer": 1}
     # and a duplicate without the flag (the network copied it) is recognised all the same
     assert is_ack(run(dp, kvpkt(job, 1, 0, 0, [k1], [5])), psn=0, absorbed=1)
@@ -304,7 +304,7 @@ def test_leftovers_keep_their_order(dp):
     # rows: 0 collides, 1 adds, 2 collides, 3 adds, 4 claims
     pkt = kvpkt(job, 1, 0, 1, [ks[4], ks[1], ks[5], ks[3], ks[6]], [10, 20, 30, 40, 50])
     h, t = to_reducer(run(dp, pkt))
-    assert (h["flags"], h["slot"], t.tolist()) == (kv.F_KV_PARTIAL, 3, [(ks[4], 10), (ks[5], 30)])
+    assert (h["flags"], h["slot"], t.tolist()) == (wire.F_KV_PARTIAL, 3, [(ks[4], 10), (ks[5], 30)])
     a = dp.read_kv(job, 0)[col - off]
     assert [(int(x["key"]), int(x["value"])) for x in a[:5]] == [(ks[0], 1), (ks[1], 22), (ks[2], 3), (ks[3], 44),
                                                                  (ks[6], 50)]
@@ -319,22 +319,22 @@ def test_seen_window_pending_and_old(dp):
     d = Delta(dp, job)
     assert is_ack(run(dp, kvpkt(job, 1, 0, 5, [11])), psn=5, absorbed=1)
     # psn 5 + WINDOW takes psn 5's ring entry: 5 is then older than the window
-    assert is_ack(run(dp, kvpkt(job, 1, 0, 5 + kv.WINDOW, [11])), psn=5 + kv.WINDOW, absorbed=1)
-    assert run(dp, kvpkt(job, 1, 0, 5, [11], flags=proto.F_RETRANS)).verdict == XDP_DROP
+    assert is_ack(run(dp, kvpkt(job, 1, 0, 5 + wire.KV_WINDOW, [11])), psn=5 + wire.KV_WINDOW, absorbed=1)
+    assert run(dp, kvpkt(job, 1, 0, 5, [11], flags=wire.F_RETRANS)).verdict == XDP_DROP
     assert d() == {"pkts_in": 3, "kv_absorbed": 2, "kv_claimed": 1, "kv_acks": 2, "drops.kv_old": 1}
     # a psn being absorbed on another CPU right now (PENDING): a copy is dropped as dup
     k = dp._flow_key(job, 0)
     v = dp.kv_flows[k]
-    e = v.ring[9 % kv.WINDOW]
-    e.psn, e.state = 9, kv.C["INC_KV_PENDING"]
+    e = v.ring[9 % wire.KV_WINDOW]
+    e.psn, e.state = 9, wire.KV_PENDING
     dp.kv_flows[k] = v
     assert run(dp, kvpkt(job, 1, 0, 9, [11])).verdict == XDP_DROP
     assert d() == {"pkts_in": 1, "drops.dup": 1}
     assert int(dp.read_kv(job, 0)["value"].sum()) == 2
     # psn wrap: 2^32 - 1 then 0 are both new
     assert is_ack(run(dp, kvpkt(job, 1, 1, 2**32 - 1, [11])), psn=2**32 - 1, absorbed=1, flow=1)
-    assert is_ack(run(dp, kvpkt(job, 1, 1, 2**32 - 1 + kv.WINDOW - 2**32, [11])),
-                  psn=kv.WINDOW - 1, absorbed=1, flow=1)
+    assert is_ack(run(dp, kvpkt(job, 1, 1, 2**32 - 1 + wire.KV_WINDOW - 2**32, [11])),
+                  psn=wire.KV_WINDOW - 1, absorbed=1, flow=1)
     # seen state is per flow: flow 1's psn 5 is new
     assert is_ack(run(dp, kvpkt(job, 1, 1, 5, [11])), psn=5, absorbed=1, flow=1)
     # reset (a new run of the job) forgets everything
@@ -392,7 +392,7 @@ def test_epoch_flip_and_drain(dp):
     keys, vals = dp.drain_kv(job, 0)
     assert (keys.tolist(), vals.tolist()) == ([1004], [9])
     # a resend of a psn absorbed in the old epoch is not added into the new one
-    assert is_ack(run(dp, kvpkt(job, 1, 0, 0, [1001], [5], flags=proto.F_RETRANS)), psn=0, absorbed=1,
+    assert is_ack(run(dp, kvpkt(job, 1, 0, 0, [1001], [5], flags=wire.F_RETRANS)), psn=0, absorbed=1,
                   retrans=True)
     assert dp.drain_kv(job, 0)[0].size == 0 and dp.drain_kv(job, 1)[0].size == 0
     # other jobs' columns are not touched by a drain
@@ -406,19 +406,19 @@ def test_full_packet(dp):
     off, cols = 40, 8
     job = kv_job(dp, 107, offset=off, cols=cols)
     rng = np.random.default_rng(7)
-    keys = rng.integers(1, 2**64 - 1, kv.MAX_TUPLES, dtype=np.uint64)
-    vals = rng.integers(-2**31, 2**31 - 1, kv.MAX_TUPLES, dtype=np.int64)
+    keys = rng.integers(1, 2**64 - 1, wire.KV_MAX_TUPLES, dtype=np.uint64)
+    vals = rng.integers(-2**31, 2**31 - 1, wire.KV_MAX_TUPLES, dtype=np.int64)
     pkt = kvpkt(job, 1, 0, 0, keys, vals)
     assert len(pkt) <= 3500
-    assert is_ack(run(dp, pkt), psn=0, absorbed=kv.MAX_TUPLES)  # every row was empty
+    assert is_ack(run(dp, pkt), psn=0, absorbed=wire.KV_MAX_TUPLES)  # every row was empty
     a = dp.read_kv(job, 0)
     cols_of = kv.column(keys, offset=off, cols=cols, parts=1, flow=0) - off
-    assert np.array_equal(a["key"][cols_of, np.arange(kv.MAX_TUPLES)], keys)
-    assert np.array_equal(a["value"][cols_of, np.arange(kv.MAX_TUPLES)], vals)
+    assert np.array_equal(a["key"][cols_of, np.arange(wire.KV_MAX_TUPLES)], keys)
+    assert np.array_equal(a["value"][cols_of, np.arange(wire.KV_MAX_TUPLES)], vals)
     # the same packet again as new data (another psn): every tuple adds; values are 64-bit
-    assert is_ack(run(dp, kvpkt(job, 1, 0, 1, keys, vals)), psn=1, absorbed=kv.MAX_TUPLES)
+    assert is_ack(run(dp, kvpkt(job, 1, 0, 1, keys, vals)), psn=1, absorbed=wire.KV_MAX_TUPLES)
     a = dp.read_kv(job, 0)
-    assert np.array_equal(a["value"][cols_of, np.arange(kv.MAX_TUPLES)], 2 * vals)
+    assert np.array_equal(a["value"][cols_of, np.arange(wire.KV_MAX_TUPLES)], 2 * vals)
     # fresh keys in the same rows: all collide and all go on, none absorbed
     keys2 = keys ^ np.uint64(1 << 40)
     keys2 = keys2[kv.column(keys2, offset=off, cols=cols, parts=1, flow=0) == cols_of + off]
@@ -437,11 +437,11 @@ def bad_cases():
         ("other process on the mapper's host", dict(sport=W_PORT + 1), J, "bad_source"),
         ("flow beyond world", dict(flow=2), J, "bad_rank"),
         ("old generation", dict(gen=0), J, "bad_gen"),
-        ("key bit flipped", dict(flip_bit=8 * (proto.HDR_LEN + 2)), J, "bad_csum"),
-        ("value bit flipped", dict(flip_bit=8 * (proto.HDR_LEN + 8) + 5), J, "bad_csum"),
+        ("key bit flipped", dict(flip_bit=8 * (wire.HDR_LEN + 2)), J, "bad_csum"),
+        ("value bit flipped", dict(flip_bit=8 * (wire.HDR_LEN + 8) + 5), J, "bad_csum"),
         ("psn bit flipped", dict(flip_bit=8 * 8 + 1), J, "bad_csum"),
-        ("data packet to a KV job", dict(typ=proto.T_DATA), 0, "bad_hdr"),
-        ("ACK sent to the switch", dict(typ=kv.T_KV_ACK), 0, "bad_hdr"),
+        ("data packet to a KV job", dict(typ=wire.T_DATA), 0, "bad_hdr"),
+        ("ACK sent to the switch", dict(typ=wire.T_KV_ACK), 0, "bad_hdr"),
     ]
 
 
@@ -528,13 +528,13 @@ def stream_case(dp, job, off, cols, parts, world, vocab, packets, resend_p, flip
         todo = [(flow, psn, keys, vals, 0)]
         if sent and rng.random() < resend_p:  # a resend of a recent psn of some flow (within the window)
             f2, p2, k2, v2 = sent[int(rng.integers(max(0, len(sent) - 20), len(sent)))]
-            todo.append((f2, p2, k2, v2, proto.F_RETRANS))
+            todo.append((f2, p2, k2, v2, wire.F_RETRANS))
         for f, p, k, v, fl in todo:
             r = run(dp, kvpkt(job, 1, f, p, k, v, flags=fl))
             assert r.verdict == XDP_REDIRECT, r.verdict_name
-            if len(r.data) == ETH_IP_UDP + proto.HDR_LEN:
+            if len(r.data) == ETH_IP_UDP + wire.HDR_LEN:
                 h, t = kv.parse_kv(r.data[ETH_IP_UDP:])
-                assert h["type"] == kv.T_KV_ACK and h["slot"] == len(k)
+                assert h["type"] == wire.T_KV_ACK and h["slot"] == len(k)
                 acks += 1
             else:
                 h, t = to_reducer(r)
@@ -562,7 +562,7 @@ def stream_case(dp, job, off, cols, parts, world, vocab, packets, resend_p, flip
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=hs.integers(0, 2**32 - 1), cols=hs.sampled_from([1, 2, 3, 8]), parts=hs.sampled_from([1, 2]),
        world=hs.integers(1, 3), vocab=hs.integers(1, 60), npk=hs.integers(1, 40),
-       maxt=hs.sampled_from([1, 5, 40, kv.MAX_TUPLES]), resend_p=hs.sampled_from([0.0, 0.3]),
+       maxt=hs.sampled_from([1, 5, 40, wire.KV_MAX_TUPLES]), resend_p=hs.sampled_from([0.0, 0.3]),
        flip_p=hs.sampled_from([0.0, 0.2]))
 def test_random_streams_counted_exactly(dp, seed, cols, parts, world, vocab, npk, maxt, resend_p, flip_p):
     parts = min(parts, cols)

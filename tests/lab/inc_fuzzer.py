@@ -15,32 +15,30 @@ import socket
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bpf import wire
 
-from hostagent import proto  # noqa: E402
-
-FIELDS = [n for n in proto.HDR_DTYPE.names if n != "csum"]
+FIELDS = [n for n in wire.HDR_DTYPE.names if n != "csum"]
 
 
 def template(rng: random.Random, job: int, gen: int, world: int) -> bytearray:
-    n = rng.randint(1, proto.MAX_ELEMS)
-    h = np.zeros(1, proto.HDR_DTYPE)
-    h[0] = (proto.VERSION, proto.T_DATA, 0, proto.OP_SUM, job, gen, rng.randrange(0, 4096), 0,
+    n = rng.randint(1, wire.MAX_ELEMS)
+    h = np.zeros(1, wire.HDR_DTYPE)
+    h[0] = (wire.VERSION, wire.T_DATA, 0, wire.OP_SUM, job, gen, rng.randrange(0, 4096), 0,
             rng.randrange(world), n, 0, 0)
     lanes = np.frombuffer(rng.randbytes(4 * n), "<i4")
-    return bytearray(proto.seal_bytes(h.tobytes() + lanes.tobytes()))
+    return bytearray(wire.seal_bytes(h.tobytes() + lanes.tobytes()))
 
 
 def mutate(rng: random.Random, pkt: bytearray) -> bytes:
     kind = rng.randrange(6)
     if kind == 0:  # one header field set at random, csum redone: passes the integrity check
-        h = np.frombuffer(bytes(pkt[:proto.HDR_LEN]), proto.HDR_DTYPE).copy()
+        h = np.frombuffer(bytes(pkt[:wire.HDR_LEN]), wire.HDR_DTYPE).copy()
         f = rng.choice(FIELDS)
         bits = h.dtype.fields[f][0].itemsize * 8
         h[f] = rng.getrandbits(bits)
-        return proto.seal_bytes(h.tobytes() + bytes(pkt[proto.HDR_LEN:]))
+        return wire.seal_bytes(h.tobytes() + bytes(pkt[wire.HDR_LEN:]))
     if kind == 1:  # bits flipped on the way
         for _ in range(rng.randint(1, 4)):
             i = rng.randrange(len(pkt) * 8)
@@ -49,11 +47,11 @@ def mutate(rng: random.Random, pkt: bytearray) -> bytes:
     if kind == 2:  # cut short
         return bytes(pkt[:rng.randrange(len(pkt))])
     if kind == 3:  # claims more lanes than it carries, sealed over what it has
-        cut = bytes(pkt[:proto.HDR_LEN + 4 * rng.randrange(0, (len(pkt) - proto.HDR_LEN) // 4)])
-        return proto.seal_bytes(cut)
+        cut = bytes(pkt[:wire.HDR_LEN + 4 * rng.randrange(0, (len(pkt) - wire.HDR_LEN) // 4)])
+        return wire.seal_bytes(cut)
     if kind == 4:  # a result or EVICT, as if from the PS
-        pkt[1] = rng.choice([proto.T_RESULT, proto.C["INC_T_EVICT"], 7])
-        return proto.seal_bytes(bytes(pkt))
+        pkt[1] = rng.choice([wire.T_RESULT, wire.T_EVICT, 7])
+        return wire.seal_bytes(bytes(pkt))
     return rng.randbytes(rng.randrange(0, 3300))  # garbage
 
 
@@ -81,7 +79,7 @@ def main() -> int:
             except (OSError, ValueError):
                 pass
         pkt = mutate(rng, template(rng, a.job, gen, a.world))
-        port = proto.PORT if rng.random() < 0.8 else rng.randint(proto.PORT_MIN, proto.PORT_MAX)
+        port = wire.PORT if rng.random() < 0.8 else rng.randint(wire.PORT_MIN, wire.PORT_MAX)
         if i % 2 == 0:
             udp.sendto(pkt, (a.switch, port))
             sent["udp"] += 1

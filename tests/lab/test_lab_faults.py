@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import test_lab
-from labutil import LabWithIncd, uniq
+from netns_lab.harness import LabWithIncd, uniq
 from netns_lab import impair, nsutil
 from netns_lab.agents import PSProcess, run_allreduce
 from netns_lab.topology import Lab, state_path, teardown

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from hostagent import proto
+from bpf import wire
 from hostagent.ps_merge import RING, ROW, Merger
 
 JOB, GEN = 7, 3
-ADDRS = {r: f"10.77.{r + 1}.2" for r in range(proto.MAX_WORKERS)}
+ADDRS = {r: f"10.77.{r + 1}.2" for r in range(wire.MAX_WORKERS)}
 
 
 def ip_u32(addr: str) -> int:
@@ -17,10 +17,10 @@ def ip_u32(addr: str) -> int:
 
 
 def packet(psn: int, lanes: np.ndarray, *, rank: int = 0, flags: int = 0, bitmap: int = 0,
-           op: int = proto.OP_SUM, job: int = JOB, gen: int = GEN, typ: int = proto.T_DATA) -> bytes:
-    hdr = np.zeros(1, proto.HDR_DTYPE)
-    hdr[0] = (proto.VERSION, typ, flags, op, job, gen, psn, 0, rank, lanes.size, 0, bitmap)
-    return proto.seal_bytes(hdr.tobytes() + lanes.astype("<i4").tobytes())
+           op: int = wire.OP_SUM, job: int = JOB, gen: int = GEN, typ: int = wire.T_DATA) -> bytes:
+    hdr = np.zeros(1, wire.HDR_DTYPE)
+    hdr[0] = (wire.VERSION, typ, flags, op, job, gen, psn, 0, rank, lanes.size, 0, bitmap)
+    return wire.seal_bytes(hdr.tobytes() + lanes.astype("<i4").tobytes())
 
 
 def flip(pkt: bytes, bit: int) -> bytes:
@@ -41,10 +41,10 @@ def feed(m: Merger, pkts: list[tuple[bytes, str]], results: dict, batch: int = 1
         src = np.array([ip_u32(a) for _, a in chunk], dtype=np.int64)
         for d in m.feed(rows, lens, src, now=0.0):
             raw = m.done_rows[d, :m.done_len[d]].tobytes()
-            assert proto.seal_bytes(raw) == raw, "result csum"
-            h = proto.parse_header(raw)
-            assert h["type"] == proto.T_RESULT and h["job"] == JOB and h["gen"] == GEN
-            lanes = np.frombuffer(raw, "<i4", int(h["numel"]), proto.HDR_LEN)
+            assert wire.seal_bytes(raw) == raw, "result csum"
+            h = wire.parse_header(raw)
+            assert h["type"] == wire.T_RESULT and h["job"] == JOB and h["gen"] == GEN
+            lanes = np.frombuffer(raw, "<i4", int(h["numel"]), wire.HDR_LEN)
             results.setdefault(int(h["psn"]), []).append((lanes.copy(), int(h["flags"])))
 
 
@@ -53,7 +53,7 @@ def contributions(rng, world, npsn, numel, lo=-1000, hi=1000):
 
 
 @settings(max_examples=40, deadline=None)
-@given(world=st.integers(1, 8), npsn=st.integers(1, 40), numel=st.integers(1, proto.MAX_ELEMS),
+@given(world=st.integers(1, 8), npsn=st.integers(1, 40), numel=st.integers(1, wire.MAX_ELEMS),
        seed=st.integers(0, 2**31), dup=st.floats(0, 0.5), batch=st.integers(1, 64))
 def test_ps_mode_sums_singles_in_any_order(world, npsn, numel, seed, dup, batch):
     rng = np.random.default_rng(seed)
@@ -69,7 +69,7 @@ def test_ps_mode_sums_singles_in_any_order(world, npsn, numel, seed, dup, batch)
     assert set(results) == {(psn0 + p) & 0xFFFFFFFF for p in range(npsn)}
     for p in range(npsn):
         for lanes, flags in results[(psn0 + p) & 0xFFFFFFFF]:
-            assert np.array_equal(lanes, x[p].sum(axis=0)) and not flags & proto.F_OVERFLOW
+            assert np.array_equal(lanes, x[p].sum(axis=0)) and not flags & wire.F_OVERFLOW
     assert m.stats.results == npsn and m.stats.singles == npsn * world
 
 
@@ -77,10 +77,10 @@ def test_ps_mode_max_and_overflow_flag():
     m = Merger(JOB, GEN, 2, "ps", {0: ADDRS[0], 1: ADDRS[1]})
     res: dict = {}
     a, b = np.array([-5, 2**31 - 1, -9]), np.array([-7, 1, -3])
-    feed(m, [(packet(1, a, rank=0, op=proto.OP_MAX), ADDRS[0]), (packet(1, b, rank=1, op=proto.OP_MAX), ADDRS[1]),
+    feed(m, [(packet(1, a, rank=0, op=wire.OP_MAX), ADDRS[0]), (packet(1, b, rank=1, op=wire.OP_MAX), ADDRS[1]),
              (packet(2, a, rank=0), ADDRS[0]), (packet(2, b, rank=1), ADDRS[1])], res)
-    assert res[1][0][0].tolist() == [-5, 2**31 - 1, -3] and not res[1][0][1] & proto.F_OVERFLOW
-    assert res[2][0][1] & proto.F_OVERFLOW  # 2^31 - 1 + 1 does not fit in int32
+    assert res[1][0][0].tolist() == [-5, 2**31 - 1, -3] and not res[1][0][1] & wire.F_OVERFLOW
+    assert res[2][0][1] & wire.F_OVERFLOW  # 2^31 - 1 + 1 does not fit in int32
 
 
 def test_ps_mode_drops_strangers_and_garbage():
@@ -93,12 +93,12 @@ def test_ps_mode_drops_strangers_and_garbage():
         (packet(1, one, rank=2), ADDRS[0]),            # rank beyond the world
         (packet(1, one, rank=0, job=JOB + 1), ADDRS[0]),
         (packet(1, one, rank=0, gen=GEN + 1), ADDRS[0]),
-        (packet(1, one, rank=0, typ=proto.T_RESULT), ADDRS[0]),
+        (packet(1, one, rank=0, typ=wire.T_RESULT), ADDRS[0]),
         (packet(1, one, rank=0, op=9), ADDRS[0]),
-        (packet(1, one, rank=0)[:proto.HDR_LEN + 8], ADDRS[0]),  # numel beyond the datagram
+        (packet(1, one, rank=0)[:wire.HDR_LEN + 8], ADDRS[0]),  # numel beyond the datagram
         (packet(1, one, rank=0)[:10], ADDRS[0]),       # truncated header
-        (packet(1, one, rank=0, flags=proto.F_AGGREGATE, bitmap=3), ADDRS[0]),  # no switch in ps mode
-        (flip(packet(1, one, rank=0), 8 * proto.HDR_LEN + 9), ADDRS[0]),  # a lane corrupted
+        (packet(1, one, rank=0, flags=wire.F_AGGREGATE, bitmap=3), ADDRS[0]),  # no switch in ps mode
+        (flip(packet(1, one, rank=0), 8 * wire.HDR_LEN + 9), ADDRS[0]),  # a lane corrupted
         (flip(packet(1, one, rank=0), 8 * 16 + 1), ADDRS[0]),  # rank 0 -> 2, corrupted
     ]
     feed(m, bad, res)
@@ -122,7 +122,7 @@ def test_ps_mode_resend_after_finish_gets_the_cached_result():
     m = Merger(JOB, GEN, 2, "ps", {0: ADDRS[0], 1: ADDRS[1]})
     res: dict = {}
     feed(m, [(packet(5, np.ones(3), rank=0), ADDRS[0]), (packet(5, np.ones(3), rank=1), ADDRS[1])], res)
-    feed(m, [(packet(5, np.ones(3), rank=1, flags=proto.F_RETRANS), ADDRS[1])], res)
+    feed(m, [(packet(5, np.ones(3), rank=1, flags=wire.F_RETRANS), ADDRS[1])], res)
     assert len(res[5]) == 2 and all(lanes.tolist() == [2, 2, 2] for lanes, _ in res[5])
     assert m.stats.results == 1 and m.stats.results_resent == 1
 
@@ -157,9 +157,9 @@ def test_hash_mode_merges_aggregates_and_singles_exactly(case, npsn, numel, seed
     for p in range(npsn):
         for g in aggs:
             bitmap = sum(1 << r for r in g)
-            pkts.append((packet(p, x[p, g].sum(axis=0), flags=proto.F_AGGREGATE, bitmap=bitmap), "10.77.1.1"))
+            pkts.append((packet(p, x[p, g].sum(axis=0), flags=wire.F_AGGREGATE, bitmap=bitmap), "10.77.1.1"))
         for r in singles:
-            pkts.append((packet(p, x[p, r], rank=r, flags=proto.F_COLLISION), "10.77.1.1"))
+            pkts.append((packet(p, x[p, r], rank=r, flags=wire.F_COLLISION), "10.77.1.1"))
     pkts += [pkts[i] for i in rng.integers(0, len(pkts), len(pkts) // 3)]  # duplicated on the way
     rng.shuffle(pkts)
     m = Merger(JOB, GEN, world, "hash")
@@ -175,20 +175,20 @@ def test_hash_mode_merges_aggregates_and_singles_exactly(case, npsn, numel, seed
 def test_hash_mode_evicts_a_psn_waiting_on_the_switch():
     m = Merger(JOB, GEN, 3, "hash")
     res: dict = {}
-    feed(m, [(packet(9, np.ones(2), rank=0, flags=proto.F_COLLISION), "10.77.1.1")], res)
+    feed(m, [(packet(9, np.ones(2), rank=0, flags=wire.F_COLLISION), "10.77.1.1")], res)
     assert m.evicts_due(0.0) == []
     ev = m.evicts_due(1.0)
     assert len(ev) == 1
-    h = proto.parse_header(ev[0])
-    assert proto.seal_bytes(ev[0]) == ev[0]
-    assert h["type"] == proto.C["INC_T_EVICT"] and h["psn"] == 9 and h["job"] == JOB
+    h = wire.parse_header(ev[0])
+    assert wire.seal_bytes(ev[0]) == ev[0]
+    assert h["type"] == wire.T_EVICT and h["psn"] == 9 and h["job"] == JOB
     # the switch answers with the partial of ranks 1 and 2: done, and nothing more to evict
-    feed(m, [(packet(9, np.full(2, 5), flags=proto.F_AGGREGATE, bitmap=0b110), "10.77.1.1")], res)
+    feed(m, [(packet(9, np.full(2, 5), flags=wire.F_AGGREGATE, bitmap=0b110), "10.77.1.1")], res)
     assert res[9][0][0].tolist() == [6, 6] and m.evicts_due(2.0) == []
 
 
 def test_hash_mode_aggregate_overflow_flag_is_kept():
     m = Merger(JOB, GEN, 2, "hash")
     res: dict = {}
-    feed(m, [(packet(1, np.ones(2), flags=proto.F_AGGREGATE | proto.F_OVERFLOW, bitmap=3), "10.77.1.1")], res)
-    assert res[1][0][1] & proto.F_OVERFLOW
+    feed(m, [(packet(1, np.ones(2), flags=wire.F_AGGREGATE | wire.F_OVERFLOW, bitmap=3), "10.77.1.1")], res)
+    assert res[1][0][1] & wire.F_OVERFLOW

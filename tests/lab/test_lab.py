@@ -353,7 +353,7 @@ def test_not_root_is_explained():
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                         sys.executable, "-m", "netns_lab.cli", "--name", lab_name("r"),
                         "up", "--workers", "1"], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode == 1 and "must run as root" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
