@@ -5,6 +5,10 @@ agree on the block maximum of those exponents (a MAX reduction through the
 switch), and all quantize the block with scale = 2^(30 - ceil(log2 N) - e_max).
 Then every |q| <= 2^30 / N and the int32 sum of N of them cannot overflow. The
 error of one summed element is at most N * 0.5 / scale.
+
+The scale is a power of two, so scaling is exact in float32 (np.ldexp) and the
+work stays in float32, block by block through a 2-D view: no float64
+temporaries and no per-element scale array.
 """
 from __future__ import annotations
 
@@ -20,15 +24,24 @@ class QuantizeError(ValueError):
     pass
 
 
+def _blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(full blocks as a 2-D view, the partial last block as 1-D)."""
+    full = x.size - x.size % block
+    return x[:full].reshape(-1, block), x[full:]
+
+
 def block_exponents(x: np.ndarray, block: int) -> np.ndarray:
     """Per block of `block` elements, e with max|x| < 2^e (frexp convention)."""
     x = np.asarray(x, dtype=np.float32).ravel()
-    if not np.all(np.isfinite(x)):
+    body, tail = _blocks(x, block)
+    hi = body.max(axis=1, initial=-np.inf)
+    lo = body.min(axis=1, initial=np.inf)
+    if tail.size or not x.size:
+        hi = np.append(hi, tail.max(initial=0.0))
+        lo = np.append(lo, tail.min(initial=0.0))
+    m = np.maximum(hi, -lo)  # NaN anywhere in a block makes its max or min NaN
+    if not np.all(np.isfinite(m)):
         raise QuantizeError("input contains NaN or Inf; it cannot be quantized")
-    nblk = max(1, -(-x.size // block))
-    padded = np.zeros(nblk * block, dtype=np.float32)
-    padded[: x.size] = np.abs(x)
-    m = padded.reshape(nblk, block).max(axis=1)
     _, e = np.frexp(m)
     return np.where(m > 0, e, ZERO_EXP).astype(np.int32)
 
@@ -37,26 +50,43 @@ def headroom_bits(world: int) -> int:
     return max(0, math.ceil(math.log2(world))) if world > 1 else 0
 
 
+def scale_exponents(e_max: np.ndarray, world: int) -> np.ndarray:
+    """log2 of each block's scale."""
+    return (30 - headroom_bits(world) - np.asarray(e_max, dtype=np.int32)).astype(np.int32)
+
+
 def block_scales(e_max: np.ndarray, world: int) -> np.ndarray:
     """float64 scale per block; exact powers of two."""
-    return np.ldexp(1.0, (30 - headroom_bits(world) - e_max.astype(np.int64)).astype(np.int32))
+    return np.ldexp(1.0, scale_exponents(e_max, world))
+
+
+def _ldexp_blocks(x: np.ndarray, k: np.ndarray, block: int, out: np.ndarray) -> None:
+    body, tail = _blocks(x, block)
+    obody, otail = _blocks(out, block)
+    np.ldexp(body, k[: body.shape[0], None], out=obody)
+    if tail.size:
+        np.ldexp(tail, k[body.shape[0]], out=otail)
 
 
 def quantize(x: np.ndarray, e_max: np.ndarray, world: int, block: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32).ravel()
-    scale = np.repeat(block_scales(e_max, world), block)[: x.size]
-    q = np.rint(x.astype(np.float64) * scale)
-    limit = 2.0 ** (30 - headroom_bits(world))
-    if np.any(np.abs(q) > limit):
+    f = np.empty(x.size, dtype=np.float32)
+    _ldexp_blocks(x, scale_exponents(e_max, world), block, f)
+    np.rint(f, out=f)
+    limit = np.float32(2.0 ** (30 - headroom_bits(world)))
+    if f.size and (f.max() > limit or f.min() < -limit):
         # Only possible if e_max is not the max over all workers' exponents.
         raise QuantizeError("value exceeds the shared exponent; workers disagree on the scale")
-    return q.astype(np.int32)
+    return f.astype(np.int32)
 
 
 def dequantize(q: np.ndarray, e_max: np.ndarray, world: int, block: int) -> np.ndarray:
+    """The float32 nearest each q / scale (q is rounded to float32 once; the
+    power-of-two scaling is exact except for subnormal results)."""
     q = np.asarray(q, dtype=np.int32).ravel()
-    scale = np.repeat(block_scales(e_max, world), block)[: q.size]
-    return (q.astype(np.float64) / scale).astype(np.float32)
+    out = q.astype(np.float32)
+    _ldexp_blocks(out, -scale_exponents(e_max, world), block, out)
+    return out
 
 
 def error_bound(e_max: np.ndarray, world: int, block: int, numel: int) -> np.ndarray:

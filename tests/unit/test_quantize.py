@@ -50,3 +50,31 @@ def test_check_sum_catches_an_error():
     assert inputs.check_sum(f, fs, 10)[0]
     f[0] += 0.01
     assert not inputs.check_sum(f, fs, 10)[0]
+
+
+def _reference(x, e_max, world, block):
+    """The float64 definition: rint(x * 2^(30 - headroom - e_max)) per block."""
+    scale = np.repeat(np.ldexp(1.0, (30 - quantize.headroom_bits(world) - e_max).astype(np.int32)), block)[: x.size]
+    return np.rint(x.astype(np.float64) * scale).astype(np.int32), scale
+
+
+@pytest.mark.parametrize("n", [1, 799, 800, 801, 12345])
+@pytest.mark.parametrize("world", [1, 3, 64])
+def test_float32_path_equals_the_float64_definition(n, world):
+    rng = np.random.default_rng(n * world)
+    block = 800
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-40, 38, n)).astype(np.float32)
+    x[:: 7] = 0
+    x[-1] = np.float32(1e-45)  # subnormal
+    e = quantize.block_exponents(x, block)
+    want, scale = _reference(x, e, world, block)
+    got = quantize.quantize(x, e, world, block)
+    assert np.array_equal(got, want)
+    # Dequantize: the nearest float32 of q / scale; a subnormal result may be one
+    # rounding away (still far inside the error bound).
+    q = (want.astype(np.int64) * world // max(1, world)).astype(np.int32)
+    exact = (q.astype(np.float64) / scale).astype(np.float32)
+    back = quantize.dequantize(q, e, world, block)
+    normal = np.abs(exact) >= np.finfo(np.float32).tiny
+    assert np.array_equal(back[normal], exact[normal])
+    assert np.all(np.abs(back.astype(np.float64) - exact) <= 2.0**-149)
