@@ -19,20 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from incd.process import IncdProcess
+from netns_lab.agents import AgentRunError
+from netns_lab.allreduce_bench import one_size
+from netns_lab.benchkit import human, log, parse_size, pyplot, save_json
+from netns_lab.topology import Lab
 
-from incd.process import IncdProcess  # noqa: E402
-from netns_lab.agents import AgentRunError  # noqa: E402
-from netns_lab.topology import Lab  # noqa: E402
-from throughput import human, one_size, parse_size  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent  # gloo_rank.py beside this file, results/
 SYSTEMS = ("modulo", "hash", "ps", "gloo")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def run_gloo(lab: Lab, world: int, sizes: list[int], iters: int, port: int) -> dict[int, float]:
@@ -116,11 +110,8 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     panels = sorted({(r["regime"], r["workers"]) for r in res["rows"]})
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.4), squeeze=False)
@@ -177,8 +168,7 @@ def main() -> int:
     except (AgentRunError, RuntimeError) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    save_json(a.out, res)
     print(table(res))
     print(f"saved {a.out}" + (f" and {a.plot}" if plot(res, Path(a.plot)) else ""))
     return 0 if all(r["verified"] in (None, True) for r in res["rows"]) else 4

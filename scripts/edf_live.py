@@ -19,12 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from incd.process import IncdProcess
+from netns_lab.agents import agent_argv
+from netns_lab.benchkit import log, save_json
+from netns_lab.topology import Lab
 
-from incd.process import IncdProcess  # noqa: E402
-from netns_lab.agents import agent_argv  # noqa: E402
-from netns_lab.topology import Lab  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 
 JOBS = [  # job, hosts, start delay s, iterations, extra args
     (1, ["h1", "h2"], 0.0, 400, []),
@@ -114,15 +114,14 @@ def main() -> int:
     try:
         lab.up()
         for pol in a.policies.split(","):
-            print(f"policy {pol} ...", file=sys.stderr, flush=True)
+            log(f"policy {pol} ...")
             results.append(run_policy(lab, pol, a.pool_slots, a.numel))
     except RuntimeError as e:
         print(f"edf_live: {e}", file=sys.stderr)
         return 1
     finally:
         lab.down()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1))
+    save_json(a.out, results)
     for res in results:
         print(f"policy {res['policy']}:")
         print(f"  {'job':>3} {'deadline':>8} {'registered s':>12} {'memory at s':>11} {'finished s':>10}"

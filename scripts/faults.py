@@ -4,10 +4,10 @@
 For each fault (loss, reordering, duplication, corruption, delay jitter, as
 `inc-lab up` makes them) a lab of 4 workers + PS is built with that fault on
 every link, incd is started on it, and for each size and mode (modulo, hash)
-all ranks run int32 with --verify (scripts/throughput.py's one_size()). The
-clean lab is measured the same way, first and last; the table shows each
-median time against the better clean one of the same mode and size. A run that does not finish
-within --timeout is recorded as such (its agents are killed) and the next one
+all ranks run int32 with --verify (netns_lab.allreduce_bench.one_size(), as
+scripts/throughput.py does). The clean lab is measured the same way, first
+and last; the table shows each median time against the better clean one of
+the same mode and size. A run that does not finish within --timeout is recorded as such (its agents are killed) and the next one
 starts. JSON goes to results/faults.json. Everything is torn down, also on
 failure or Ctrl-C.
 """
@@ -20,15 +20,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from incd.process import IncdProcess
+from netns_lab.agents import AgentRunError
+from netns_lab.allreduce_bench import one_size
+from netns_lab.benchkit import human, log, parse_size, run_and_save
+from netns_lab.impair import read_counters
+from netns_lab.topology import Lab
 
-from incd.process import IncdProcess  # noqa: E402
-from netns_lab.agents import AgentRunError  # noqa: E402
-from netns_lab.impair import read_counters  # noqa: E402
-from netns_lab.topology import Lab  # noqa: E402
-from throughput import human, log, one_size, parse_size, run_and_save  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 
 # name -> Lab impairment keywords (the same as the inc-lab up flags)
 FAULTS = {

@@ -49,14 +49,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bpf import kv_wire, wire
+from hostagent.kv_agent import read_chunks, tokenize
 
-from bpf import kv_wire, wire  # noqa: E402
-from hostagent.kv_agent import read_chunks, tokenize  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 
 MAPPERS = 3
 LINE_WORDS = 12
@@ -540,7 +538,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "kv_bench.json"), help="JSON output file")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     args = p.parse_args()
-    from throughput import run_and_save
+    from netns_lab.benchkit import run_and_save
 
     return run_and_save("kv_bench", run, args, table,
                         lambda rows: all(r["exact"] for r in rows), as_json=args.json)

@@ -15,21 +15,20 @@ By tuples per packet; prints a table and saves JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import bpf
+from bpf import kv_wire as kv
+from bpf import wire
+from bpf.testrun import XDP_REDIRECT, prog_test_run
+from netns_lab.benchkit import log, save_json
 
-from bpf.testrun import XDP_REDIRECT, prog_test_run  # noqa: E402
-from bpf import kv_wire as kv  # noqa: E402
-from bpf import wire  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 
 TUPLES = (1, 16, 64, 128, wire.KV_MAX_TUPLES)
 W_IP, W_PORT = "10.77.1.2", 40000
@@ -56,9 +55,9 @@ def main() -> int:
         return 1
     from bcc import BPF
 
-    from incd.dataplane import BPF_DIR, Dataplane
+    from incd.dataplane import Dataplane
 
-    bench = BPF(src_file=str(BPF_DIR / "bench_kv.bpf.c").encode(), cflags=[f"-I{BPF_DIR}", "-w"])
+    bench = BPF(src_file=str(bpf.source("bench_kv.bpf.c")).encode(), cflags=[f"-I{bpf.source_dir()}", "-w"])
     fds = {n: bench.load_func(n.encode(), BPF.XDP).fd for n in ("kv_bench_atomic", "kv_bench_locked", "noop")}
     cols = 64
     dp = Dataplane(pool_slots=16, kv_cols=cols)
@@ -102,11 +101,10 @@ def main() -> int:
             row[k] = max(0.0, float(np.median(v)) - base)
         row["single_run_overhead"] = base
         rows.append(row)
-        print(f"  {n:>3} tuples measured", file=sys.stderr)
+        log(f"  {n:>3} tuples measured")
     dp.close()
     bench.cleanup()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"repeat": a.repeat, "rows": rows}, indent=1))
+    save_json(a.out, {"repeat": a.repeat, "rows": rows})
     print(f"{'tuples':>6} {'bytes':>6} {'atomic':>8} {'spinlock':>8} | {'claim':>7} {'add':>7} {'collide':>7} "
           f"{'resend':>7}   (ns per packet; left: add loop only, right: whole switch)")
     for r in rows:

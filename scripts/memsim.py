@@ -22,10 +22,10 @@ import random
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from incd.memory import POLICIES, JobDemand, Link, MemoryManager
+from netns_lab.benchkit import pyplot, save_json
 
-from incd.memory import POLICIES, JobDemand, Link, MemoryManager  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 
 MODELS_MB = (25, 100, 350)  # about ResNet-50, BERT-base, BERT-large gradients in fp32
 
@@ -130,11 +130,8 @@ def simulate(trace: dict, policy: str) -> dict:
 
 
 def plot(results: list[dict], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("memsim: matplotlib not installed; no plot (scripts/setup.sh installs it)", file=sys.stderr)
         return False
     names = [r["policy"] for r in results]
@@ -186,8 +183,7 @@ def main() -> int:
     results = [simulate(trace, pol) for pol in policies]
     out = {"trace": {k: v for k, v in trace.items() if k != "jobs"}, "jobs": len(trace["jobs"]),
            "results": results}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    save_json(a.out, out)
     plotted = plot(results, Path(a.plot), f"{len(trace['jobs'])} jobs, pool {trace['pool_slots']} slots, "
                    f"RTT {trace['rtt_us']} us, {trace['link_gbps']} Gbit/s")
     if a.json:

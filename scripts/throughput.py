@@ -12,79 +12,17 @@ JSON. Tears everything down, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
-import threading
 import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from incd.process import IncdProcess
+from netns_lab.allreduce_bench import one_size
+from netns_lab.benchkit import human, log, parse_size, run_and_save
+from netns_lab.topology import Lab
 
-from incd.process import IncdProcess  # noqa: E402
-from netns_lab.agents import AgentRunError, PSProcess, run_allreduce  # noqa: E402
-from netns_lab.topology import Lab  # noqa: E402
-
-UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
-
-
-def parse_size(s: str) -> int:
-    t = s.strip().upper()
-    for u in sorted(UNITS, key=len, reverse=True):
-        if u and t.endswith(u):
-            return int(float(t[: -len(u)]) * UNITS[u])
-    return int(t)
-
-
-def human(n: int) -> str:
-    for u, f in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= f and n % f == 0:
-            return f"{n // f} {u}"
-    return f"{n} B"
-
-
-def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: int, args) -> dict:
-    """`concurrent` jobs of `world` ranks each, all at once; hash/ps jobs get their own PS."""
-    results, errors, pss = {}, [], []
-
-    def job_thread(job):
-        try:
-            results[job] = run_allreduce(lab, job=job, world=world, numel=numel, dtype=args.dtype,
-                                         iters=args.iters, extra=["--verify", "--mode", mode],
-                                         timeout=args.timeout)
-        except (AgentRunError, RuntimeError) as e:
-            errors.append(str(e))
-
-    jobs = [job0 + k for k in range(concurrent)]
-    try:
-        if mode != "modulo":
-            pss = [PSProcess(lab, j, world, mode=mode) for j in jobs]
-        threads = [threading.Thread(target=job_thread, args=(j,)) for j in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for ps in pss:
-            ps.result()
-    finally:
-        for ps in pss:
-            ps.kill()
-    if errors:
-        raise AgentRunError("; ".join(errors))
-    per_job = [max(r["median_s"] for r in results[j]) for j in jobs]
-    med = max(per_job)
-    return {
-        "mode": mode, "workers": world, "concurrent": concurrent, "bytes": numel * 4, "numel": numel,
-        "dtype": args.dtype, "iters": args.iters, "median_s": med,
-        "goodput_gbps": numel * 4 * 8 / med / 1e9,
-        "aggregate_goodput_gbps": concurrent * numel * 4 * 8 / med / 1e9,
-        "per_job_median_s": per_job,
-        "retransmits": sum(r["retransmits"] for j in jobs for r in results[j]),
-        "verified": all(r["verified"] for j in jobs for r in results[j]),
-        "elems_per_packet": results[jobs[0]][0]["elems_per_packet"],
-        "pps_per_agent": min(r["pps"] for j in jobs for r in results[j]),
-    }
+ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 
 
 def run(args) -> dict:
@@ -136,9 +74,6 @@ def run(args) -> dict:
     }
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def table(result: dict) -> str:
     lines = [f"{'mode':>6} {'jobs':>4} {'workers':>7} {'size':>9} {'median ms':>10} {'Gbit/s':>8} "
@@ -171,28 +106,6 @@ def main() -> int:
     args = p.parse_args()
     return run_and_save("throughput", run, args, table, lambda rows: all(r["verified"] for r in rows),
                         as_json=args.json)
-
-
-def run_and_save(prog: str, run, args, table, all_ok, as_json: bool = False) -> int:
-    """A measuring program's main: run(args) as root, errors in one line, the
-    result saved to args.out and printed as a table. Exit 4 if not all_ok(rows)."""
-    if os.geteuid() != 0:
-        print(f"{prog}: must run as root (namespaces, XDP)", file=sys.stderr)
-        return 1
-    try:
-        result = run(args)
-    except (AgentRunError, RuntimeError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2) if as_json else table(result))
-    if not as_json:
-        print(f"saved {out}")
-    return 0 if all_ok(result["rows"]) else 4
 
 
 if __name__ == "__main__":

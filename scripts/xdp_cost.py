@@ -14,20 +14,19 @@ prints a table, saves JSON and a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import bpf
+from bpf import wire
+from bpf.testrun import XDP_DROP, XDP_REDIRECT, prog_test_run
+from netns_lab.benchkit import log, pyplot, save_json
 
-from bpf.testrun import XDP_DROP, XDP_REDIRECT, prog_test_run  # noqa: E402
-from bpf import wire  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 
 LANES = (32, 64, 128, 256, 512, 800)
 
@@ -59,9 +58,9 @@ def main() -> int:
         return 1
     from bcc import BPF
 
-    from incd.dataplane import BPF_DIR, Dataplane
+    from incd.dataplane import Dataplane
 
-    bench = BPF(src_file=str(BPF_DIR / "bench_agg.bpf.c").encode(), cflags=[f"-I{BPF_DIR}", "-w"])
+    bench = BPF(src_file=str(bpf.source("bench_agg.bpf.c")).encode(), cflags=[f"-I{bpf.source_dir()}", "-w"])
     variants = {name: bench.load_func(name.encode(), BPF.XDP).fd
                 for name in ("agg_spinlock", "agg_spinlock_chunked", "agg_atomic", "agg_percpu")}
     noop = bench.load_func(b"noop", BPF.XDP).fd
@@ -90,36 +89,32 @@ def main() -> int:
         row["switch_last"] = max(0.0, float(np.median(last)) - base)
         row["single_run_overhead"] = base
         rows.append(row)
-        print(f"  {lanes:>4} lanes measured", file=sys.stderr)
+        log(f"  {lanes:>4} lanes measured")
     dp.close()
     bench.cleanup()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"repeat": a.repeat, "rows": rows}, indent=1))
+    save_json(a.out, {"repeat": a.repeat, "rows": rows})
     print(f"{'lanes':>5} {'bytes':>6} {'spin lock':>10} {'lock x8':>8} {'atomic':>8} {'per-CPU':>8} "
           f"{'switch 1st':>10} {'switch last':>11}   (ns per packet)")
     for r in rows:
         print(f"{r['lanes']:>5} {r['bytes']:>6} {r['agg_spinlock']:>10.1f} {r['agg_spinlock_chunked']:>8.1f} "
               f"{r['agg_atomic']:>8.1f} {r['agg_percpu']:>8.1f} {r['switch_first']:>10.1f} {r['switch_last']:>11.1f}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for key, label in (("agg_spinlock", "spin lock + adds"), ("agg_spinlock_chunked", "spin lock, 8 lanes a check"),
-                           ("agg_atomic", "atomic per lane"),
-                           ("agg_percpu", "per-CPU"), ("switch_first", "switch: first contribution"),
-                           ("switch_last", "switch: last (add + result)")):
-            ax.plot([r["bytes"] for r in rows], [r[key] for r in rows], marker="o", label=label)
-        ax.set_xlabel("payload bytes per packet")
-        ax.set_ylabel("ns per packet")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=110)
-        print(f"saved {a.out} and {a.plot}")
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"saved {a.out} (no matplotlib: no plot)")
+        return 0
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, label in (("agg_spinlock", "spin lock + adds"), ("agg_spinlock_chunked", "spin lock, 8 lanes a check"),
+                       ("agg_atomic", "atomic per lane"),
+                       ("agg_percpu", "per-CPU"), ("switch_first", "switch: first contribution"),
+                       ("switch_last", "switch: last (add + result)")):
+        ax.plot([r["bytes"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("payload bytes per packet")
+    ax.set_ylabel("ns per packet")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=110)
+    print(f"saved {a.out} and {a.plot}")
     return 0
 
 

@@ -1,0 +1,51 @@
+"""One measured allreduce size in a lab: `concurrent` jobs at once, every rank
+verified. scripts/throughput.py, bench.py and faults.py are built on it."""
+from __future__ import annotations
+
+import threading
+
+from .agents import AgentRunError, PSProcess, run_allreduce
+
+
+def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: int, args) -> dict:
+    """`concurrent` jobs of `world` ranks each, all at once; hash/ps jobs get their own PS.
+    args carries dtype, iters and timeout (the scripts' argparse namespace)."""
+    results, errors, pss = {}, [], []
+
+    def job_thread(job):
+        try:
+            results[job] = run_allreduce(lab, job=job, world=world, numel=numel, dtype=args.dtype,
+                                         iters=args.iters, extra=["--verify", "--mode", mode],
+                                         timeout=args.timeout)
+        except (AgentRunError, RuntimeError) as e:
+            errors.append(str(e))
+
+    jobs = [job0 + k for k in range(concurrent)]
+    try:
+        if mode != "modulo":
+            pss = [PSProcess(lab, j, world, mode=mode) for j in jobs]
+        threads = [threading.Thread(target=job_thread, args=(j,)) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for ps in pss:
+            ps.result()
+    finally:
+        for ps in pss:
+            ps.kill()
+    if errors:
+        raise AgentRunError("; ".join(errors))
+    per_job = [max(r["median_s"] for r in results[j]) for j in jobs]
+    med = max(per_job)
+    return {
+        "mode": mode, "workers": world, "concurrent": concurrent, "bytes": numel * 4, "numel": numel,
+        "dtype": args.dtype, "iters": args.iters, "median_s": med,
+        "goodput_gbps": numel * 4 * 8 / med / 1e9,
+        "aggregate_goodput_gbps": concurrent * numel * 4 * 8 / med / 1e9,
+        "per_job_median_s": per_job,
+        "retransmits": sum(r["retransmits"] for j in jobs for r in results[j]),
+        "verified": all(r["verified"] for j in jobs for r in results[j]),
+        "elems_per_packet": results[jobs[0]][0]["elems_per_packet"],
+        "pps_per_agent": min(r["pps"] for j in jobs for r in results[j]),
+    }
