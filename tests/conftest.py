@@ -2,18 +2,15 @@
 XDP program under BPF_PROG_TEST_RUN, no traffic), lab/ (root: namespaces, incd
 and agents). Each test gets its folder's marker, so `pytest -m unit` runs the
 quick ones; a test may carry a lighter marker of its own (a pure-logic test in
-a lab file is `unit`)."""
+a lab file is `unit`). Helpers that several test files use are modules under
+tests/helpers/ (pytest puts tests/ on sys.path: pyproject's `pythonpath`)."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
 GROUPS = ("unit", "dataplane", "lab")
-# Tests of one group share helpers across files (test_failures uses test_registry's).
-for g in GROUPS:
-    sys.path.insert(0, str(HERE / g))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,3 +31,14 @@ def require_root():
 @pytest.fixture(scope="session")
 def root():
     require_root()
+
+
+@pytest.fixture(scope="module")
+def dp(root):
+    """The real switch program and maps (64 slots), loaded once per module; a
+    test file that needs another build defines its own `dp`."""
+    from incd.dataplane import Dataplane
+
+    d = Dataplane(pool_slots=64)
+    yield d
+    d.close()

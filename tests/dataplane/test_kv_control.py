@@ -368,7 +368,7 @@ def test_saved_job_table_restores_a_kv_job(reg, dp):
 
 def udp_in(netns: str, port: int) -> socket.socket:
     """A UDP socket bound to port in a lab namespace."""
-    from test_control_api import socket_in
+    from helpers.control import socket_in
 
     return socket_in(netns, socket.SOCK_DGRAM, port)
 
@@ -429,7 +429,7 @@ def collect(msock, rsock, job: int, left: collections.Counter) -> tuple[int, int
 
 
 def register_all(lab, job: int, world: int, mhosts, rhost: str = "ps", window: int = 32):
-    from test_control_api import Ctl
+    from helpers.control import Ctl
 
     mctl = [Ctl(lab, h) for h in mhosts]
     rctl = Ctl(lab, rhost)
@@ -450,7 +450,7 @@ def close(*ctls) -> None:
 
 def test_lab_word_count_through_the_switch(root):
     from netns_lab.harness import LabWithIncd
-    from test_control_api import Ctl
+    from helpers.control import Ctl
 
     job, world = 71, 2
     with LabWithIncd("kv", workers=2, ps=True) as lab:
@@ -542,7 +542,7 @@ def test_lab_kv_job_survives_an_incd_restart(root):
     the restarted incd takes the job back with its columns and epoch, the
     members rejoin, and the reducer's drains still get exactly what was sent."""
     from netns_lab.harness import LabWithIncd
-    from test_control_api import Ctl
+    from helpers.control import Ctl
 
     from incd import daemon
 

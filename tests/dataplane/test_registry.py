@@ -7,22 +7,10 @@ import time
 
 import pytest
 
+from helpers.polling import wait_event
+from helpers.registry import PATH
 from incd.memory import Link, MemoryManager
-from incd.netinfo import Path
 from incd.registry import Registry
-
-PATH = [Path(ifindex=i, mac=bytes(6), port_mac=bytes(6), switch_addr=f"10.77.{i}.1", mtu=3400)
-        for i in range(10)]
-
-
-@pytest.fixture(scope="module")
-def dp(root):
-    from incd.dataplane import Dataplane
-
-    d = Dataplane(pool_slots=64)
-    yield d
-    d.close()
-
 
 class Rank:
     """One rank of a one-rank job: registers in a thread, records pushed events."""
@@ -54,17 +42,6 @@ class Rank:
         assert ev["S"] == next_psn  # one rank: S is its own position
         self.reg.remap_passed(self.job, 0, ev["remap"])
         return wait_event(self.events, "remap_go")
-
-
-def wait_event(events, kind, timeout=5.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for e in events:
-            if e["event"] == kind:
-                events.remove(e)
-                return e
-        time.sleep(0.01)
-    raise AssertionError(f"no {kind} event; have {events}")
 
 
 def regions(reg):

@@ -4,7 +4,6 @@ clients that may not talk to incd. Each gets {"ok": false, "error": ...}, the
 daemon's state does not change, and jobs afterwards run and verify exactly."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import socket
@@ -16,80 +15,19 @@ import threading
 import pytest
 
 from bpf import wire
+from helpers.control import Ctl
+from helpers.polling import wait_active, wait_for
 from incd import daemon
 from incd.cli import admin_request
 from incd.server import MAX_LINE
 from netns_lab.agents import run_allreduce
 from netns_lab.harness import LabWithIncd
-from test_fuzz import wait_active
-from test_memory_e2e import wait_for
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @pytest.fixture(scope="module")
 def lab(root):
     with LabWithIncd("ca", workers=4) as lab:
         yield lab
-
-
-def socket_in(netns: str, kind: int = socket.SOCK_STREAM, bind_port: int | None = None) -> socket.socket:
-    """A socket (TCP by default) in a lab namespace, made by a thread that enters
-    it (a namespace switch is per thread, so the test process itself stays put);
-    bound to bind_port if given."""
-    out: dict = {}
-
-    def make():
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {netns}")
-            finally:
-                os.close(fd)
-            sock = socket.socket(socket.AF_INET, kind)
-            if bind_port is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                sock.bind(("0.0.0.0", bind_port))
-            out["sock"] = sock
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["sock"]
-
-
-class Ctl:
-    """One control connection from a lab host (or the switch: host "sw")."""
-
-    def __init__(self, lab, host: str, addr: str | None = None):
-        self.s = socket_in(lab.netns(host))
-        self.s.settimeout(30)
-        self.s.connect((addr or lab.host(host)["gateway"], wire.CTRL_PORT))
-        self.f = self.s.makefile("rb")
-
-    def send(self, req) -> None:
-        self.s.sendall((req if isinstance(req, bytes) else json.dumps(req).encode()) + b"\n")
-
-    def reply(self) -> dict | None:
-        try:
-            line = self.f.readline()
-        except ConnectionResetError:
-            return None
-        return json.loads(line) if line else None
-
-    def call(self, req) -> dict | None:
-        self.send(req)
-        return self.reply()
-
-    def close(self) -> None:
-        self.f.close()
-        self.s.close()
 
 
 @pytest.fixture

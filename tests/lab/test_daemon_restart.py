@@ -16,7 +16,7 @@ import pytest
 from incd import daemon
 from incd.process import IncdProcess
 from netns_lab.harness import LabWithIncd
-from test_failures import Agent, assert_failed, assert_reclaimed, exits_after, next_job_is_exact
+from helpers.agents import Agent, assert_failed, assert_reclaimed, exits_after, next_job_is_exact
 
 # Long enough (about 15 s here) that the job is still running when the new incd is up.
 ITERS = "2500"

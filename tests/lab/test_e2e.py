@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 
+from helpers.allreduce import allreduce_files, int_inputs
 from hostagent import quantize
 from incd.process import IncdProcess
-from netns_lab.agents import AgentRunError, agent_argv, run_allreduce
+from netns_lab.agents import agent_argv, run_allreduce
 from netns_lab.topology import Lab
 from netns_lab.harness import LabWithIncd, uniq
 
@@ -23,22 +24,6 @@ def lab4(root):
     with Lab(uniq("e"), workers=4) as lab, IncdProcess(lab.name + "d", lab=lab.name) as incd:
         lab.incd = incd
         yield lab
-
-
-def allreduce_files(lab, tmp_path, job, xs, extra=(), hosts=None):
-    """Each rank's input from its own .npy; returns the outputs read back and the JSON results."""
-    per_rank = {}
-    for r, x in enumerate(xs):
-        np.save(tmp_path / f"in{job}_{r}.npy", x)
-        per_rank[r] = ["--in", str(tmp_path / f"in{job}_{r}.npy"), "--out", str(tmp_path / f"out{job}_{r}.npy")]
-    res = run_allreduce(lab, job=job, world=len(xs), per_rank=per_rank, extra=list(extra), timeout=120,
-                        hosts=hosts)
-    return [np.load(tmp_path / f"out{job}_{r}.npy") for r in range(len(xs))], res
-
-
-def int_inputs(world, n, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(-2**28, 2**28, n, dtype=np.int32) for _ in range(world)]
 
 
 @pytest.mark.parametrize("world,n", [(2, 1), (2, 801), (4, 799), (4, 123457)])

@@ -11,21 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+from helpers.polling import wait_active
 from netns_lab.agents import run_allreduce
 from netns_lab.harness import LabWithIncd
 
 FUZZER = Path(__file__).resolve().parent / "inc_fuzzer.py"
 JOB = 61
-
-
-def wait_active(incd, job: int, timeout: float = 30.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for j in incd.status().get("jobs", []):
-            if j["job"] == job and j["state"] == "active":
-                return j
-        time.sleep(0.05)
-    raise AssertionError(f"job {job} never became active")
 
 
 def test_fuzzed_packets_never_reach_a_running_job(root, tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.allreduce import allreduce_files, int_inputs
 from netns_lab.harness import LabWithIncd, run_concurrently
 from netns_lab.agents import PSProcess, run_allreduce
-from test_e2e import allreduce_files, int_inputs
 
 
 @pytest.fixture(scope="module")

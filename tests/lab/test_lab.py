@@ -13,11 +13,9 @@ import sys
 
 import pytest
 
+from helpers.labs import PREFIX, cli, lab_name, make_lab, send_and_receive
 from netns_lab import nsutil
 from netns_lab.topology import Lab, LabError, state_path, status, teardown
-
-PID = os.getpid()
-PREFIX = f"t{PID}"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,44 +32,11 @@ def _root_and_leak_check():
     assert not leaked, f"tests leaked namespaces: {leaked}"
 
 
-def lab_name(tag: str) -> str:
-    return f"{PREFIX}{tag}"
-
-
-def make_lab(tag: str, **kw):
-    """Context manager for a lab that is always removed, however the test ends."""
-    name = lab_name(tag)
-
-    class _Guard:
-        def __enter__(self):
-            self.lab = Lab(name, **kw)
-            try:
-                return self.lab.up()
-            except BaseException:
-                teardown(name)
-                raise
-
-        def __exit__(self, *exc):
-            try:
-                self.lab.down()
-            finally:
-                teardown(name)
-
-    return _Guard()
-
-
 @pytest.fixture(scope="module")
 def basic():
     """Two workers and a PS, no impairments; shared by the read-only tests."""
     with make_lab("b", workers=2, ps=True) as lab:
         yield lab
-
-
-def cli(*args, name=None):
-    argv = [sys.executable, "-m", "netns_lab.cli"]
-    if name:
-        argv += ["--name", name]
-    return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=60)
 
 
 def ip_json(lab, host, *args):
@@ -164,24 +129,6 @@ def udp_transfer(lab, src, dst, n, size=200, burst=50, gap=0.001, port=9000, idl
     if warm_up:
         assert ping(lab, src, dst).returncode == 0  # resolves ARP on every hop first
     return send_and_receive(lab, src, dst, lab.addr(dst), SEND, RECV, port, idle, n, size, burst, gap)
-
-
-def send_and_receive(lab, src, dst, to, send_code, recv_code, port, idle, n, size, burst, gap,
-                     timeout=120):
-    """Runs recv_code on dst (it prints "ready", then its JSON report) and
-    send_code on src towards to:port; returns the report."""
-    rx = lab.popen(dst, [sys.executable, "-c", recv_code, str(port), str(idle)],
-                   stdout=subprocess.PIPE, text=True)
-    try:
-        assert rx.stdout.readline().strip() == "ready"
-        lab.run(src, [sys.executable, "-c", send_code, to, str(port), str(n), str(size),
-                      str(burst), str(gap)], check=True, timeout=timeout)
-        out, _ = rx.communicate(timeout=60)
-    finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.wait()
-    return json.loads(out)
 
 
 # --- topology --------------------------------------------------------------

@@ -16,20 +16,20 @@ import sys
 
 import pytest
 
-import test_lab
+from helpers import labs
+from helpers.labs import cli, make_lab
 from netns_lab.harness import LabWithIncd, uniq
 from netns_lab import impair, nsutil
 from netns_lab.agents import PSProcess, run_allreduce
 from netns_lab.topology import Lab, state_path, teardown
-from test_lab import cli, make_lab
 
-PREFIX = "fl"  # labs with incd; the probe-only labs come from test_lab.make_lab
+PREFIX = "fl"  # labs with incd; the probe-only labs come from helpers.labs.make_lab
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _no_leftovers(root):
     yield
-    ours = re.compile(rf"^({PREFIX}\d+|{test_lab.PREFIX}[{TAGS}])-")
+    ours = re.compile(rf"^({PREFIX}\d+|{labs.PREFIX}[{TAGS}])-")
     leaked = [ns for ns in nsutil.list_netns() if ours.match(ns)]
     for ns in leaked:
         nsutil.delete(ns)
@@ -93,7 +93,7 @@ def probe(lab, src, dst, n, size=200, burst=20, gap=0.002, port=9400, idle=1.0):
     """n datagrams src -> dst (hosts or "sw", the switch), paced so that no veth
     ring overflows; returns the receiver's report."""
     to = lab.host(src)["gateway"] if dst == "sw" else lab.addr(dst)
-    return test_lab.send_and_receive(lab, src, dst, to, PROBE_TX, PROBE_RX, port, idle, n, size, burst, gap)
+    return labs.send_and_receive(lab, src, dst, to, PROBE_TX, PROBE_RX, port, idle, n, size, burst, gap)
 
 
 def tcp_connect_ms(lab, src, dst, port=9410, n=5):

@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
+from helpers.polling import wait_for
 from netns_lab.harness import LabWithIncd
 from netns_lab.agents import agent_argv, run_allreduce
 
 DEADLINE_ARGS = ["--deadline", "30", "--model-bytes", "50000000", "--epochs", "5", "--compute-s", "0.1"]
-
-
-def wait_for(pred, timeout=20.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def job_rec(st, job):
