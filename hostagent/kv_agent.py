@@ -56,7 +56,8 @@ import numpy as np
 from bpf import control, kv_wire, wire
 
 from . import batchio
-from .transport import (Control, TransportError, connect_incd, data_socket)
+from .incd_link import Control, TransportError, connect_incd
+from .transport import data_socket
 
 INT32_MAX = 2**31 - 1
 CHUNK_BYTES = 4 << 20          # the mapper's combiner counts this much text at a time

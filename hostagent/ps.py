@@ -17,36 +17,28 @@ from __future__ import annotations
 import threading
 import time
 
-
-from bpf import control, wire
+from bpf import wire
 
 from . import batchio
+from .incd_link import REJOIN_S, TransportError
+from .member import Member
 from .ps_merge import EVICT_AFTER_S, Merger, PSStats
-from .transport import (REJOIN_S, Control, TransportError, connect_incd, data_socket,
-                        params_from)
+from .transport import data_socket, params_from
 
 __all__ = ["ParameterServer", "PSStats"]
 
 
-class ParameterServer:
+class ParameterServer(Member):
     def __init__(self, job: int, world: int, *, mode: str = "hash", switch: str | None = None,
                  ctrl_port: int = wire.CTRL_PORT, register_timeout: float = 30.0,
                  fail_timeout: float = 2.0):
         if mode not in ("hash", "ps"):
             raise TransportError("a parameter server serves hash or ps mode")
-        try:
-            control.check_fail_timeout(fail_timeout, 'fail_timeout')
-        except control.LimitError as e:
-            raise TransportError(str(e)) from None
-        self.fail_timeout = fail_timeout
+        super().__init__(job, fail_timeout)
         self.sock = data_socket()
-        self.ctl = None
         try:
-            ctrl = connect_incd(switch, ctrl_port)
-            self.ctl = Control(ctrl)
-            ctrl.settimeout(register_timeout + 10)
-            reply = self.ctl.call({
-                "op": "register", "version": control.CONTROL_VERSION, "role": "ps", "job": job, "world": world, "mode": mode,
+            reply = self.register(switch, ctrl_port, register_timeout, {
+                "role": "ps", "job": job, "world": world, "mode": mode,
                 "port": self.sock.getsockname()[1], "timeout": register_timeout})
         except BaseException:
             self.close()
@@ -57,16 +49,15 @@ class ParameterServer:
         dests = [(self.p.data_addr, wire.PORT)] if mode == "hash" else list(members.values())
         self.out = batchio.Outbox(self.merge.done_rows, dests)
         self.stop = threading.Event()
-        self.end_reason: str | None = None
-        self.failure: str | None = None  # set when the job did not end normally
+        self.end_reason: str | None = None  # why serve() stopped (failure too if the job failed)
 
-    def _on_event(self, ev: dict) -> None:
-        kind = ev.get("event")
-        if kind == "job_failed":
-            self.failure = self.end_reason = (f"job {ev.get('job', self.p.job)} failed: "
-                                              f"{ev.get('error') or 'no reason given'}")
-            self.stop.set()
-        elif kind == "job_ended":
+    def on_job_failed(self, ev: dict) -> None:
+        self.failure = self.end_reason = (f"job {ev.get('job', self.p.job)} failed: "
+                                          f"{ev.get('error') or 'no reason given'}")
+        self.stop.set()
+
+    def on_event(self, ev: dict) -> None:
+        if ev.get("event") == "job_ended":
             self.end_reason = ev.get("reason") or "all workers left"
             self.stop.set()
 
@@ -75,8 +66,7 @@ class ParameterServer:
         return self.merge.stats
 
     def close(self) -> None:
-        if self.ctl is not None:
-            self.ctl.close()
+        super().close()
         try:
             self.sock.close()
         except OSError:
@@ -85,9 +75,7 @@ class ParameterServer:
     def serve(self) -> PSStats:
         # The workers need the PS until the job ends: after losing incd it waits
         # for a restarted one the whole rejoin window, packets or not.
-        self.ctl.rejoin_on_loss(lambda: {"op": "rejoin", "job": self.p.job, "rank": -1, "gen": self.p.gen},
-                                REJOIN_S)
-        self.ctl.start(self._on_event, self.fail_timeout)
+        self.start(lambda: {"op": "rejoin", "job": self.p.job, "rank": -1, "gen": self.p.gen})
         fd = self.sock.fileno()
         rx = batchio.Receiver(fd, 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64, addrs=True)
         m = self.merge
