@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up what they need and can be re-run.
-.PHONY: setup demo test bench bench-kv clean
+.PHONY: setup demo test test-unit bench bench-kv clean
 
 PY := .venv/bin/python
 
@@ -12,6 +12,11 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -v tests
 
+# The pure-logic tests only: seconds, no root (the venv must exist: make setup once, as root).
+test-unit:
+	@test -x $(PY) || { echo "test-unit: no .venv: run make setup (as root) once" >&2; exit 1; }
+	@$(PY) -m pytest -q -m unit tests
+
 # The benchmark suite against Gloo (needs torch: a local wheel on this machine kind).
 bench: setup
 	@.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
@@ -23,5 +28,11 @@ bench-kv: setup
 	@$(PY) scripts/kv_bench.py
 
 # Leftovers of an interrupted demo or benchmark (normally they clean up themselves).
+# The labs of demo.sh, throughput.py, kv_bench.py, bench.py (one per regime),
+# edf_live.py and faults.py (one per fault); each script's incd is <lab>-incd,
+# but edf_live.py's are named for their policy.
+LABS := incdemo incbench inckv incb0 incb1 incedf $(addprefix incflt,0 1 2 3 4 5 6 7 8)
+INCDS := $(addsuffix -incd,$(LABS)) incedf-edf incedf-fifo
 clean:
-	-for n in incdemo incbench inckv incb0 incb1 incedf incflt0 incflt1 incflt2 incflt3 incflt4 incflt5 incflt6 incflt7; do .venv/bin/incd --instance $$n-incd stop; .venv/bin/inc-lab --name $$n down; done
+	-for i in $(INCDS); do .venv/bin/incd --instance $$i stop; done
+	-for n in $(LABS); do .venv/bin/inc-lab --name $$n down; done

@@ -114,6 +114,7 @@ def nz(c) -> dict:
 
 # --- registration ---------------------------------------------------------------
 
+@pytest.mark.unit
 def test_validate_register_kv_fields():
     base = {"job": 5, "rank": 0, "world": 2, "mode": "kv", "port": 1, "window": KV_WINDOW}
     assert validate_register(base).window == KV_WINDOW
@@ -448,6 +449,7 @@ def close(*ctls) -> None:
         c.s.close()
 
 
+@pytest.mark.lab
 def test_lab_word_count_through_the_switch(root):
     from netns_lab.harness import LabWithIncd
     from helpers.control import Ctl
@@ -537,6 +539,7 @@ def test_lab_word_count_through_the_switch(root):
             s.close()
 
 
+@pytest.mark.lab
 def test_lab_kv_job_survives_an_incd_restart(root):
     """incd killed with -9 mid-job: the switch keeps absorbing (pinned maps),
     the restarted incd takes the job back with its columns and epoch, the

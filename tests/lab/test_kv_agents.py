@@ -23,12 +23,14 @@ from netns_lab.impair import read_counters
 # --- tokenizer and combiner ---------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_tokenize():
     assert ka.tokenize("The cat, the CAT's hat -- 42x_y!") == ["the", "cat", "the", "cat", "s", "hat", "42x", "y"]
     assert ka.tokenize("Ünïcode naïve café\tÉTÉ\n") == ["ünïcode", "naïve", "café", "été"]
     assert ka.tokenize("  ...  ") == [] and ka.tokenize("") == []
 
 
+@pytest.mark.unit
 def test_read_chunks_never_split_words(tmp_path):
     p = tmp_path / "t.txt"
     lines = [" ".join(f"w{i}x{j}é" for j in range(7)) for i in range(500)]
@@ -39,6 +41,7 @@ def test_read_chunks_never_split_words(tmp_path):
         collections.Counter(w.encode() for w in ka.tokenize(p.read_text()))
 
 
+@pytest.mark.unit
 def test_read_chunks_cuts_a_long_line(tmp_path):
     """One 10 MB line is read in pieces of about chunk_bytes, not whole (the
     mapper's heartbeat stalls while one piece is counted)."""
@@ -57,6 +60,7 @@ _CHUNK_TEXT = st.lists(st.sampled_from(["Σ", "Α", "a", "9", "é", "e\u0301", "
                        | st.binary(max_size=3), max_size=40)
 
 
+@pytest.mark.unit
 @settings(max_examples=500, deadline=None)
 @given(_CHUNK_TEXT, st.integers(1, 8), st.sampled_from(ka.SPLITS))
 @example([b"\xce\x91\xce\xa3.\xce\x91"], 5, "words")  # "ΑΣ.Α" cut after the '.': Σ would lower as final
@@ -71,6 +75,7 @@ def test_read_chunks_count_as_the_whole(tmp_path_factory, parts, size, split):
     assert sum((ka.count_words(c, split) for c in chunks), collections.Counter()) == ka.count_words(raw, split)
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.characters(max_codepoint=0x7f), max_size=200)
        | st.text(max_size=60) | st.binary(max_size=80))
@@ -84,6 +89,7 @@ def test_count_words_is_tokenize(text):
     assert ka.count_words(raw, "whitespace") == collections.Counter(w.encode() for w in decoded.split())
 
 
+@pytest.mark.unit
 def test_split_counts_big_values():
     M = ka.INT32_MAX
     k, v = ka.split_counts(np.array([5, 6, 7], np.uint64), np.array([3, 2 * M + 5, M], np.int64))
@@ -94,6 +100,7 @@ def test_split_counts_big_values():
         ka.split_counts(np.array([1], np.uint64), np.array([0]))
 
 
+@pytest.mark.unit
 def test_word_source_keys_dictionary_and_own_collisions():
     src = ka.WordSource([])
     k, v = src.add(collections.Counter({b"a": 3, "b".encode(): 2**32}))
@@ -112,6 +119,7 @@ def test_word_source_keys_dictionary_and_own_collisions():
     assert src2.collisions == [(7, "x", "y"), (8, "z", "ü")]
 
 
+@pytest.mark.unit
 def test_map_file_equals_counter(tmp_path):
     rng = random.Random(1)
     vocab = [f"w{i}" for i in range(300)] + ["Äpfel", "don't"]
@@ -130,6 +138,7 @@ def test_map_file_equals_counter(tmp_path):
 # --- mapper window and ACKs -----------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_ack_window_send_ack_resend():
     w = ka.AckWindow(10, 4)
     assert w.to_send() == (0, 4)
@@ -148,6 +157,7 @@ def test_ack_window_send_ack_resend():
         ka.AckWindow(5, wire.KV_WINDOW + 1)
 
 
+@pytest.mark.unit
 def test_ack_window_grows_as_the_mapper_maps():
     w = ka.AckWindow(0, 3)
     assert w.finished and w.idle and w.to_send() == (0, 0)
@@ -162,6 +172,7 @@ def test_ack_window_grows_as_the_mapper_maps():
     assert w.ack([2, 4]).size == 2 and w.base == 5 and w.to_send() == (5, 7)
 
 
+@pytest.mark.unit
 def test_row_packer_places_each_key_at_its_row_hot_first():
     per = 7
     rng = np.random.default_rng(3)
@@ -193,6 +204,7 @@ def test_row_packer_places_each_key_at_its_row_hot_first():
         p.add([0], [1])
 
 
+@pytest.mark.unit
 def test_grid_packets_cut_trailing_padding():
     gk = np.array([[5, 0, 6, 0], [0, 0, 0, 9], [0, 3, 0, 0]], np.uint64)
     gv = np.array([[1, 0, 2, 0], [0, 0, 0, 4], [0, -7, 0, 0]], np.int64)
@@ -205,6 +217,7 @@ def test_grid_packets_cut_trailing_padding():
         assert list(zip(t["key"].tolist(), t["value"].tolist())) == want
 
 
+@pytest.mark.unit
 def test_dictionary_line_round_trip_and_bad_lines():
     d = {kv.word_key(w): w for w in ["a", "naïve", "42"]}
     line = ka.dictionary_line(4, 2, d, [(7, "x", "y")])
@@ -222,6 +235,7 @@ def test_dictionary_line_round_trip_and_bad_lines():
             ka.parse_dictionary(bad, 4)
 
 
+@pytest.mark.unit
 def test_part_owners_hottest_claims_and_the_switch_column():
     per, cols, parts, flow = 5, 12, 3, 2
     own = kv.PartOwners(per, cols // parts)
@@ -251,6 +265,7 @@ def _rows(pkts):
     return rows, np.array([len(p) for p in pkts])
 
 
+@pytest.mark.unit
 def test_parse_acks_and_reducer_ack_format():
     a = ka.build_ack(job=3, gen=2, flow=1, psn=5, tuples=4)
     h, t = kv.parse_kv(a)  # csum ok, header only
@@ -273,6 +288,7 @@ def leftover(flow, psn, pairs, *, job=9, gen=4, flags=0):
     return kv.build_kv_packet(k, [c for _, c in pairs], job=job, gen=gen, flow=flow, psn=psn, flags=flags)
 
 
+@pytest.mark.unit
 def test_reducer_dedupe_drain_and_merge():
     s = ka.ReducerState(job=9, gen=4, world=2)
     assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)])) == (0, 0, 2)
@@ -297,6 +313,7 @@ def test_reducer_dedupe_drain_and_merge():
     assert (s.s.drains, s.s.drain_total, s.s.leftover_total, s.s.words) == (2, 17, 8, 3)
 
 
+@pytest.mark.unit
 def test_reducer_batch_is_packet_by_packet():
     """packets() on a batch (as the reducer receives them) does what packet() does
     one at a time; key-0 places (padding) are not tuples; acks come out sealed."""
@@ -316,6 +333,7 @@ def test_reducer_batch_is_packet_by_packet():
     assert acks[0].tobytes() == ka.build_ack(job=9, gen=4, flow=0, psn=0, tuples=2)
 
 
+@pytest.mark.unit
 def test_reducer_collision_reported_never_merged():
     s = ka.ReducerState(job=1, gen=1, world=3)
     s.packet(kv.build_kv_packet([7, 8], [2, 3], job=1, gen=1, flow=0, psn=0))
@@ -330,6 +348,7 @@ def test_reducer_collision_reported_never_merged():
         s.dictionary(5, {})
 
 
+@pytest.mark.unit
 def test_reducer_key_without_word_is_an_error():
     s = ka.ReducerState(job=1, gen=1, world=1)
     s.drained([kv.word_key("a"), 12345], [1, 2])
@@ -543,6 +562,7 @@ def test_wordcount_exact_under_faults(root, tmp_path, impair):
     (["kv-reduce", "--job", "0", "--mappers", "2", "--out", "c.json"], "--job must be in"),
     (["kv-reduce", "--job", "1", "--mappers", "2", "--out", "/nonexistent/c.json"], "does not exist"),
 ])
+@pytest.mark.unit
 def test_cli_errors_without_traceback(capsys, argv, msg):
     from hostagent import cli
 
