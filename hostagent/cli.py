@@ -150,12 +150,12 @@ def cmd_ps(a) -> int:
 
 
 def kv_splits() -> tuple[str, ...]:
-    from .kv_agent import SPLITS
+    from .words import SPLITS
     return SPLITS
 
 
 def kv_chunk_kb() -> int:
-    from .kv_agent import CHUNK_BYTES
+    from .words import CHUNK_BYTES
 
     return CHUNK_BYTES >> 10
 
@@ -183,7 +183,7 @@ def _check_kv_job(a) -> None:
 
 
 def cmd_kv_map(a) -> int:
-    from . import kv_agent
+    from .kv_mapper import run_mapper
 
     _check_kv_job(a)
     if not 0 <= a.rank < a.mappers:
@@ -201,11 +201,11 @@ def cmd_kv_map(a) -> int:
         if not Path(f).is_file():
             raise CliError(f"--input {f}: no such file")
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    st = kv_agent.run_mapper(a.job, a.rank, a.mappers, a.input, window=a.window, switch=a.switch,
-                             register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                             fail_timeout=a.fail_timeout, cols=a.cols, chunk_bytes=a.chunk_kb << 10,
-                             route="direct" if a.direct else "switch" if a.all_via_switch else "owned",
-                             split=a.split, say=say)
+    st = run_mapper(a.job, a.rank, a.mappers, a.input, window=a.window, switch=a.switch,
+                    register_timeout=a.register_timeout, progress_timeout=a.timeout,
+                    fail_timeout=a.fail_timeout, cols=a.cols, chunk_bytes=a.chunk_kb << 10,
+                    route="direct" if a.direct else "switch" if a.all_via_switch else "owned",
+                    split=a.split, say=say)
     res = dict(vars(st))
     print(json.dumps(res) if a.json else
           f"kv-map job {a.job} mapper {a.rank}/{a.mappers}: {st.words} words ({st.distinct} distinct) as "
@@ -218,7 +218,11 @@ def cmd_kv_map(a) -> int:
 
 
 def cmd_kv_reduce(a) -> int:
-    from . import kv_agent
+    """Also leaves the ReduceResult in a.result (scripts/kv_bench.py reads
+    what was drained from it)."""
+    from .kv_merge import summary_dict
+    from .kv_messages import CollisionError
+    from .kv_reducer import run_reducer
 
     _check_kv_job(a)
     if Path(a.out).parent and not Path(a.out).parent.exists():
@@ -226,20 +230,20 @@ def cmd_kv_reduce(a) -> int:
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     status = 0
     try:
-        counts, s, info = kv_agent.run_reducer(a.job, a.mappers, switch=a.switch,
-                                               register_timeout=a.register_timeout,
-                                               fail_timeout=a.fail_timeout, timeout=a.timeout, say=say)
-    except kv_agent.CollisionError as e:
-        counts, s, info = e.counts, e.summary, e.info
+        a.result = run_reducer(a.job, a.mappers, switch=a.switch, register_timeout=a.register_timeout,
+                               fail_timeout=a.fail_timeout, timeout=a.timeout, say=say)
+    except CollisionError as e:
+        a.result = e.result
         print(f"inc-agent: {e}", file=sys.stderr)
         status = 3
+    counts, s, info = a.result.counts, a.result.summary, a.result.info
     tmp = Path(str(a.out) + ".tmp")
     try:
         tmp.write_text(json.dumps(counts, ensure_ascii=False, sort_keys=True), encoding="utf-8")
         tmp.replace(a.out)
     except OSError as e:
         raise CliError(f"cannot write {a.out}: {e}")
-    res = {**info, **kv_agent.summary_dict(s), "out": str(a.out), "total_count": sum(counts.values())}
+    res = {**info, **summary_dict(s), "out": str(a.out), "total_count": sum(counts.values())}
     print(json.dumps(res) if a.json else
           f"kv-reduce job {a.job}: {s.words} words, {res['total_count']} occurrences; from the switch "
           f"{s.drain_total} (drained {s.drain_keys} keys), as leftovers {s.leftover_total} ({s.leftover_tuples} "
@@ -342,7 +346,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    return run(parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """Runs parsed arguments' command; its errors become a message and status 1."""
     try:
         return args.fn(args)
     except (CliError, TransportError, AllreduceError, QuantizeError) as e:

@@ -219,33 +219,14 @@ def reducer_wrapper(argv: list[str]) -> int:
     """Runs `inc-agent kv-reduce argv[1:]` and then writes to argv[0] when it
     finished and the sums it drained from the switch, per word (the split the
     reducer's summary gives only in total)."""
-    from hostagent import cli, kv_agent
+    from hostagent import cli
 
     out, args = argv[0], argv[1:]
-    grab: dict = {"state": None, "keys": [], "values": []}
-    orig = kv_agent.ReducerState.drained
-
-    def drained(self, keys, values):
-        grab["state"] = self
-        grab["keys"].append(np.asarray(keys, dtype=np.uint64).copy())
-        grab["values"].append(np.asarray(values, dtype=np.int64).copy())
-        return orig(self, keys, values)
-
-    kv_agent.ReducerState.drained = drained
-    rc = cli.main(args)
+    a = cli.parser().parse_args(args)
+    rc = cli.run(a)
     t_end = time.time()
-    per_word: dict[str, int] = {}
-    st = grab["state"]
-    if st is not None and grab["keys"]:
-        k = np.concatenate(grab["keys"])
-        v = np.concatenate(grab["values"])
-        uk, inv = np.unique(k, return_inverse=True)
-        sums = np.zeros(uk.size, np.int64)
-        np.add.at(sums, inv, v)
-        for key, val in zip(uk.tolist(), sums.tolist()):
-            w = st.words.get(key)
-            if w is not None and val:
-                per_word[w] = val
+    result = getattr(a, "result", None)  # what the reducer ended with, if it got that far
+    per_word = result.drained_counts() if result is not None else {}
     Path(out).write_text(json.dumps({"rc": rc, "t_end": t_end, "drained": per_word}, ensure_ascii=False),
                          encoding="utf-8")
     return rc
