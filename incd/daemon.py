@@ -164,7 +164,7 @@ def run(cfg: Config) -> int:
         log.info("incd %s: XDP on %s, pool %d slots, control on %s:%d",
                  cfg.instance, ",".join(p.name for p in ports), cfg.pool_slots, cfg.listen, cfg.listen_port)
         while not stop.wait(1.0):
-            registry.expire_remaps()
+            registry.expire_resizes()
             registry.expire_rejoins()
             registry.watchdog()  # hung members, stale hash slots
         log.info("stopping")

@@ -17,8 +17,9 @@ import time
 from pathlib import Path as FsPath
 
 from .dataplane import BPF_DIR
+from .jobs import Job, Member
 from .netinfo import Path
-from .registry import Job, Member, Registry
+from .registry import Registry
 
 VERSION = 1
 
@@ -45,7 +46,7 @@ def _unmember(d: dict) -> Member:
     return Member(d["rank"], d["addr"], d["port"],
                   Path(p["ifindex"], bytes.fromhex(p["mac"]), bytes.fromhex(p["port_mac"]),
                        p["switch_addr"], p["mtu"]),
-                  d["ifname"], alive=False)  # until it rejoins
+                  d["ifname"], alive=d["alive"])  # connected when incd died: must rejoin
 
 
 def dump(reg: Registry, fp: str) -> dict:
@@ -59,14 +60,14 @@ def dump(reg: Registry, fp: str) -> dict:
             "id": j.id, "world": j.world, "mode": j.mode, "window": j.window, "req_window": j.req_window,
             "shape": j.shape, "deadline": j.deadline, "model_bytes": j.model_bytes, "epochs": j.epochs,
             "compute_s": j.compute_s, "gen": j.gen, "offset": j.offset, "slots": j.slots,
-            "elems": j.elems, "started": j.started, "remaps_done": j.remaps_done,
+            "elems": j.elems, "started": j.started, "remaps_done": j.resizes_done,  # the file's old name
             "members": [_member(m) for m in j.members.values()],
             "ps": _member(j.ps) if j.ps is not None else None,
             # key-value: offset/slots are its columns; the epoch and the flows' seen
             # state are in the pinned maps (jobs, kv_flows), the sums in kv_pool
             "req_cols": j.req_cols, "parts": j.parts, "tuples": j.tuples, "kv_drains": j.kv_drains,
         })
-    return {"version": VERSION, "fingerprint": fp, "saved": time.time(), "gen": reg._gen,
+    return {"version": VERSION, "fingerprint": fp, "saved": time.time(), "gen": reg.last_gen,
             "hash_region": reg.hash_region, "jobs": jobs}
 
 
@@ -92,34 +93,20 @@ def load(path: FsPath, fp: str) -> tuple[dict | None, str]:
 
 
 def restore(reg: Registry, data: dict, grace_s: float) -> list[int]:
-    """Puts the saved jobs back as running, members absent until they rejoin.
-    Returns the job ids."""
-    with reg.cond:
-        reg._gen = int(data.get("gen", 0))
-        if data.get("hash_region"):
-            off, size = data["hash_region"]
-            reg.alloc.reserve(off, size)
-            reg.hash_region = (off, size)
-        ids = []
-        for d in data["jobs"]:
-            j = Job(d["id"], d["world"], d["mode"])
-            for k in ("window", "req_window", "shape", "deadline", "model_bytes", "epochs", "compute_s",
-                      "gen", "offset", "slots", "elems", "started", "remaps_done"):
-                setattr(j, k, d[k])
-            for k, default in (("req_cols", None), ("parts", None), ("tuples", 0), ("kv_drains", 0)):
-                setattr(j, k, d.get(k, default))
-            for md in d["members"]:
-                j.members[md["rank"]] = _unmember(md)
-            j.ps = _unmember(d["ps"]) if d["ps"] else None
-            # those connected when incd died must come back; who had left stays gone
-            j.rejoin_wait = {md["rank"] for md in d["members"] + [d["ps"] or {}] if md.get("alive")}
-            if j.mode == "modulo":
-                reg.alloc.reserve(j.offset, j.slots)
-            elif j.mode == "kv":
-                reg.kv_alloc.reserve(j.offset, j.slots)
-                j.kv_epoch = reg.dp.kv_epoch(j.id)  # the pinned job entry has the active copy
-            j.state = "active"
-            j.rejoin_by = time.time() + grace_s
-            reg.jobs[j.id] = j
-            ids.append(j.id)
-        return ids
+    """Puts the saved jobs back as running (Registry.restore), members absent
+    until they rejoin. Returns the job ids."""
+    jobs = []
+    for d in data["jobs"]:
+        j = Job(d["id"], d["world"], d["mode"])
+        for k in ("window", "req_window", "shape", "deadline", "model_bytes", "epochs", "compute_s",
+                  "gen", "offset", "slots", "elems", "started"):
+            setattr(j, k, d[k])
+        j.resizes_done = d["remaps_done"]
+        for k, default in (("req_cols", None), ("parts", None), ("tuples", 0), ("kv_drains", 0)):
+            setattr(j, k, d.get(k, default))
+        for md in d["members"]:
+            j.members[md["rank"]] = _unmember(md)
+        j.ps = _unmember(d["ps"]) if d["ps"] else None
+        jobs.append(j)
+    hash_region = tuple(data["hash_region"]) if data.get("hash_region") else None
+    return reg.restore(int(data.get("gen", 0)), hash_region, jobs, grace_s)

@@ -32,7 +32,8 @@ import threading
 
 from bpf import control, wire
 
-from .registry import RegistrationError, Registry, resolve_path
+from .registry import Registry
+from .requests import RegistrationError, resolve_path
 
 MAX_LINE = 64 * 1024
 log = logging.getLogger("incd")
@@ -127,7 +128,7 @@ def joined_reply(job, rank: int) -> dict:
     member = job.ps if rank == -1 else job.members[rank]
     kv = {}
     if job.mode == "kv":  # the job's columns of the switch's key-value array, and the packet size
-        kv = {"cols": job.slots, "parts": job.parts, "epoch": job.kv_epoch, "tuples": job.tuples,
+        kv = {"cols": job.cols, "parts": job.parts, "epoch": job.kv_epoch, "tuples": job.tuples,
               "kv_window": wire.KV_WINDOW}
     return {
         "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
@@ -215,9 +216,9 @@ class ControlHandler(socketserver.StreamRequestHandler):
                         # No reply, even to a malformed one: the agent's reader is async.
                         if joined[1] >= 0 and isinstance(req.get("remap"), int):
                             if op == "remap_report" and isinstance(req.get("next_psn"), int):
-                                srv.registry.remap_report(joined[0], joined[1], req["remap"], req["next_psn"])
+                                srv.registry.resize_report(joined[0], joined[1], req["remap"], req["next_psn"])
                             elif op == "remap_passed":
-                                srv.registry.remap_passed(joined[0], joined[1], req["remap"])
+                                srv.registry.resize_passed(joined[0], joined[1], req["remap"])
                     elif op == "kv_drain":
                         # The reducer of a kv job: flip the epoch, read and empty the old copy.
                         # The reply is one line of up to cols x 266 keys and values (a few MB).

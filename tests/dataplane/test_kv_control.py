@@ -20,7 +20,8 @@ from bpf.testrun import XDP_REDIRECT, prog_test_run
 from bpf import kv_wire as kv
 from bpf import wire
 from incd.netinfo import Path
-from incd.registry import KV_WINDOW, RegistrationError, Registry, validate_register
+from incd.registry import Registry
+from incd.requests import KV_WINDOW, RegistrationError, validate_register
 from incd.server import joined_reply
 
 KV_COLS = 64
@@ -196,9 +197,9 @@ def test_requested_columns_and_refusals(reg, dp):
 
 
 def test_mappers_of_all_jobs_share_the_flow_table(dp, monkeypatch):
-    import incd.registry as registry
+    import incd.kv_jobs as kv_jobs
 
-    monkeypatch.setattr(registry, "KV_MAX_FLOWS", 3)
+    monkeypatch.setattr(kv_jobs, "KV_MAX_FLOWS", 3)
     reg = Registry(dp, 16, {1: "lo"})
     try:
         assert kv_job(reg, 26, 2, cols=4)[1]["ok"]

@@ -34,13 +34,13 @@ class Rank:
             time.sleep(0.01)
         return self.job
 
-    def serve_remap(self, next_psn: int):
+    def serve_resize(self, next_psn: int):
         """What hostagent.transport does: report, drain to S, and be done."""
         ev = wait_event(self.events, "remap_propose")
-        self.reg.remap_report(self.job, 0, ev["remap"], next_psn)
+        self.reg.resize_report(self.job, 0, ev["remap"], next_psn)
         ev = wait_event(self.events, "remap_fence")
         assert ev["S"] == next_psn  # one rank: S is its own position
-        self.reg.remap_passed(self.job, 0, ev["remap"])
+        self.reg.resize_passed(self.job, 0, ev["remap"])
         return wait_event(self.events, "remap_go")
 
 
@@ -60,7 +60,7 @@ def test_resize_protocol_and_compaction(dp):
     gen_c = jc.gen
     reg.leave(ja, 0)                       # a hole at 0..15, free 48..63
     d = Rank(reg, 4, 16, 4)                # wants 32: fits in total, not in one run
-    go = c.serve_remap(next_psn=1000)      # so the highest job (c, at 32) is moved down
+    go = c.serve_resize(next_psn=1000)      # so the highest job (c, at 32) is moved down
     assert (go["offset"], go["slots"]) == (0, 16) and go["gen"] != gen_c
     jd = d.wait()
     assert (jd.offset, jd.slots) == (32, 32)
@@ -76,11 +76,11 @@ def test_a_deadline_job_shrinks_a_running_one(dp):
     jb = big.wait()
     assert jb.slots == 64
     urgent = Rank(reg, 12, 32, 2, deadline_s=20, model_bytes=500_000_000, epochs=5, compute_s=0.1)
-    go = big.serve_remap(next_psn=77)
+    go = big.serve_resize(next_psn=77)
     ju = urgent.wait()
     assert go["slots"] < 64 and jb.slots == go["slots"] and jb.window == go["slots"] // 2
     assert ju.slots + jb.slots <= 64
     assert not (set(range(ju.offset, ju.offset + ju.slots)) & set(range(jb.offset, jb.offset + jb.slots)))
     reg.leave(ju, 0)                       # and the big job grows back once it is gone
-    go = big.serve_remap(next_psn=500)
+    go = big.serve_resize(next_psn=500)
     assert go["slots"] == 64 and jb.slots == 64
