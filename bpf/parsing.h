@@ -9,6 +9,12 @@
 #include <linux/udp.h>
 #include <linux/in.h>
 
+/* Keeps clang from folding the pointer into pkt_end arithmetic, which the
+ * verifier rejects. */
+#ifndef barrier_var
+#define barrier_var(v) asm volatile("" : "+r"(v))
+#endif
+
 struct cursor {
 	void *pos;
 	void *end;

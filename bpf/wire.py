@@ -14,8 +14,10 @@ import numpy as np
 
 from . import source
 
-# Files whose #defines and enums make the constants below, in include order.
-HEADERS = ("inc_proto.h",)
+# Files whose #defines and enums make the constants below, in include order:
+# the wire format, then the switch's state (its sizes refer to wire constants).
+# tests/unit/test_layout.py checks that no other header defines an INC_ constant.
+HEADERS = ("inc_proto.h", "inc_state.h")
 
 
 def _value(expr: str, known: dict[str, int]) -> int | None:

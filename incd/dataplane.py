@@ -1,7 +1,7 @@
 """The switch dataplane as incd sees it: compile, attach, pin, and typed map access.
 
 Map value types come from bcc (`table.Leaf`), which builds them from the C
-structs in bpf/inc_proto.h, so nothing here restates a layout.
+structs in bpf/inc_state.h, so nothing here restates a layout.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 import bpf
 from bpf import wire
+from bpf.bcc_unit import one_unit
 
 BPF_DIR = bpf.source_dir()
 SWITCH_SRC = bpf.source("inc_switch.bpf.c")
@@ -67,7 +68,8 @@ class Dataplane:
             cflags.append(f'-DINC_PIN_DIR="{pin_dir}"')
         self.pin_dir = pin_dir
         try:
-            self.bpf = bcc.BPF(src_file=str(SWITCH_SRC).encode(), cflags=cflags)
+            # one text: bcc rewrites map calls only in the text it is given (bpf/bcc_unit.py)
+            self.bpf = bcc.BPF(text=one_unit(SWITCH_SRC.name).encode(), cflags=cflags)
             self.ingress = self.bpf.load_func(b"xdp_inc_ingress", bcc.BPF.XDP)
             self.mode_fns = {
                 wire.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),

@@ -109,6 +109,7 @@ def test_kv_layouts_and_column_hash_match_c(tmp_path):
 #include <stdio.h>
 #include <stddef.h>
 #include "inc_proto.h"
+#include "inc_state.h"
 int main(void) {
   unsigned long long keys[] = {1, 0xffffffffffffffffULL, 0x123456789abcdef0ULL, 0x8000000000000001ULL};
   printf("{\"tuple\": [%zu, %zu, %zu, %zu], \"agg\": [%zu, %zu, %zu], \"cols\": [",

@@ -1,0 +1,185 @@
+/* The switch's own state: job table, members, aggregators, counters, and the
+ * key-value aggregator and seen state; the value structs of the maps in
+ * inc_maps.h.
+ *
+ * Written by incd (job table, members, sources) and by the dataplane
+ * (aggregators, counters). incd reads these structs through bcc, which builds
+ * its types from them; Python parses the constants here as it does those of
+ * inc_proto.h (bpf/wire.py). Keep it free of kernel-only includes: the unit
+ * tests compile it with gcc.
+ */
+#ifndef INC_STATE_H
+#define INC_STATE_H
+
+#include "inc_proto.h"
+
+#ifndef __KERNEL__
+#include <linux/bpf.h>   /* struct bpf_spin_lock */
+#endif
+
+#define INC_MAX_PORTS 64
+
+/* Map sizes chosen when incd builds the switch (-DINC_POOL_SLOTS=N,
+ * -DINC_KV_COLS=N); a build without them gets the defaults. */
+#define INC_POOL_SLOTS_DEFAULT 4096
+#define INC_KV_COLS_DEFAULT 512 /* columns of the aggregator array */
+#ifndef INC_POOL_SLOTS
+#define INC_POOL_SLOTS INC_POOL_SLOTS_DEFAULT
+#endif
+#ifndef INC_KV_COLS
+#define INC_KV_COLS INC_KV_COLS_DEFAULT
+#endif
+
+/* inc_job.mode */
+#define INC_MODE_MODULO 1      /* NetReduce: idx = offset + psn % slots, switch only */
+#define INC_MODE_HASH 2        /* ATP: idx from the host, PS fallback, ACK release */
+/* Index of the program for a hash job's PS packets (results, EVICTs) in the
+ * dataplane's program array; modes index their own data programs. */
+#define INC_PROG_HASH_FROM_PS 3
+#define INC_MODE_KV 4          /* key-value aggregation (word count): see inc_proto.h */
+#define INC_MODE_PROGS 8       /* size of the program array */
+
+/* Hash mode: a slot claimed longer ago than this by a (job, psn) that never
+ * finished may be taken over; its contributors resend to the PS. */
+#define INC_SLOT_STALE_NS 200000000ULL
+
+/* inc_slot.state */
+#define INC_SLOT_EMPTY 0
+#define INC_SLOT_PARTIAL 1
+#define INC_SLOT_COMPLETE 2
+
+/* Job table, indexed by job id. Written by incd only. */
+struct inc_job {
+	__u32 offset;  /* first aggregator slot of the job's region (key-value: first column) */
+	__u32 slots;   /* region size; modulo mode uses 2 * window (key-value: columns) */
+	__u16 gen;
+	__u8 mode;     /* 0 = no such job */
+	__u8 world;
+	__u8 epoch;    /* key-value: which copy of the aggregator array is active (0/1) */
+	__u8 pad;
+	__u16 parts;   /* key-value: subspaces the columns are cut into; flow f uses part f % parts */
+};
+
+/* Where and how to deliver a job's results on one switch port (devmap egress). */
+struct inc_member_key {
+	__u16 job;
+	__u16 pad;
+	__u32 ifindex;
+};
+
+/* Where a job's rank may send from: sources[job * INC_MAX_WORKERS + rank].
+ * Data packets from any other port or address are dropped (bad_source). */
+struct inc_source {
+	__u32 addr;    /* host IPv4, network order; 0 = no such member */
+	__u32 ifindex; /* switch port it is behind */
+	__u16 port;    /* its UDP port, network order (another process on the host is a stranger) */
+	__u16 pad;
+};
+
+/* Also the value of job_ps (hash mode: where a job's PS is). */
+struct inc_member {
+	__u8 mac[6];       /* host (or next hop) MAC */
+	__u8 port_mac[6];  /* switch port MAC */
+	__u32 addr;        /* host IPv4, network order */
+	__u32 switch_addr; /* switch port IPv4, network order */
+	__u16 port;        /* host UDP port, network order */
+	__u16 rank;
+	__u32 ifindex;     /* switch port the host is behind */
+};
+
+/* One aggregator. The pool is an array of these; a job owns [offset, offset+slots). */
+struct inc_slot {
+	struct bpf_spin_lock lock;
+	__u32 psn;        /* round currently held */
+	__u64 bitmap;     /* ranks whose contribution is in lanes */
+	__u16 job;        /* owner tag: a slot tagged with another job/gen is free */
+	__u16 gen;
+	__u8 state;       /* INC_SLOT_* */
+	__u8 count;       /* contributions so far */
+	__u8 op;
+	__u8 overflow;
+	__u16 numel;
+	__u16 pad;
+	__u64 claimed_ns; /* hash mode: when this (job, psn) took the slot */
+	__s32 lanes[INC_MAX_ELEMS];
+};
+
+/* Per-job counters, in a per-CPU array indexed by job id (0 = unattributable). */
+struct inc_stats {
+	__u64 pkts_in;          /* INC data packets parsed for this job */
+	__u64 consumed;         /* contributions added and absorbed */
+	__u64 slots_completed;
+	__u64 results_mcast;    /* result copies sent out by the egress program */
+	__u64 retrans_answered; /* stored result unicast back to a retransmitter */
+	__u64 overflows;        /* slots whose int32 sum overflowed */
+	__u64 collisions;       /* hash: slot held by another (job, psn); packet sent to the PS */
+	__u64 fallbacks;        /* hash: packets sent to the PS other than complete aggregates */
+	__u64 to_ps;            /* hash: complete aggregates sent to the PS */
+	__u64 releases;         /* hash: slots freed by the PS's result (the ACK) */
+	__u64 reclaims;         /* hash: stale slots taken over */
+	__u64 evictions;        /* hash: partials handed to the PS on its EVICT */
+	__u64 kv_absorbed;      /* key-value: tuples added into an aggregator (claims included) */
+	__u64 kv_claimed;       /* key-value: tuples that took an empty aggregator */
+	__u64 kv_leftover;      /* key-value: tuples left in the packet for the reducer */
+	__u64 kv_acks;          /* key-value: packets fully absorbed and acknowledged by the switch */
+	__u64 kv_to_reducer;    /* key-value: packets sent on to the reducer with their leftovers */
+	__u64 kv_resent;        /* key-value: retransmissions of a psn already absorbed (re-acked or
+				 * replayed to the reducer, never added again) */
+	__u64 drops[INC_DROP__COUNT];
+};
+
+/* --- Key-value mode: aggregators and seen state ------------------------------ */
+#define INC_KV_ROWS INC_KV_MAX_TUPLES
+#define INC_KV_MASK_WORDS 5    /* ceil(INC_KV_MAX_TUPLES / 64) */
+#define INC_KV_MAX_FLOWS 256   /* (job, flow) pairs with seen state, all KV jobs together (6 KiB each) */
+
+/* One aggregator: kv_pool[epoch * INC_KV_COLS * INC_KV_ROWS + col * INC_KV_ROWS + row]
+ * (column-major, so a job's columns are one contiguous range per epoch).
+ * Claimed with a 64-bit compare-and-swap on key, added with a 64-bit atomic
+ * add: no lock (kv_agg.h; scripts/kv_cost.py measures both ways). */
+struct inc_kv_agg {
+	__u64 key;     /* 0 = empty */
+	__s64 value;   /* sum over the epoch: 64-bit, int32 tuples cannot overflow it */
+};
+
+/* inc_kv_seen.state */
+#define INC_KV_EMPTY 0
+#define INC_KV_PENDING 1       /* being absorbed on some CPU right now */
+#define INC_KV_ALL 2           /* every tuple absorbed: acknowledged by the switch */
+#define INC_KV_PARTIAL 3       /* mask = tuples absorbed; the rest went to the reducer */
+
+/* What the switch did with psn (one entry of a flow's ring, psn % INC_KV_WINDOW). */
+struct inc_kv_seen {
+	__u32 psn;
+	__u8 state;
+	__u8 pad;
+	__u16 absorbed;
+	__u64 mask[INC_KV_MASK_WORDS]; /* bit i: tuple i was absorbed */
+};
+
+struct inc_kv_flow_key {
+	__u16 job;
+	__u16 flow;    /* the mapper's rank */
+};
+
+/* Seen state of one flow; written by incd when the job is programmed. */
+struct inc_kv_flow {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	struct inc_kv_seen ring[INC_KV_WINDOW];
+};
+
+/* Per packet working state of the key-value tuple loop (mode_kv.h). Kept in a
+ * per-CPU map rather than in registers: the verifier does not track values in
+ * map memory, so the loop's paths (absorbed or not) meet again at the loop
+ * head and are pruned; with exact counters in registers they never do (266
+ * tuples: too complex). */
+struct kv_scratch {
+	__u32 absorbed;
+	__u32 claimed;
+	__u32 left;
+	__u32 lsum;
+	__u64 mask[INC_KV_MASK_WORDS];
+};
+
+#endif /* INC_STATE_H */
