@@ -1,13 +1,13 @@
 /* Microbenchmark only (scripts/kv_cost.py): two ways to claim-or-add a KV
  * packet's tuples into their aggregators (tuple i -> row i, column from the
  * key), each a tiny XDP program timed with BPF_PROG_TEST_RUN: 64-bit atomics
- * (compare-and-swap on the key, atomic add of the value; what the switch does)
- * and a spin lock per aggregator around plain code. */
+ * (the switch's own kv_claim_add of kv_agg.h, compare-and-swap on the key,
+ * atomic add of the value) and a spin lock per aggregator around plain code. */
 #include <uapi/linux/bpf.h>
 #include "parsing.h"
 #include "inc_proto.h"
+#include "kv_agg.h"
 
-#define barrier_var(v) asm volatile("" : "+r"(v))
 #define BENCH_COLS 64
 
 struct agg_locked {
@@ -41,8 +41,8 @@ static __always_inline struct inc_kv_tuple *tuple_at(struct inc_kv_tuple *p, voi
 	barrier_var(t);
 	if ((void *)(t + 1) > end)
 		return 0;
-	*key = ((__u64)t->key_hi << 32) | t->key_lo;
-	*idx = (inc_kv_col(*key) % BENCH_COLS) * INC_KV_ROWS + i;
+	*key = kv_tuple_key(t);
+	*idx = kv_agg_index(0, 0, BENCH_COLS, *key, i);
 	return t;
 }
 
@@ -63,15 +63,8 @@ int kv_bench_atomic(struct xdp_md *ctx)
 		if (!t)
 			break;
 		struct inc_kv_agg *a = kv_atomic.lookup(&idx);
-		if (a) {
-			__u64 old = a->key;
-			if (old == 0)
-				old = __sync_val_compare_and_swap(&a->key, 0, key);
-			if (old == 0 || old == key) {
-				__sync_fetch_and_add(&a->value, (__s64)t->value);
-				*hit += 1;
-			}
-		}
+		if (a && kv_claim_add(a, key, t) != KV_AGG_OTHER)
+			*hit += 1;
 	}
 	return XDP_DROP;
 }
