@@ -33,7 +33,7 @@ import threading
 from bpf import control, wire
 
 from .registry import Registry
-from .requests import RegistrationError, resolve_path
+from .requests import RegistrationError, resolve_path, short
 
 MAX_LINE = 64 * 1024
 log = logging.getLogger("incd")
@@ -45,12 +45,6 @@ class BadRequest(ValueError):
     def __init__(self, msg: str, fatal: bool = False):
         super().__init__(msg)
         self.fatal = fatal
-
-
-def short(v: object, n: int = 40) -> str:
-    """repr of something a client sent, cut to n characters for an error message."""
-    s = repr(v)
-    return s if len(s) <= n else s[:n] + "..."
 
 
 def _send(wfile, obj: dict, lock: threading.Lock | None = None) -> None:
@@ -157,6 +151,10 @@ class ControlServer(socketserver.ThreadingTCPServer):
 
 
 class ControlHandler(socketserver.StreamRequestHandler):
+    """One control connection: at most one membership (register or rejoin),
+    then requests about it. Each op has a handler in OPS; a handler returns the
+    reply, or None for ops answered with nothing (their sender reads events
+    asynchronously), and raises RegistrationError to refuse."""
     server: ControlServer
 
     def handle(self) -> None:
@@ -167,86 +165,121 @@ class ControlHandler(socketserver.StreamRequestHandler):
             _send(self.wfile, {"ok": False, "error": f"{peer} may not use this switch "
                                "(only hosts on the switch ports' networks or the configured allow list)"})
             return
-        joined = None  # (job, rank)
-        lock = threading.Lock()
-
-        def push(obj: dict) -> None:
-            try:
-                _send(self.wfile, obj, lock)
-            except OSError:
-                pass
-
+        self.peer = peer
+        self.joined = None  # (job, rank)
+        self.lock = threading.Lock()
         try:
             while True:
-                req = _next_request(self.rfile, self.wfile, lock)
+                req = _next_request(self.rfile, self.wfile, self.lock)
                 if req is None:
                     return
                 op = req["op"]
                 try:
-                    if op in ("register", "rejoin"):
-                        if joined:
-                            raise RegistrationError("this connection already registered; open another")
-                        if op == "register":
-                            timeout = register_timeout(req, srv.register_timeout)
-                            path = resolve_path(srv.netinfo, peer, srv.port_ifindexes)
-                            job, rank = srv.registry.register(req, peer, path, timeout)
-                        else:  # a member of a job a restarted incd recovered
-                            job, rank = srv.registry.rejoin(req, peer)
-                        joined = (job, rank)
-                        # Events from now on: one that overtakes the reply is kept
-                        # by the agent (transport.Control) and handled after it.
-                        (job.ps if rank == -1 else job.members[rank]).send = push
-                        _send(self.wfile, joined_reply(job, rank), lock)
-                    elif op in ("done", "wait_end"):
-                        # Only about this connection's own membership: there is no way to
-                        # end or watch somebody else's job from here.
-                        if not joined:
-                            raise RegistrationError(f"{op!r} before 'register': this connection is in no job")
-                        if "job" in req and req["job"] != joined[0].id:
-                            raise RegistrationError(f"job {short(req['job'])} is not this connection's job "
-                                                    f"(job {joined[0].id})")
-                        if op == "done":
-                            srv.registry.leave(*joined, done=True)  # leaving without it fails the job
-                            _send(self.wfile, {"ok": True}, lock)
-                        else:
-                            _send(self.wfile, {"ok": True, "reason": srv.registry.wait_end(joined[0])}, lock)
-                    elif op in ("remap_report", "remap_passed"):
-                        if not joined:
-                            raise RegistrationError(f"{op!r} before 'register': this connection is in no job")
-                        # No reply, even to a malformed one: the agent's reader is async.
-                        if joined[1] >= 0 and isinstance(req.get("remap"), int):
-                            if op == "remap_report" and isinstance(req.get("next_psn"), int):
-                                srv.registry.resize_report(joined[0], joined[1], req["remap"], req["next_psn"])
-                            elif op == "remap_passed":
-                                srv.registry.resize_passed(joined[0], joined[1], req["remap"])
-                    elif op == "kv_drain":
-                        # The reducer of a kv job: flip the epoch, read and empty the old copy.
-                        # The reply is one line of up to cols x 266 keys and values (a few MB).
-                        if not joined:
-                            raise RegistrationError("'kv_drain' before 'register': this connection is in no job")
-                        if "job" in req and req["job"] != joined[0].id:
-                            raise RegistrationError(f"job {short(req['job'])} is not this connection's job "
-                                                    f"(job {joined[0].id})")
-                        _send(self.wfile, srv.registry.kv_drain(*joined), lock)
-                    elif op == "alive":  # heartbeat; no reply (see Registry.heartbeat)
-                        if joined:
-                            srv.registry.heartbeat(*joined, req.get("fail_timeout"))
-                    elif op == "ping":
-                        _send(self.wfile, {"ok": True}, lock)
-                    else:
-                        _send(self.wfile, {"ok": False, "error": f"unknown op {short(op)}"}, lock)
+                    handler = self.OPS.get(op)
+                    reply = (handler(self, req) if handler is not None
+                             else {"ok": False, "error": f"unknown op {short(op)}"})
+                    if reply is not None:
+                        _send(self.wfile, reply, self.lock)
                 except RegistrationError as e:
-                    _send(self.wfile, {"ok": False, "error": str(e)}, lock)
+                    _send(self.wfile, {"ok": False, "error": str(e)}, self.lock)
                 except (BrokenPipeError, ConnectionResetError):
                     raise
                 except Exception as e:  # a bug: say so, keep the daemon and this connection up
                     log.exception("control request %s from %s", short(op), peer)
-                    _send(self.wfile, {"ok": False, "error": f"internal error: {type(e).__name__}"}, lock)
+                    _send(self.wfile, {"ok": False, "error": f"internal error: {type(e).__name__}"}, self.lock)
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
-            if joined:
-                srv.registry.leave(*joined)
+            if self.joined:
+                srv.registry.leave(*self.joined)
+
+    def push(self, obj: dict) -> None:
+        """An event to this connection's member (from the registry's threads)."""
+        try:
+            _send(self.wfile, obj, self.lock)
+        except OSError:
+            pass
+
+    # --- membership -------------------------------------------------------------
+    def _join(self, req: dict, joining) -> dict:
+        if self.joined:
+            raise RegistrationError("this connection already registered; open another")
+        job, rank = joining()
+        self.joined = (job, rank)
+        # Events from now on: one that overtakes the reply is kept
+        # by the agent (transport.Control) and handled after it.
+        job.member(rank).send = self.push
+        return joined_reply(job, rank)
+
+    def op_register(self, req: dict) -> dict:
+        srv = self.server
+
+        def joining():
+            timeout = register_timeout(req, srv.register_timeout)
+            path = resolve_path(srv.netinfo, self.peer, srv.port_ifindexes)
+            return srv.registry.register(req, self.peer, path, timeout)
+        return self._join(req, joining)
+
+    def op_rejoin(self, req: dict) -> dict:
+        """A member of a job a restarted incd recovered."""
+        return self._join(req, lambda: self.server.registry.rejoin(req, self.peer))
+
+    def _own_job(self, req: dict, op: str):
+        """(job, rank) of this connection; requests are only about its own
+        membership: there is no way to end or watch somebody else's job."""
+        if not self.joined:
+            raise RegistrationError(f"{op!r} before 'register': this connection is in no job")
+        if "job" in req and req["job"] != self.joined[0].id:
+            raise RegistrationError(f"job {short(req['job'])} is not this connection's job "
+                                    f"(job {self.joined[0].id})")
+        return self.joined
+
+    def op_done(self, req: dict) -> dict:
+        self.server.registry.leave(*self._own_job(req, "done"), done=True)  # leaving without it fails the job
+        return {"ok": True}
+
+    def op_wait_end(self, req: dict) -> dict:
+        return {"ok": True, "reason": self.server.registry.wait_end(self._own_job(req, "wait_end")[0])}
+
+    # --- live resize (the wire keeps the ops' first name, "remap_*") -------------
+    def _resize_step(self, req: dict, op: str) -> tuple | None:
+        """(job, rank, resize id) of a well-formed step from a worker; None to ignore it."""
+        if not self.joined:
+            raise RegistrationError(f"{op!r} before 'register': this connection is in no job")
+        if self.joined[1] >= 0 and isinstance(req.get("remap"), int):
+            return (*self.joined, req["remap"])
+        return None
+
+    def op_resize_report(self, req: dict) -> None:
+        # No reply, even to a malformed one: the agent's reader is async.
+        step = self._resize_step(req, "remap_report")
+        if step and isinstance(req.get("next_psn"), int):
+            self.server.registry.resize_report(*step, req["next_psn"])
+
+    def op_resize_passed(self, req: dict) -> None:
+        step = self._resize_step(req, "remap_passed")
+        if step:
+            self.server.registry.resize_passed(*step)
+
+    # --- the rest -------------------------------------------------------------------
+    def op_kv_drain(self, req: dict) -> dict:
+        """The reducer of a kv job: flip the epoch, read and empty the old copy.
+        The reply is one line of up to cols x 266 keys and values (a few MB)."""
+        return self.server.registry.kv_drain(*self._own_job(req, "kv_drain"))
+
+    def op_alive(self, req: dict) -> None:
+        """A heartbeat; no reply (see watchdog.py)."""
+        if self.joined:
+            self.server.registry.heartbeat(*self.joined, req.get("fail_timeout"))
+
+    def op_ping(self, req: dict) -> dict:
+        return {"ok": True}
+
+    OPS = {
+        "register": op_register, "rejoin": op_rejoin, "done": op_done, "wait_end": op_wait_end,
+        "remap_report": op_resize_report, "remap_passed": op_resize_passed,
+        "kv_drain": op_kv_drain, "alive": op_alive, "ping": op_ping,
+    }
 
 
 class AdminServer(socketserver.ThreadingUnixStreamServer):
@@ -285,10 +318,17 @@ class AdminHandler(socketserver.StreamRequestHandler):
         req = _next_request(self.rfile, self.wfile)
         if req is None:
             return
-        if req["op"] == "status":
-            _send(self.wfile, {"ok": True, **self.server.status_fn()})
-        elif req["op"] == "stop":
-            _send(self.wfile, {"ok": True})
-            threading.Thread(target=self.server.stop_fn, daemon=True).start()
-        else:
+        handler = self.OPS.get(req["op"])
+        if handler is None:
             _send(self.wfile, {"ok": False, "error": f"unknown op {short(req['op'])}"})
+        else:
+            handler(self)
+
+    def op_status(self) -> None:
+        _send(self.wfile, {"ok": True, **self.server.status_fn()})
+
+    def op_stop(self) -> None:
+        _send(self.wfile, {"ok": True})
+        threading.Thread(target=self.server.stop_fn, daemon=True).start()
+
+    OPS = {"status": op_status, "stop": op_stop}
