@@ -33,7 +33,7 @@ import threading
 from bpf import control, wire
 
 from .registry import Registry
-from .requests import RegistrationError, resolve_path, short
+from .requests import RegistrationError, check_version, resolve_path, short
 
 MAX_LINE = 64 * 1024
 log = logging.getLogger("incd")
@@ -202,6 +202,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
 
     # --- membership -------------------------------------------------------------
     def _join(self, req: dict, joining) -> dict:
+        check_version(req)
         if self.joined:
             raise RegistrationError("this connection already registered; open another")
         job, rank = joining()

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from bpf import wire
+from bpf import control, wire
 from helpers.control import Ctl
 from helpers.polling import wait_active, wait_for
 from incd import daemon
@@ -284,6 +284,28 @@ def test_conflicts_with_a_running_job(lab, ctl):
     assert res and all(r["verified"] for r in res[0]), res
     fin = [j for j in status(lab)["finished"] if j["job"] == 31]
     assert [(j["gen"], j["end_reason"]) for j in fin] == [(rec[3], "all workers left")]
+
+
+def test_control_api_version(lab, ctl):
+    """A "register" or "rejoin" in a control-API version this incd does not speak
+    is refused naming both versions, and changes nothing; the agents' version,
+    and none at all (version 1, before the field existed), are served."""
+    before = state(lab)
+    v, other = control.CONTROL_VERSION, control.CONTROL_VERSION + 1
+    for req in (reg(51, rank=0, world=1, version=other),
+                {"op": "rejoin", "job": 51, "rank": 0, "gen": 1, "version": other}):
+        c = ctl("h1")
+        refused(c.call(req), f"control API version {other} is not supported by this incd (speaks {v})",
+                "upgrade inc-agent or incd")
+        assert c.call({"op": "ping"}) == {"ok": True}
+    refused(ctl("h1").call(reg(51, rank=0, world=1, version="1")), "'version'")
+    assert state(lab) == before
+    for job, extra in ((52, {"version": v}), (53, {})):
+        c = ctl("h1")
+        a = c.call(reg(job, rank=0, world=1, timeout=30, **extra))
+        assert a["ok"] and a["job"] == job, a
+        assert c.call({"op": "done"}) == {"ok": True}
+    assert state(lab)["jobs"] == before["jobs"]
 
 
 def test_after_all_that_jobs_run_exactly(lab):

@@ -1,0 +1,28 @@
+"""What incd checks of a registration before anything changes: the
+control-API version (pure logic; the lab test in test_control_api.py sends it
+over a real control connection)."""
+from __future__ import annotations
+
+import pytest
+
+from bpf import control
+from incd.requests import RegistrationError, check_version
+
+
+def test_the_agents_version_and_none_at_all_are_accepted():
+    assert check_version({"op": "register", "version": control.CONTROL_VERSION}) == control.CONTROL_VERSION
+    assert check_version({"op": "rejoin"}) == 1  # before the field existed
+
+
+@pytest.mark.parametrize("v", [control.CONTROL_VERSION + 1, 0, -1, 10**30])
+def test_another_version_is_refused_naming_both(v):
+    with pytest.raises(RegistrationError) as e:
+        check_version({"op": "register", "version": v})
+    assert str(e.value) == (f"control API version {v} is not supported by this incd "
+                            f"(speaks {control.CONTROL_VERSION}): upgrade inc-agent or incd so both match")
+
+
+@pytest.mark.parametrize("v", ["1", 1.0, True, None, [1]])
+def test_a_version_that_is_not_an_integer_is_refused(v):
+    with pytest.raises(RegistrationError, match="'version' must be an integer"):
+        check_version({"op": "register", "version": v})
