@@ -14,7 +14,8 @@ from pathlib import Path
 
 from bpf import wire
 
-from . import daemon
+from . import config, daemon
+from .config import Config, ConfigError
 from .memory import POLICIES
 
 LAB_STATE_DIR = Path("/run/inc-lab")
@@ -41,24 +42,22 @@ def admin_request(instance: str, req: dict, timeout: float = 10.0) -> dict:
     return json.loads(buf)
 
 
-def build_config(args) -> daemon.Config:
-    cfg = daemon.Config(instance=args.instance)
+def build_config(args) -> Config:
+    """The settings: defaults, then the --config file, then the options; every
+    value checked (config.check), a bad one named with where it came from."""
+    cfg = Config(instance=args.instance)
+    origin: dict[str, str] = {}  # key -> what to call it in an error
     if args.config:
-        try:
-            data = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CliError(f"cannot read config {args.config}: {e}")
-        known = set(daemon.Config.__dataclass_fields__) - {"instance"}
-        unknown = set(data) - known
-        if unknown:
-            raise CliError(f"config {args.config}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        for k, v in data.items():
+        for k, v in config.read_file(args.config).items():
             setattr(cfg, k, v)
+            origin[k] = f"config {args.config}: '{k}'"
     if args.ports:
         cfg.ports = [p for p in args.ports.split(",") if p]
         cfg.netns = args.netns
+        origin.update(ports="--ports", netns="--netns")
     elif args.netns:
         cfg.netns = args.netns
+        origin["netns"] = "--netns"
     if not cfg.ports:
         lab = LAB_STATE_DIR / f"{args.lab}.json"
         try:
@@ -70,33 +69,22 @@ def build_config(args) -> daemon.Config:
             raise CliError(f"lab state {lab} is corrupt: {e}")
         cfg.netns = st["switch_netns"]
         cfg.ports = [h["switch_port"] for h in st["hosts"]]
+        origin.update(ports=f"lab state {lab}: ports", netns=f"lab state {lab}: netns")
     if args.listen:
         host, _, port = args.listen.rpartition(":") if ":" in args.listen else (args.listen, "", "")
         cfg.listen = host or "0.0.0.0"
+        origin["listen"] = "--listen"
         if port:
+            if not port.isdigit():
+                raise CliError(f"--listen takes address[:port], got {args.listen!r}")
             cfg.listen_port = int(port)
-    if args.pool_slots is not None:
-        cfg.pool_slots = args.pool_slots
-    if args.hash_slots is not None:
-        cfg.hash_slots = args.hash_slots
-    for key in ("policy", "partitions", "rtt_us", "link_gbps"):
+            origin["listen_port"] = "--listen port"
+    for key in ("pool_slots", "hash_slots", "policy", "partitions", "rtt_us", "link_gbps",
+                "register_timeout", "rejoin_grace"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    if cfg.policy not in POLICIES:
-        raise CliError(f"policy must be one of {', '.join(POLICIES)}")
-    if cfg.partitions < 1 or cfg.rtt_us <= 0 or cfg.link_gbps <= 0:
-        raise CliError("--partitions, --rtt-us and --link-gbps must be positive")
-    if args.register_timeout is not None:
-        cfg.register_timeout = args.register_timeout
-    if args.rejoin_grace is not None:
-        cfg.rejoin_grace = args.rejoin_grace
-    if not 0 < cfg.rejoin_grace <= 3600:
-        raise CliError("--rejoin-grace must be in (0, 3600] seconds")
-    if not 1 <= cfg.pool_slots <= 1 << 20:
-        raise CliError(f"--pool-slots must be in 1..{1 << 20}")
-    if cfg.hash_slots is not None and not 1 <= cfg.hash_slots <= cfg.pool_slots:
-        raise CliError(f"--hash-slots must be in 1..{cfg.pool_slots} (the pool size)")
-    return cfg
+            origin[key] = "--" + key.replace("_", "-")
+    return config.check(cfg, origin)
 
 
 def cmd_start(args) -> int:
@@ -120,7 +108,7 @@ def cmd_start(args) -> int:
     logf = daemon.log_path(cfg.instance)
     argv = [sys.executable, "-m", "incd.cli", "--instance", cfg.instance, "start", "--foreground"]
     cfg_file = daemon.config_copy_path(cfg.instance)
-    cfg_file.write_text(json.dumps({k: v for k, v in cfg.__dict__.items() if k != "instance"}))
+    cfg_file.write_text(json.dumps(cfg.file_values()))
     argv += ["--config", str(cfg_file)]
     with open(logf, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -294,8 +282,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     s.add_argument("--ports", help="comma-separated switch ports, e.g. eth1,eth2 (real NICs)")
     s.add_argument("--netns", help="network namespace the ports live in (default: current)")
-    s.add_argument("--config", help="JSON file: netns, ports, listen, listen_port, pool_slots, hash_slots, "
-                   "allow, register_timeout, rejoin_grace")
+    s.add_argument("--config", help="JSON file of settings, any of: " + ", ".join(config.FILE_KEYS) +
+                   " (options given here override it)")
     s.add_argument("--listen", help=f"control API address[:port] (default 0.0.0.0:{wire.CTRL_PORT})")
     s.add_argument("--pool-slots", type=int, help="aggregator slots in the switch "
                    f"(default {wire.C['INC_POOL_SLOTS_DEFAULT']})")
@@ -333,7 +321,7 @@ def main(argv=None) -> int:
         return 1
     try:
         return args.fn(args)
-    except CliError as e:
+    except (CliError, ConfigError) as e:
         print(f"incd: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

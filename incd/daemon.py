@@ -9,12 +9,11 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from bpf import wire
-
 from . import jobstate, netinfo
+from .config import Config
 from .dataplane import Dataplane, Port, unpin_dir
 from .memory import Link, MemoryManager
 from .registry import Registry
@@ -23,24 +22,6 @@ from .server import AdminServer, ControlServer
 RUN_DIR = Path("/run/incd")
 PIN_ROOT = Path("/sys/fs/bpf")
 log = logging.getLogger("incd")
-
-
-@dataclass
-class Config:
-    instance: str = "incd"
-    netns: str | None = None
-    ports: list[str] = field(default_factory=list)
-    listen: str = "0.0.0.0"
-    listen_port: int = wire.CTRL_PORT
-    pool_slots: int = wire.POOL_SLOTS_DEFAULT
-    hash_slots: int | None = None  # region shared by hash-mode jobs; default half the pool
-    policy: str = "edf"            # memory policy for modulo jobs: fifo, static, edf
-    partitions: int = 4            # static policy
-    rtt_us: float = 200.0          # sizing: Memory = Throughput x RTT
-    link_gbps: float = 10.0
-    allow: list[str] = field(default_factory=list)  # CIDRs; empty = the ports' networks
-    register_timeout: float = 30.0
-    rejoin_grace: float = 10.0  # after a restart: how long recovered jobs wait for their members
 
 
 def state_path(instance: str) -> Path:
