@@ -4,7 +4,8 @@ Constants (#define INC_* and enum entries) are parsed out of the C headers at
 import time, so there is no second hand-kept list; each is an attribute of this
 module without its INC_ prefix. The header layout is written
 out here as a numpy dtype because Python cannot take it from C without a
-compiler; tests/test_layout.py checks it against offsetof() from gcc.
+compiler; tests/unit/test_layout.py checks it against offsetof() from gcc,
+and every constant against the compiler's value.
 """
 from __future__ import annotations
 
