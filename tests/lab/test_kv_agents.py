@@ -15,7 +15,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from hostagent import kv_agent as ka
+from hostagent import kv_flow, kv_merge, kv_messages
+from hostagent import words as kv_words
 from bpf import kv_wire as kv
 from bpf import wire
 from netns_lab.impair import read_counters
@@ -25,9 +26,9 @@ from netns_lab.impair import read_counters
 
 @pytest.mark.unit
 def test_tokenize():
-    assert ka.tokenize("The cat, the CAT's hat -- 42x_y!") == ["the", "cat", "the", "cat", "s", "hat", "42x", "y"]
-    assert ka.tokenize("Ünïcode naïve café\tÉTÉ\n") == ["ünïcode", "naïve", "café", "été"]
-    assert ka.tokenize("  ...  ") == [] and ka.tokenize("") == []
+    assert kv_words.tokenize("The cat, the CAT's hat -- 42x_y!") == ["the", "cat", "the", "cat", "s", "hat", "42x", "y"]
+    assert kv_words.tokenize("Ünïcode naïve café\tÉTÉ\n") == ["ünïcode", "naïve", "café", "été"]
+    assert kv_words.tokenize("  ...  ") == [] and kv_words.tokenize("") == []
 
 
 @pytest.mark.unit
@@ -35,10 +36,10 @@ def test_read_chunks_never_split_words(tmp_path):
     p = tmp_path / "t.txt"
     lines = [" ".join(f"w{i}x{j}é" for j in range(7)) for i in range(500)]
     p.write_text("\n".join(lines) + "\n")
-    chunks = list(ka.read_chunks(str(p), 100))
+    chunks = list(kv_words.read_chunks(str(p), 100))
     assert len(chunks) > 10 and b"".join(chunks) == p.read_bytes()
-    assert sum((ka.count_words(c) for c in chunks), collections.Counter()) == \
-        collections.Counter(w.encode() for w in ka.tokenize(p.read_text()))
+    assert sum((kv_words.count_words(c) for c in chunks), collections.Counter()) == \
+        collections.Counter(w.encode() for w in kv_words.tokenize(p.read_text()))
 
 
 @pytest.mark.unit
@@ -47,9 +48,9 @@ def test_read_chunks_cuts_a_long_line(tmp_path):
     mapper's heartbeat stalls while one piece is counted)."""
     p = tmp_path / "line.txt"
     p.write_bytes(b"alpha beta, gamma " * 600_000)
-    chunks = list(ka.read_chunks(str(p), 1 << 20))
+    chunks = list(kv_words.read_chunks(str(p), 1 << 20))
     assert len(chunks) >= 10 and max(map(len, chunks)) <= 2 << 20
-    assert sum((ka.count_words(c) for c in chunks), collections.Counter()) == \
+    assert sum((kv_words.count_words(c) for c in chunks), collections.Counter()) == \
         {b"alpha": 600_000, b"beta": 600_000, b"gamma": 600_000}
 
 
@@ -62,7 +63,7 @@ _CHUNK_TEXT = st.lists(st.sampled_from(["Σ", "Α", "a", "9", "é", "e\u0301", "
 
 @pytest.mark.unit
 @settings(max_examples=500, deadline=None)
-@given(_CHUNK_TEXT, st.integers(1, 8), st.sampled_from(ka.SPLITS))
+@given(_CHUNK_TEXT, st.integers(1, 8), st.sampled_from(kv_words.SPLITS))
 @example([b"\xce\x91\xce\xa3.\xce\x91"], 5, "words")  # "ΑΣ.Α" cut after the '.': Σ would lower as final
 @example([b"a,b\x1cc"], 2, "whitespace")  # a cut after ',' would make "a," and "b" of "a,b"
 def test_read_chunks_count_as_the_whole(tmp_path_factory, parts, size, split):
@@ -70,9 +71,9 @@ def test_read_chunks_count_as_the_whole(tmp_path_factory, parts, size, split):
     raw = b"".join(parts)
     p = tmp_path_factory.mktemp("c") / "t.bin"
     p.write_bytes(raw)
-    chunks = list(ka.read_chunks(str(p), size, split))
+    chunks = list(kv_words.read_chunks(str(p), size, split))
     assert b"".join(chunks) == raw and all(chunks)
-    assert sum((ka.count_words(c, split) for c in chunks), collections.Counter()) == ka.count_words(raw, split)
+    assert sum((kv_words.count_words(c, split) for c in chunks), collections.Counter()) == kv_words.count_words(raw, split)
 
 
 @pytest.mark.unit
@@ -85,24 +86,24 @@ def test_count_words_is_tokenize(text):
     invalid UTF-8 replaced)."""
     raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
     decoded = raw.decode("utf-8", errors="replace")
-    assert ka.count_words(raw) == collections.Counter(w.encode() for w in ka.tokenize(decoded))
-    assert ka.count_words(raw, "whitespace") == collections.Counter(w.encode() for w in decoded.split())
+    assert kv_words.count_words(raw) == collections.Counter(w.encode() for w in kv_words.tokenize(decoded))
+    assert kv_words.count_words(raw, "whitespace") == collections.Counter(w.encode() for w in decoded.split())
 
 
 @pytest.mark.unit
 def test_split_counts_big_values():
-    M = ka.INT32_MAX
-    k, v = ka.split_counts(np.array([5, 6, 7], np.uint64), np.array([3, 2 * M + 5, M], np.int64))
+    M = kv_words.INT32_MAX
+    k, v = kv_words.split_counts(np.array([5, 6, 7], np.uint64), np.array([3, 2 * M + 5, M], np.int64))
     assert k.tolist() == [5, 6, 6, 6, 7] and v.tolist() == [3, M, M, 5, M] and v.dtype == np.int32
-    k, v = ka.split_counts(np.array([9], np.uint64), np.array([M + 1]))
+    k, v = kv_words.split_counts(np.array([9], np.uint64), np.array([M + 1]))
     assert (k.tolist(), v.tolist()) == ([9, 9], [M, 1])
     with pytest.raises(ValueError):
-        ka.split_counts(np.array([1], np.uint64), np.array([0]))
+        kv_words.split_counts(np.array([1], np.uint64), np.array([0]))
 
 
 @pytest.mark.unit
 def test_word_source_keys_dictionary_and_own_collisions():
-    src = ka.WordSource([])
+    src = kv_words.WordSource([])
     k, v = src.add(collections.Counter({b"a": 3, "b".encode(): 2**32}))
     got = collections.defaultdict(int)
     for kk, vv in zip(k.tolist(), v.tolist()):
@@ -111,7 +112,7 @@ def test_word_source_keys_dictionary_and_own_collisions():
     assert src.dictionary == {kv.word_key("a"): "a", kv.word_key("b"): "b"} and src.collisions == []
     # each word is hashed once, however many chunks it is in
     calls = []
-    src2 = ka.WordSource([], key_fn=lambda w: calls.append(w) or (7 if w in "xy" else 8))
+    src2 = kv_words.WordSource([], key_fn=lambda w: calls.append(w) or (7 if w in "xy" else 8))
     src2.add(collections.Counter({b"x": 1, b"y": 1, b"z": 1}))
     src2.add(collections.Counter({b"x": 2, "ü".encode(): 1}))
     assert sorted(calls) == ["x", "y", "z", "ü"]
@@ -126,8 +127,8 @@ def test_map_file_equals_counter(tmp_path):
     text = "\n".join(" ".join(rng.choice(vocab) for _ in range(20)) for _ in range(400))
     p = tmp_path / "in.txt"
     p.write_text(text)
-    keys, vals, d, col, words = ka.map_file([str(p)], chunk_bytes=1000)
-    want = collections.Counter(ka.tokenize(text))
+    keys, vals, d, col, words = kv_words.map_file([str(p)], chunk_bytes=1000)
+    want = collections.Counter(kv_words.tokenize(text))
     got = collections.Counter()
     for k, v in zip(keys.tolist(), vals.tolist()):
         got[d[k]] += v
@@ -140,7 +141,7 @@ def test_map_file_equals_counter(tmp_path):
 
 @pytest.mark.unit
 def test_ack_window_send_ack_resend():
-    w = ka.AckWindow(10, 4)
+    w = kv_flow.AckWindow(10, 4)
     assert w.to_send() == (0, 4)
     w.mark_sent(0, 4, now=1.0)
     assert w.to_send() == (4, 4)  # window full
@@ -154,12 +155,12 @@ def test_ack_window_send_ack_resend():
     w.mark_sent(*w.to_send(), now=3.0)
     assert w.ack([7, 8, 9]).size == 3 and w.finished and w.ack([9]).size == 0
     with pytest.raises(ValueError):
-        ka.AckWindow(5, wire.KV_WINDOW + 1)
+        kv_flow.AckWindow(5, wire.KV_WINDOW + 1)
 
 
 @pytest.mark.unit
 def test_ack_window_grows_as_the_mapper_maps():
-    w = ka.AckWindow(0, 3)
+    w = kv_flow.AckWindow(0, 3)
     assert w.finished and w.idle and w.to_send() == (0, 0)
     w.extend(2)
     assert not w.finished and w.to_send() == (0, 2)
@@ -220,19 +221,19 @@ def test_grid_packets_cut_trailing_padding():
 @pytest.mark.unit
 def test_dictionary_line_round_trip_and_bad_lines():
     d = {kv.word_key(w): w for w in ["a", "naïve", "42"]}
-    line = ka.dictionary_line(4, 2, d, [(7, "x", "y")])
+    line = kv_messages.dictionary_line(4, 2, d, [(7, "x", "y")])
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    flow, keys, words, col = ka.parse_dictionary(line, 4)
+    flow, keys, words, col = kv_messages.parse_dictionary(line, 4)
     assert flow == 2 and dict(zip(keys, words)) == d and col == [(7, "x", "y")]
-    assert ka.parse_dictionary(ka.dictionary_line(4, 0, {}), 4) == (0, [], [], [])
-    for bad in [b"{}", b"[1]", b"not json", ka.dictionary_line(5, 0, d),
+    assert kv_messages.parse_dictionary(kv_messages.dictionary_line(4, 0, {}), 4) == (0, [], [], [])
+    for bad in [b"{}", b"[1]", b"not json", kv_messages.dictionary_line(5, 0, d),
                 b'{"job": 4, "flow": 0, "keys": "AAAA", "words": "a"}',          # 3 bytes of keys
                 b'{"job": 4, "flow": 0, "keys": "!!!!", "words": "a"}',          # not base64
                 b'{"job": 4, "flow": 0, "keys": "AQAAAAAAAAA=", "words": "a\\nb"}',  # 1 key, 2 words
                 b'{"job": 4, "flow": true, "keys": "", "words": ""}',
                 b'{"job": 4, "flow": 0, "keys": "", "words": "", "collisions": [["x", "a", "b"]]}']:
         with pytest.raises(ValueError):
-            ka.parse_dictionary(bad, 4)
+            kv_messages.parse_dictionary(bad, 4)
 
 
 @pytest.mark.unit
@@ -267,17 +268,17 @@ def _rows(pkts):
 
 @pytest.mark.unit
 def test_parse_acks_and_reducer_ack_format():
-    a = ka.build_ack(job=3, gen=2, flow=1, psn=5, tuples=4)
+    a = kv_messages.build_ack(job=3, gen=2, flow=1, psn=5, tuples=4)
     h, t = kv.parse_kv(a)  # csum ok, header only
     assert (h["type"], h["job"], h["gen"], h["rank"], h["psn"], h["slot"], h["numel"], len(t)) == \
         (wire.T_KV_ACK, 3, 2, 1, 5, 4, 0, 0)
-    bad = bytearray(ka.build_ack(job=3, gen=2, flow=1, psn=6))
+    bad = bytearray(kv_messages.build_ack(job=3, gen=2, flow=1, psn=6))
     bad[8] ^= 1
-    pkts = [a, ka.build_ack(job=3, gen=1, flow=1, psn=7), ka.build_ack(job=3, gen=2, flow=0, psn=8),
-            ka.build_ack(job=4, gen=2, flow=1, psn=9), bytes(bad), ka.build_ack(job=3, gen=2, flow=1, psn=50),
-            kv.build_kv_packet([1], [1], job=3, gen=2, flow=1, psn=10), ka.build_ack(job=3, gen=2, flow=1, psn=11)]
+    pkts = [a, kv_messages.build_ack(job=3, gen=1, flow=1, psn=7), kv_messages.build_ack(job=3, gen=2, flow=0, psn=8),
+            kv_messages.build_ack(job=4, gen=2, flow=1, psn=9), bytes(bad), kv_messages.build_ack(job=3, gen=2, flow=1, psn=50),
+            kv.build_kv_packet([1], [1], job=3, gen=2, flow=1, psn=10), kv_messages.build_ack(job=3, gen=2, flow=1, psn=11)]
     rows, lens = _rows(pkts)
-    assert ka.parse_acks(rows, lens, job=3, gen=2, flow=1, n=20).tolist() == [5, 11]
+    assert kv_messages.parse_acks(rows, lens, job=3, gen=2, flow=1, n=20).tolist() == [5, 11]
 
 
 # --- reducer state ------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def leftover(flow, psn, pairs, *, job=9, gen=4, flags=0):
 
 @pytest.mark.unit
 def test_reducer_dedupe_drain_and_merge():
-    s = ka.ReducerState(job=9, gen=4, world=2)
+    s = kv_merge.ReducerState(job=9, gen=4, mappers=2)
     assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)])) == (0, 0, 2)
     assert s.packet(leftover(0, 0, [("a", 2), ("b", 1)], flags=wire.F_RETRANS)) == (0, 0, 2)  # replay
     assert s.packet(leftover(1, 0, [("a", 5)], flags=wire.F_KV_PARTIAL)) == (1, 0, 1)  # other flow, same psn
@@ -321,21 +322,21 @@ def test_reducer_batch_is_packet_by_packet():
     rows_g, sizes_g = kv.build_kv_grid(gk, np.array([[0, 3, 0]]), job=9, gen=4, flow=1, psn0=7)
     pkts = [leftover(0, 0, [("a", 2), ("b", 1)]), leftover(0, 0, [("a", 2)]), b"\x01" * 10,
             leftover(1, 3, [("c", 4)], gen=3), rows_g[0, :sizes_g[0]].tobytes(), leftover(1, 4, [("a", 1)])]
-    one = ka.ReducerState(job=9, gen=4, world=2)
+    one = kv_merge.ReducerState(job=9, gen=4, mappers=2)
     want = [r for r in (one.packet(p) for p in pkts) if r is not None]
-    many = ka.ReducerState(job=9, gen=4, world=2)
+    many = kv_merge.ReducerState(job=9, gen=4, mappers=2)
     rows, lens = _rows(pkts)
     assert many.packets(rows, lens) == want == [(0, 0, 2), (0, 0, 1), (1, 7, 2), (1, 4, 1)]
     assert one.s == many.s and (many.s.leftover_tuples, many.s.leftover_total, many.s.dup_packets,
                                 many.s.bad_packets) == (4, 7, 1, 2)
-    acks = ka.build_acks(job=9, gen=4, flows=[0, 1], psns=[0, 2**32 + 5], tuples=[2, 0])
-    assert ka.parse_acks(acks, np.full(2, acks.shape[1]), job=9, gen=4, flow=1, n=10).tolist() == [5]
-    assert acks[0].tobytes() == ka.build_ack(job=9, gen=4, flow=0, psn=0, tuples=2)
+    acks = kv_messages.build_acks(job=9, gen=4, flows=[0, 1], psns=[0, 2**32 + 5], tuples=[2, 0])
+    assert kv_messages.parse_acks(acks, np.full(2, acks.shape[1]), job=9, gen=4, flow=1, n=10).tolist() == [5]
+    assert acks[0].tobytes() == kv_messages.build_ack(job=9, gen=4, flow=0, psn=0, tuples=2)
 
 
 @pytest.mark.unit
 def test_reducer_collision_reported_never_merged():
-    s = ka.ReducerState(job=1, gen=1, world=3)
+    s = kv_merge.ReducerState(job=1, gen=1, mappers=3)
     s.packet(kv.build_kv_packet([7, 8], [2, 3], job=1, gen=1, flow=0, psn=0))
     s.drained([7], [10])
     s.dictionary(0, {"7": "x", "8": "y"})
@@ -344,16 +345,16 @@ def test_reducer_collision_reported_never_merged():
     counts, col = s.counts()
     assert counts == {}  # neither 7 nor 8 is counted under any word
     assert sorted(col) == [(7, "x", "other"), (7, "x", "third"), (8, "y", "why")]
-    with pytest.raises(ka.KVError, match="flow 5"):
+    with pytest.raises(kv_messages.KVError, match="flow 5"):
         s.dictionary(5, {})
 
 
 @pytest.mark.unit
 def test_reducer_key_without_word_is_an_error():
-    s = ka.ReducerState(job=1, gen=1, world=1)
+    s = kv_merge.ReducerState(job=1, gen=1, mappers=1)
     s.drained([kv.word_key("a"), 12345], [1, 2])
     s.dictionary(0, {kv.word_key("a"): "a"})
-    with pytest.raises(ka.KVError, match="no word"):
+    with pytest.raises(kv_messages.KVError, match="no word"):
         s.counts()
 
 
@@ -372,7 +373,7 @@ def make_corpus(tmp_path, mappers, seed, lines=1500, vocab=3000):
         p = tmp_path / f"in{m}.txt"
         p.write_text(text, encoding="utf-8")
         files.append(str(p))
-        total += collections.Counter(ka.tokenize(text))
+        total += collections.Counter(kv_words.tokenize(text))
     return files, total
 
 
@@ -454,7 +455,7 @@ def test_wordcount_twice_same_lab_small_window(kvlab, tmp_path):
     """A second job after the first (columns freed and reused), window 1, and a
     mapper with an empty input (no packets, an empty dictionary)."""
     files, want = make_corpus(tmp_path, 3, seed=2, lines=200)
-    want -= collections.Counter(ka.tokenize(open(files[0], encoding="utf-8").read()))
+    want -= collections.Counter(kv_words.tokenize(open(files[0], encoding="utf-8").read()))
     open(files[0], "w").close()
     _, _, counts = run_wordcount(kvlab, tmp_path, 81, files, window=1)
     assert counts == dict(want)
