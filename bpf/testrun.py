@@ -70,36 +70,3 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex:
         raise OSError(-rc, f"BPF_PROG_TEST_RUN failed: {rc}")
     return RunResult(o.retval, outbuf.raw[: o.data_size_out], o.duration)
 
-
-BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
-
-
-class LiveFrames:
-    """BPF_PROG_TEST_RUN in live-frames mode: runs an XDP program `count` times
-    on fresh copies of one frame and carries out each verdict for real (XDP_TX
-    leaves by the ingress device). The frame and context are built once."""
-
-    def __init__(self, prog_fd: int, frame: bytes, ifindex: int):
-        from bcc import libbcc
-
-        self.fn = libbcc.lib.bpf_prog_test_run_opts
-        self.fn.argtypes = [ct.c_int, ct.POINTER(_Opts)]
-        self.fn.restype = ct.c_int
-        self.prog_fd = prog_fd
-        self.inbuf = ct.create_string_buffer(bytes(frame), len(frame))
-        self.md = _XdpMd(data_end=len(frame), ingress_ifindex=ifindex)
-        self.o = _Opts()
-        self.o.sz = ct.sizeof(_Opts)
-        self.o.data_in = ct.cast(self.inbuf, ct.c_void_p)
-        self.o.data_size_in = len(frame)
-        self.o.ctx_in = ct.cast(ct.pointer(self.md), ct.c_void_p)
-        self.o.ctx_size_in = ct.sizeof(self.md)
-        self.o.flags = BPF_F_TEST_XDP_LIVE_FRAMES
-
-    def run(self, count: int) -> None:
-        if count <= 0:
-            return
-        self.o.repeat = count
-        rc = self.fn(self.prog_fd, ct.byref(self.o))
-        if rc != 0:
-            raise OSError(-rc, f"BPF_PROG_TEST_RUN (live frames) failed: {rc}")

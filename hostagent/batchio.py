@@ -184,6 +184,7 @@ def segments_per_send(seg_bytes: int) -> int:
 
 
 def gso_supported(sock: socket.socket) -> bool:
+    """Whether the kernel takes UDP_SEGMENT on this socket."""
     try:
         sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)
         return True

@@ -70,7 +70,9 @@ def cmd_allreduce(a) -> int:
     # incd refuses ranks whose vectors differ, instead of letting them hang
     with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
                  register_timeout=a.register_timeout, progress_timeout=a.timeout,
-                 shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand, fail_timeout=a.fail_timeout) as s:
+                 shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand, fail_timeout=a.fail_timeout,
+                 datapath=a.datapath) as s:
+        say(f"rank {a.rank}: data path {s.datapath} ({s.datapath_note})")
         comm = Communicator(s)
         times = []
         y = None
@@ -93,6 +95,7 @@ def cmd_allreduce(a) -> int:
         retx = s.stats.retransmits
         resizes = s.resizes
         packets_per_iter = s.stats.packets / a.iters
+        datapath, datapath_note, corrupt = s.datapath, s.datapath_note, s.stats.corrupt
     if a.out:
         np.save(a.out, y)
     med = statistics.median(times)
@@ -102,6 +105,7 @@ def cmd_allreduce(a) -> int:
         "goodput_gbps": x.nbytes * 8 / med / 1e9, "retransmits": retx,
         "packets_per_iter": packets_per_iter, "pps": packets_per_iter / med,
         "elems_per_packet": params.elems, "window": params.window, "mode": a.mode, "resizes": resizes,
+        "datapath": datapath, "datapath_note": datapath_note, "corrupt": corrupt,
         "verified": verified,
         "max_abs_err": max_err,
         "widened_to_int64": comm.widened,  # int32 sums that overflowed and were redone exactly
@@ -117,7 +121,7 @@ def cmd_allreduce(a) -> int:
         v = "" if verified is None else (" verified" if verified else f" WRONG (max err {max_err})")
         print(f"allreduce job {a.job} rank {a.rank}/{a.world}: {x.size} x {x.dtype}, "
               f"median {med * 1e3:.2f} ms, {res['goodput_gbps']:.3f} Gbit/s, "
-              f"{retx} retransmits{v}")
+              f"{retx} retransmits, {datapath} data path{v}")
     return 0 if verified in (None, True) else 4
 
 
@@ -272,6 +276,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.add_argument("--quiet", action="store_true", help="no progress lines")
     a.add_argument("--window", type=int, default=64, help="packets in flight (default %(default)s)")
+    a.add_argument("--datapath", choices=["auto", "xdp", "socket"], default="socket",
+                   help="how packets leave and results arrive: xdp (host XDP programs, no socket "
+                        "stack; needs root and a veth without another XDP program), socket "
+                        "(UDP sockets, works anywhere), auto (xdp where it can be loaded, else "
+                        "socket; default). --json and incd status say which was used")
     a.add_argument("--mode", choices=["modulo", "hash", "ps"], default="modulo",
                    help="modulo: switch only (NetReduce); hash: switch with a parameter server "
                    "fallback (ATP); ps: parameter server only, the switch just forwards (baseline)")

@@ -7,9 +7,9 @@ Losses are repaired by the sender: a timeout (adaptive RTO) or three later
 results arriving first makes it resend; the switch either adds the missing
 contribution or answers from the stored result.
 
-Per step of the loop: one sendmmsg for everything the window allows, one
-recvmmsg for whatever results arrived, and numpy over the batch; no Python
-runs per packet. The RTT estimate, the RTO and the congestion window live in
+Per step of the loop: one send for everything the window allows, one wait
+for whatever results arrived, and numpy over the batch; no Python runs per
+packet. The packets go by sockets or by the host's XDP programs (reduce_io). The RTT estimate, the RTO and the congestion window live in
 the Session and carry over from one reduce to the next.
 """
 from __future__ import annotations
@@ -18,10 +18,9 @@ import time
 
 import numpy as np
 
-from bpf import wire
 
-from . import batchio
 from .incd_link import TransportError
+from .reduce_io import SocketIO
 
 # Halving stops here: below it, three later results rarely come to trigger a
 # fast retransmit, and every loss waits for the timeout (5 % loss, hash mode,
@@ -34,32 +33,22 @@ class WindowedReduce:
     (nxt), which have results (got, base = the lowest without one), when each
     was last sent and how often."""
 
-    def __init__(self, session, values: np.ndarray, op: int):
+    def __init__(self, session, values: np.ndarray, op: int, io=None):
         self.s = s = session
         p = s.params
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         self.n = values.size
         self.psn0_abs = s.next_psn
         self.psn0 = self.psn0_abs & 0xFFFFFFFF
-        hashed = p.mode == "hash"
-        self.buf, sizes = wire.build_packets(values, p.elems, job=p.job, gen=p.gen, rank=s.rank, psn0=self.psn0,
-                                             op=op, hash_region=(p.offset, p.slots) if hashed else None)
-        self.npk = npk = len(self.buf)
+        self.io = (io or SocketIO)(s, values, op, self.psn0)
+        self.npk = npk = self.io.npk
         s.next_psn = self.psn0_abs + npk
-        raw = self.buf.view(np.uint8).reshape(npk, -1)
-        self.lsum = wire.lane_sums(self.buf)  # for resealing after header changes
-        self.msgs = batchio.Messages(raw, sizes.astype(np.uint64))
-        self.hdr_gen = self.buf["hdr"]["gen"]
         self.sent_gen = np.full(npk, -1, dtype=np.int64)  # a resize changes the generation between psns
-        self.want_numel = (sizes - wire.HDR_LEN) // 4
-        self.E = p.elems
         self.W = p.window  # the job's window as last read under the lock (a resize may change it)
-        self.out = np.zeros((npk, p.elems), dtype=np.int32)
         self.got = np.zeros(npk, dtype=bool)
         self.sends = np.zeros(npk, dtype=np.int32)
         self.sent_at = np.zeros(npk)
         self.fast_done = np.zeros(npk, dtype=bool)
-        self.fd = s.udp.fileno()
         self.overflow = False
         self.base = self.nxt = self.ngot = self.fr = self.retx = 0
         self.last_progress = time.monotonic()
@@ -76,16 +65,16 @@ class WindowedReduce:
             if s.resize is not None:
                 with s._lock:  # S may come after the last result below it
                     s._maybe_passed(self.psn0_abs + self.base)
-            k = s._rx.recv(s.rto)
+            ids, overflow = self.io.receive(s.rto, self)
             now = time.monotonic()
-            if k:
-                self.receive(k, now)
+            if ids.size:
+                self.receive(ids, overflow, now)
             self.retransmit_late(now)
             self.check_progress(now)
         s.stats.packets += self.npk
         s.stats.retransmits += self.retx
         s.stats.rto_s = s.rto
-        return self.out.reshape(-1)[:self.n], self.overflow
+        return self.io.result(self.n), self.overflow
 
     def send_new(self, now: float) -> None:
         """Sends what the window (and a resize's fence) allows now."""
@@ -99,59 +88,27 @@ class WindowedReduce:
             if fence is not None:
                 limit = min(limit, max(nxt, fence - self.psn0_abs))
             if limit > nxt:
-                self.hdr_gen[nxt:limit] = self.sent_gen[nxt:limit] = s.params.gen  # the generation when first sent
-                wire.seal(self.buf, slice(nxt, limit), self.lsum)
+                self.sent_gen[nxt:limit] = s.params.gen  # the generation when first sent
                 self.sent_at[nxt:limit] = now
                 self.sends[nxt:limit] = 1
-                batchio.send_msgs(self.fd, self.msgs.msgs, nxt, limit - nxt)
+                self.io.send(nxt, limit, s.params.gen)
                 self.nxt = limit
                 s.sent_upto = self.psn0_abs + limit
 
     def resend(self, idx: np.ndarray, now: float) -> None:
-        buf = self.buf
-        buf["hdr"]["flags"][idx] |= wire.F_RETRANS
-        wire.seal(buf, idx, self.lsum)
         self.sent_at[idx] = now
         self.sends[idx] += 1
         self.retx += idx.size
-        batchio.send_msgs(self.fd, self.msgs.subset(idx))
+        self.io.resend(idx, self.sent_gen[idx])
 
-    def receive(self, k: int, now: float) -> None:
-        """Takes the k results just received: the valid ones of this reduce,
-        each once; then the RTT, the window and fast retransmits."""
-        s, p, E = self.s, self.s.params, self.E
-        got, want_numel = self.got, self.want_numel
-        rx = s._rx
-        rows = rx.buf[:k]
-        lens = rx.m.msgs["len"][:k].astype(np.int64)
-        h = np.frombuffer(rows[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
-        idx = (h["psn"].astype(np.int64) - self.psn0) & 0xFFFFFFFF
-        ok = ((h["version"] == wire.VERSION) & (h["type"] == wire.T_RESULT) & (h["job"] == p.job)
-              & (lens >= wire.HDR_LEN) & (idx < self.npk))
-        intact = wire.csum_ok(rows, lens)  # changed on the way: as if lost
-        s.stats.corrupt += int((ok & ~intact).sum())
-        ok &= intact
-        idx = np.where(ok, idx, 0)
-        numel = h["numel"].astype(np.int64)
-        ok &= ((h["gen"] == self.sent_gen[idx]) & ~got[idx] & (numel == want_numel[idx])
-               & (lens >= wire.HDR_LEN + 4 * numel))
-        sel = np.nonzero(ok)[0]
-        if not sel.size:
-            return
-        if sel.size == 1:
-            ids = idx[sel]
-        else:  # a duplicate in one batch counts once
-            ids, first = np.unique(idx[sel], return_index=True)
-            sel = sel[first]
-        full = want_numel[ids] == E
-        if full.any():
-            self.out[ids[full]] = rows[sel[full], wire.HDR_LEN:wire.HDR_LEN + 4 * E].view("<i4")
-        for j, r in zip(ids[~full], sel[~full]):  # the short last packet, at most one
-            m = int(want_numel[j])
-            self.out[j, :m] = rows[r, wire.HDR_LEN:wire.HDR_LEN + 4 * m].view("<i4")
+    def receive(self, ids: np.ndarray, overflow: bool, now: float) -> None:
+        """Takes the results just received (new, valid, each once): then the
+        RTT, the window and fast retransmits."""
+        s, p = self.s, self.s.params
+        got = self.got
         got[ids] = True
         self.ngot += ids.size
-        self.overflow |= bool(np.any(h["flags"][sel] & wire.F_OVERFLOW))
+        self.overflow |= overflow
         clean = ids[self.sends[ids] == 1]
         if clean.size:
             s._sample_rtt(now - float(self.sent_at[clean].mean()))

@@ -13,9 +13,11 @@ import numpy as np
 from bpf import wire
 
 from . import batchio
-from .incd_link import TransportError
+from .incd_link import TransportError, default_gateway
 from .member import Member
+from .reduce_io import XdpIO
 from .reduction import WindowedReduce
+from .xdp_path import XdpPath, XdpUnavailable
 
 # Below this, 4 agents sharing 2 cores time out on each other just by being
 # descheduled; losses are mostly repaired earlier by the fast retransmit.
@@ -39,6 +41,7 @@ class JobParams:
 
 
 MODES = ("modulo", "hash", "ps")
+DATAPATHS = ("auto", "xdp", "socket")
 
 
 def data_socket() -> socket.socket:
@@ -84,19 +87,25 @@ class Session(Member):
                  switch: str | None = None, ctrl_port: int = wire.CTRL_PORT,
                  register_timeout: float = 30.0, progress_timeout: float = 10.0,
                  shape: str | None = None, mode: str = "modulo", demand: dict | None = None,
-                 fail_timeout: float = 2.0):
+                 fail_timeout: float = 2.0, datapath: str = "socket"):
         if mode not in MODES:
             raise TransportError(f"mode must be one of {MODES}")
+        if datapath not in DATAPATHS:
+            raise TransportError(f"datapath must be one of {DATAPATHS}")
         super().__init__(job, fail_timeout)
         self.rank = rank
         self.progress_timeout = progress_timeout
         self._done = False
         self.udp = data_socket()
+        self.xdp = None
         try:
+            # Chosen before registering: loading the programs takes a second or
+            # two, which the other ranks would otherwise wait for at the first psn.
+            self.datapath, self.datapath_note = self._choose_datapath(datapath, mode, switch)
             reply = self.register(switch, ctrl_port, register_timeout, {
                 "job": job, "rank": rank, "world": world, "window": window,
                 "port": self.udp.getsockname()[1], "mode": mode, "timeout": register_timeout,
-                "shape": shape, **(demand or {}),
+                "shape": shape, "datapath": self.datapath, **(demand or {}),
             })
             self.params = params_from(reply)
             if self.params.elems <= 0:
@@ -120,6 +129,7 @@ class Session(Member):
         self.rttvar = 0.0
         self.rto = 0.02
         self.cwnd = float(self.params.window)  # AIMD congestion window, at most the job's window
+        self.gso = batchio.gso_supported(self.udp)
         self._rx = batchio.Receiver(self.udp.fileno(), 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64)
         self.stats = ReduceStats()
 
@@ -166,6 +176,9 @@ class Session(Member):
                 f"(incd stopped or crashed) and no result came for {now - last_progress:.1f}s ({what})")
 
     def close(self) -> None:
+        if self.xdp is not None:
+            self.xdp.close()
+            self.xdp = None
         super().close()
         try:
             self.udp.close()
@@ -195,12 +208,39 @@ class Session(Member):
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rto = min(0.2, max(MIN_RTO, self.srtt + 4 * self.rttvar))
 
+    def _choose_datapath(self, want: str, mode: str, switch: str | None) -> tuple[str, str]:
+        """("xdp" or "socket", why). auto: XDP where it can be loaded."""
+        if want == "socket":
+            return "socket", "asked for"
+        if mode == "ps":
+            if want == "xdp":
+                raise TransportError("--datapath xdp: ps mode sends to the parameter server, by sockets only")
+            return "socket", "ps mode"
+        try:
+            self.xdp = XdpPath.open(self.udp, switch or default_gateway() or "127.0.0.1")
+        except XdpUnavailable as e:
+            if want == "xdp":
+                raise TransportError(f"--datapath xdp: {e}") from None
+            return "socket", str(e)
+        return "xdp", f"host_rx on {self.xdp.dev}"
+
     def reduce(self, values: np.ndarray, op: int = wire.OP_SUM) -> tuple[np.ndarray, bool]:
         """Aggregate an int32 vector with the other ranks. Returns (result, overflowed)."""
         with self._lock:
             self.in_reduce = True
         try:
-            return WindowedReduce(self, values, op).run()
+            if self.xdp is None:
+                return WindowedReduce(self, values, op).run()
+            # The XDP path holds a bounded number of packets: a longer vector
+            # goes in pieces, one after the other.
+            values = np.ascontiguousarray(values, dtype=np.int32).ravel()
+            step = self.xdp.max_pkts * self.params.elems
+            outs, overflow = [], False
+            for at in range(0, max(1, values.size), step):
+                out, o = WindowedReduce(self, values[at:at + step], op, io=XdpIO).run()
+                outs.append(out)
+                overflow |= o
+            return (outs[0] if len(outs) == 1 else np.concatenate(outs)), overflow
         finally:
             with self._lock:
                 self.in_reduce = False

@@ -1,6 +1,6 @@
-"""The XDP data path of a worker: contributions leave through BPF_PROG_TEST_RUN
-in live-frames mode and results land in an mmapped BPF array, so no packet
-crosses the socket stack (bpf/host_xdp.bpf.c says how).
+"""The XDP receive path of a worker: results land in an mmapped BPF array
+without crossing the socket stack (bpf/host_rx.bpf.c says how), and the agent
+sleeps on its UDP socket until a doorbell frame says enough have landed.
 
 One XdpPath per agent process; it needs root, bcc and the host's veth free of
 other XDP programs. `XdpPath.open()` raises XdpUnavailable with the reason when
@@ -18,86 +18,63 @@ import struct
 import numpy as np
 
 import bpf
-from bpf import testrun, wire
 
 MAX_PKTS = 8192          # packets of one reduction held at once (longer ones go in pieces)
 RX_GOT, RX_OVERFLOW = 1, 2
-FRAME_HDRS = 14 + 20 + 8
+BPF_XDP = 37  # enum bpf_attach_type
 
 
 class XdpUnavailable(RuntimeError):
     pass
 
 
-def route_to(addr: str) -> tuple[str, str]:
-    """(interface, next hop) this namespace uses to reach addr (IPv4)."""
+def route_to(addr: str) -> str:
+    """The interface this namespace uses to reach addr (IPv4)."""
     dst = struct.unpack("<I", socket.inet_aton(addr))[0]
     best = None
     with open("/proc/net/route") as f:
         next(f)
         for line in f:
             fl = line.split()
-            net, gw, mask = (int(fl[i], 16) for i in (1, 2, 7))
+            net, mask = int(fl[1], 16), int(fl[7], 16)
             if dst & mask == net and (best is None or bin(mask).count("1") > best[0]):
-                best = (bin(mask).count("1"), fl[0], gw)
+                best = (bin(mask).count("1"), fl[0])
     if best is None:
         raise XdpUnavailable(f"no route to {addr}")
-    _, dev, gw = best
-    return dev, socket.inet_ntoa(struct.pack("<I", gw)) if gw else addr
-
-
-def neighbour_mac(addr: str, dev: str) -> bytes:
-    with open("/proc/net/arp") as f:
-        next(f)
-        for line in f:
-            fl = line.split()
-            if fl[0] == addr and fl[5] == dev and int(fl[2], 16) & 2:
-                return bytes.fromhex(fl[3].replace(":", ""))
-    raise XdpUnavailable(f"no neighbour entry for {addr} on {dev}")
-
-
-def _mmap_array(table, entries: int, value_size: int) -> mmap.mmap:
-    return mmap.mmap(table.map_fd, entries * ((value_size + 7) & ~7), mmap.MAP_SHARED,
-                     mmap.PROT_READ | mmap.PROT_WRITE)
+    return best[1]
 
 
 class HostMaps:
-    """bpf/host_xdp.bpf.c loaded, its two programs' fds and numpy views over
-    its mmapped maps (the layouts come from bcc's view of the C structs)."""
+    """bpf/host_rx.bpf.c loaded: the program's fd and numpy views over its
+    mmapped maps (the layouts come from bcc's view of the C structs)."""
 
     def __init__(self, max_pkts: int = MAX_PKTS):
         from bcc import BPF
 
         self.max_pkts = max_pkts
-        self.b = BPF(src_file=str(bpf.source("host_xdp.bpf.c")).encode(),
+        self.b = BPF(src_file=str(bpf.source("host_rx.bpf.c")).encode(),
                      cflags=[f"-I{bpf.source_dir()}", f"-DHOST_MAX_PKTS={max_pkts}", "-w"])
         self.maps: list[mmap.mmap] = []
         try:
-            self.tx_fn = self.b.load_func("host_tx", BPF.XDP)
-            self.rx_fn = self.b.load_func("host_rx", BPF.XDP)
-            self.tx_ctl = self._ctl("tx_ctl")
-            self.rx_ctl = self._ctl("rx_ctl")
-            row = ct.sizeof(self.b[b"tx_vec"].Leaf)
-            self.tx_vec = self._array("tx_vec", max_pkts, row, np.int32).reshape(max_pkts, -1)
+            self.rx_fn = self.b.load_func(b"host_rx", BPF.XDP)
+            leaf = self.b[b"rx_ctl"].Leaf
+            self.rx_ctl = self._array("rx_ctl", 1, ct.sizeof(leaf), np.dtype(leaf))[0]
+            row = ct.sizeof(self.b[b"rx_vec"].Leaf)
             self.rx_vec = self._array("rx_vec", max_pkts, row, np.int32).reshape(max_pkts, -1)
-            self.tx_lsum = self._array("tx_lsum", max_pkts, 8, np.uint64)
-            self.tx_list = self._array("tx_list", max_pkts, 8, np.uint64)
             self.rx_state = self._array("rx_state", max_pkts, 8, np.uint64)
         except BaseException:
             self.close()
             raise
 
-    def _ctl(self, name: str) -> np.void:
-        leaf = self.b[name.encode()].Leaf
-        return self._array(name, 1, ct.sizeof(leaf), np.dtype(leaf))[0]
-
     def _array(self, name: str, entries: int, value_size: int, dtype) -> np.ndarray:
-        m = _mmap_array(self.b[name.encode()], entries, value_size)
+        table = self.b[name.encode()]
+        m = mmap.mmap(table.map_fd, entries * ((value_size + 7) & ~7), mmap.MAP_SHARED,
+                      mmap.PROT_READ | mmap.PROT_WRITE)
         self.maps.append(m)
         return np.frombuffer(m, dtype=dtype, count=entries * (value_size // np.dtype(dtype).itemsize))
 
     def close(self) -> None:
-        for name in ("tx_ctl", "rx_ctl", "tx_vec", "rx_vec", "tx_lsum", "tx_list", "rx_state"):
+        for name in ("rx_ctl", "rx_vec", "rx_state"):
             self.__dict__.pop(name, None)  # views first: an mmap with exports cannot close
         for m in self.maps:
             try:
@@ -109,111 +86,59 @@ class HostMaps:
 
 
 class XdpPath:
-    """Send and receive of one rank's reductions. Per reduction: begin() puts
-    the vector into tx_vec and opens the psn range for results; send() and
-    resend() emit packets; wait() sleeps until results landed or the timeout;
-    state() shows what landed; result() reads the lanes."""
+    """Results of one rank's reductions. Per reduction: begin() opens its psn
+    range; wait() sleeps until results landed or the timeout; state() shows
+    what landed; result() reads the lanes."""
 
-    def __init__(self, hm: HostMaps, dev: str, doorbell: socket.socket, *, src: tuple[str, int],
-                 dst: tuple[str, int], src_mac: bytes, dst_mac: bytes):
+    def __init__(self, hm: HostMaps, dev: str, doorbell: socket.socket):
         self.hm, self.dev, self.doorbell = hm, dev, doorbell
-        self.ifindex = socket.if_nametoindex(dev)
         self.max_pkts = hm.max_pkts
-        self.tx_ctl, self.rx_ctl = hm.tx_ctl, hm.rx_ctl
-        self.tx_vec, self.rx_vec, self.tx_lsum = hm.tx_vec, hm.rx_vec, hm.tx_lsum
-        self.tx_list, self.rx_state = hm.tx_list, hm.rx_state
-        t = self.tx_ctl
-        t["saddr"] = struct.unpack("<I", socket.inet_aton(src[0]))[0]
-        t["daddr"] = struct.unpack("<I", socket.inet_aton(dst[0]))[0]
-        t["sport"] = socket.htons(src[1])
-        t["dport"] = socket.htons(dst[1])
-        t["src_mac"] = np.frombuffer(src_mac, np.uint8)
-        t["dst_mac"] = np.frombuffer(dst_mac, np.uint8)
-        self.rx_ctl["dport"] = socket.htons(src[1])
+        self.rx_ctl, self.rx_vec, self.rx_state = hm.rx_ctl, hm.rx_vec, hm.rx_state
+        self.rx_ctl["dport"] = socket.htons(doorbell.getsockname()[1])
         self.rx_ctl["npk"] = 0
-        self.frame = None
         self.elems = 0
         self.npk = 0
         self.poll = select.poll()
         self.poll.register(doorbell.fileno(), select.POLLIN)
         self._drain = bytearray(65536)
-        hm.b.attach_xdp(dev, hm.rx_fn, 0)
-        self.attached = True
+        self.link_fd = _xdp_link(hm.rx_fn.fd, socket.if_nametoindex(dev))
 
     @classmethod
-    def open(cls, doorbell: socket.socket, dst: tuple[str, int]) -> "XdpPath":
-        """An XdpPath for the socket's address towards dst, or XdpUnavailable."""
+    def open(cls, doorbell: socket.socket, toward: str) -> "XdpPath":
+        """Loads host_rx and attaches it to the interface that leads to
+        `toward` (the switch), or raises XdpUnavailable saying why."""
         if os.geteuid() != 0:
             raise XdpUnavailable("needs root (BPF programs, XDP attach)")
         try:
-            import bcc  # noqa: F401
+            import bcc  # noqa: F401  (only whether it is there)
         except ImportError as e:
             raise XdpUnavailable(f"bcc is not installed ({e})") from None
-        dev, hop = route_to(dst[0])
+        dev = route_to(toward)
         if _has_xdp(dev):
             raise XdpUnavailable(f"{dev} already runs an XDP program (another agent on this host?)")
-        src_addr = doorbell.getsockname()
-        if src_addr[0] == "0.0.0.0":
-            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            probe.connect(dst)
-            src_addr = (probe.getsockname()[0], src_addr[1])
-            probe.close()
-        with open(f"/sys/class/net/{dev}/address") as f:
-            src_mac = bytes.fromhex(f.read().strip().replace(":", ""))
-        dst_mac = neighbour_mac(hop, dev)
         try:
             hm = HostMaps()
         except Exception as e:
-            raise XdpUnavailable(f"cannot load bpf/host_xdp.bpf.c: {e}") from None
+            raise XdpUnavailable(f"cannot load bpf/host_rx.bpf.c: {e}") from None
         try:
-            return cls(hm, dev, doorbell, src=src_addr, dst=dst, src_mac=src_mac, dst_mac=dst_mac)
+            return cls(hm, dev, doorbell)
         except Exception as e:
             hm.close()
             raise XdpUnavailable(f"cannot attach the host XDP program to {dev}: {e}") from None
 
-    def begin(self, values: np.ndarray, *, elems: int, job: int, gen: int, rank: int, psn0: int, op: int,
-              hash_region: tuple[int, int] | None) -> int:
-        """Loads one reduction (at most MAX_PKTS packets); returns its packets."""
-        n = values.size
-        npk = max(1, -(-n // elems))
+    def begin(self, *, npk: int, elems: int, last_numel: int, job: int, psn0: int) -> None:
+        """Opens a reduction of npk packets from psn0: results before it are
+        stale now, and nothing of an earlier reduction is left in the state."""
         if npk > self.max_pkts:
             raise ValueError(f"{npk} packets exceed the XDP path's {self.max_pkts}")
-        tx = self.tx_vec[:npk, :elems]
-        full = (npk - 1) * elems
-        tx[:npk - 1] = values[:full].reshape(npk - 1, elems)
-        last = n - full if n else 1
-        tx[npk - 1, :last] = values[full:] if n else 0
-        tx[npk - 1, last:] = 0
-        self.tx_lsum[:npk] = tx.view(np.uint32).sum(axis=1, dtype=np.uint32)  # the csum wants it mod 2^32
-        if elems != self.elems:
-            self.frame = testrun.LiveFrames(self.hm.tx_fn.fd, bytes(FRAME_HDRS + wire.HDR_LEN + 4 * elems), self.ifindex)
-            self.elems = elems
-        t = self.tx_ctl
-        t["psn0"], t["npk"], t["job"], t["rank"], t["op"] = psn0, npk, job, rank, op
-        t["elems"], t["last_numel"] = elems, last
-        t["hash_off"], t["hash_size"] = hash_region if hash_region else (0, 0)
-        self.rx_state[:npk] = 0
         r = self.rx_ctl
-        r["psn0"], r["npk"], r["job"], r["elems"], r["last_numel"] = psn0, npk, job, elems, last
+        r["npk"] = 0  # closed while its state is cleared
+        self.rx_state[:npk] = 0
         r["landed"] = r["corrupt"] = r["stray"] = 0
         r["wake_at"] = 1
-        self.npk = npk
-        return npk
-
-    def send(self, start: int, stop: int, gen: int, flags: int = 0) -> None:
-        t = self.tx_ctl
-        t["runs"], t["first"], t["list_len"], t["gen"], t["flags"] = 0, start, 0, gen, flags
-        self.frame.run(stop - start)
-
-    def resend(self, idx: np.ndarray, gens: np.ndarray) -> None:
-        """Packets idx again, flagged as retransmissions, each with the
-        generation it was first sent with."""
-        for g in np.unique(gens):
-            sel = idx[gens == g]
-            self.tx_list[:sel.size] = sel
-            t = self.tx_ctl
-            t["runs"], t["first"], t["list_len"], t["gen"], t["flags"] = 0, 0, sel.size, int(g), wire.F_RETRANS
-            self.frame.run(int(sel.size))
+        r["psn0"], r["job"], r["elems"], r["last_numel"] = psn0, job, elems, last_numel
+        r["npk"] = npk
+        self.npk, self.elems = npk, elems
 
     def counters(self) -> dict:
         r = self.rx_ctl
@@ -226,17 +151,12 @@ class XdpPath:
         """Sleeps until `wake_at` results have landed in this reduction, or the timeout."""
         r = self.rx_ctl
         r["wake_at"] = wake_at
-        if int(r["landed"]) < wake_at:  # read after writing wake_at: the ring cannot be missed
+        if int(r["landed"]) < wake_at:  # read after writing wake_at: the bell cannot be missed
             self.poll.poll(max(1, int(timeout_s * 1000)))
-        self._drain_doorbell()
-
-    def _drain_doorbell(self) -> None:
         while True:
             try:
                 self.doorbell.recv_into(self._drain, 0, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # EAGAIN: drained; an ICMP error from an earlier send: nothing to read
                 return
 
     def state(self) -> np.ndarray:
@@ -246,27 +166,39 @@ class XdpPath:
         """The first n result lanes, in order (a copy)."""
         out = np.empty(n, dtype=np.int32)
         full = (self.npk - 1) * self.elems
-        out[:full] = self.rx_vec[:self.npk - 1, :self.elems].reshape(-1)
+        out[:full].reshape(self.npk - 1, self.elems)[...] = self.rx_vec[:self.npk - 1, :self.elems]
         out[full:] = self.rx_vec[self.npk - 1, :n - full]
         return out
 
     def close(self) -> None:
-        if self.attached:
-            try:
-                self.hm.b.remove_xdp(self.dev, 0)
-            except Exception:
-                pass
-            self.attached = False
-        for name in ("tx_ctl", "rx_ctl", "tx_vec", "rx_vec", "tx_lsum", "tx_list", "rx_state"):
+        if self.link_fd is not None:
+            os.close(self.link_fd)  # detaches host_rx
+            self.link_fd = None
+        for name in ("rx_ctl", "rx_vec", "rx_state"):
             self.__dict__.pop(name, None)
         self.hm.close()
+
+
+def _xdp_link(prog_fd: int, ifindex: int) -> int:
+    """Attaches an XDP program through a BPF link: it never replaces a program
+    already there (another agent's, another tool's: EBUSY), and it goes away
+    with this process, also when the process is killed."""
+    from bcc import libbcc
+
+    fn = libbcc.lib.bpf_link_create
+    fn.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    fn.restype = ct.c_int
+    fd = fn(prog_fd, ifindex, BPF_XDP, None)
+    if fd < 0:
+        raise OSError(-fd, f"XDP link: {os.strerror(-fd)}")
+    return fd
 
 
 def _has_xdp(dev: str) -> bool:
     try:
         from pyroute2 import IPRoute
     except ImportError:
-        return False
+        return False  # the attach below still refuses to replace a program
     with IPRoute() as ipr:
         links = ipr.link("get", ifname=dev)
         xdp = links[0].get_attr("IFLA_XDP") if links else None

@@ -203,7 +203,8 @@ def cmd_status(args) -> int:
     if not s["jobs"]:
         print("jobs: none")
     for j in s["jobs"]:
-        members = " ".join(f"{m['rank']}@{m['addr']}:{m['port']}/{m['switch_port']}" for m in j["members"])
+        members = " ".join(f"{m['rank']}@{m['addr']}:{m['port']}/{m['switch_port']}"
+                           + (f" ({m['datapath']})" if m.get("datapath") else "") for m in j["members"])
         print(f"job {j['job']} [{j['state']}] {j['mode']} gen={j['gen']} world={j['world']} "
               f"window={j['window']} region={j['offset']}+{j['slots']} elems/pkt={j['elems_per_packet']}")
         if j["mode"] == "kv":

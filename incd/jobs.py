@@ -29,6 +29,7 @@ class Member:
     send: object = None  # pushes an event to the member's control connection
     last_seen: float | None = None     # monotonic time of its last heartbeat (None: sends none)
     fail_timeout: float | None = None  # silent this long = hung (from its heartbeats)
+    datapath: str | None = None  # "xdp" or "socket", as the member said when it registered
 
     @property
     def flow(self) -> int:
@@ -41,7 +42,7 @@ class Member:
 
     def public(self) -> dict:
         return {"rank": self.rank, "addr": self.addr, "port": self.port, "switch_port": self.ifname,
-                "alive": self.alive}
+                "alive": self.alive, "datapath": self.datapath}
 
 
 @dataclass

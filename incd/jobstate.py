@@ -37,6 +37,7 @@ def fingerprint(pool_slots: int, hash_slots: int | None, ports: list[str]) -> st
 def _member(m: Member) -> dict:
     p = m.path
     return {"rank": m.rank, "addr": m.addr, "port": m.port, "ifname": m.ifname, "alive": m.alive,
+            "datapath": m.datapath,
             "path": {"ifindex": p.ifindex, "mac": p.mac.hex(), "port_mac": p.port_mac.hex(),
                      "switch_addr": p.switch_addr, "mtu": p.mtu}}
 
@@ -46,7 +47,8 @@ def _unmember(d: dict) -> Member:
     return Member(d["rank"], d["addr"], d["port"],
                   Path(p["ifindex"], bytes.fromhex(p["mac"]), bytes.fromhex(p["port_mac"]),
                        p["switch_addr"], p["mtu"]),
-                  d["ifname"], alive=d["alive"])  # connected when incd died: must rejoin
+                  d["ifname"], alive=d["alive"],  # connected when incd died: must rejoin
+                  datapath=d.get("datapath"))
 
 
 def dump(reg: Registry, fp: str) -> dict:

@@ -164,7 +164,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                 # the job's deadline and size, from whichever rank states them
                 job.deadline = time.time() + r.deadline_s if r.deadline_s is not None else job.deadline
                 job.model_bytes, job.epochs, job.compute_s = r.model_bytes, r.epochs, r.compute_s
-        member = Member(r.rank, peer, r.port, path, self.port_names.get(path.ifindex, "?"))
+        member = Member(r.rank, peer, r.port, path, self.port_names.get(path.ifindex, "?"), datapath=r.datapath)
         if r.role == "ps":
             job.ps = member
         else:

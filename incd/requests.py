@@ -27,6 +27,9 @@ def short(v: object, n: int = 40) -> str:
     return s if len(s) <= n else s[:n] + "..."
 
 
+DATAPATHS = ("xdp", "socket")
+
+
 @dataclass
 class Request:
     job: int
@@ -43,6 +46,7 @@ class Request:
     compute_s: float = 0.0
     cols: int | None = None   # kv: columns wanted
     parts: int | None = None  # kv: subspaces
+    datapath: str | None = None  # how the member's packets travel on its host (status only)
 
 
 def check_version(req: dict) -> int:
@@ -98,6 +102,9 @@ def validate_register(req: dict) -> Request:
     shape = req.get("shape")
     if shape is not None and (not isinstance(shape, str) or len(shape) > 64):
         raise RegistrationError("'shape' must be a short string")
+    datapath = req.get("datapath")
+    if datapath not in (None, *DATAPATHS):
+        raise RegistrationError(f"'datapath' must be one of {', '.join(DATAPATHS)}, got {short(datapath)}")
 
     def real(key, lo, hi, default):
         v = req.get(key, default)
@@ -111,7 +118,8 @@ def validate_register(req: dict) -> Request:
                    deadline_s=real("deadline_s", 0.001, 10**7, None),
                    model_bytes=int(real("model_bytes", 0, 10**13, 0)),
                    epochs=float(real("epochs", 0.001, 10**7, 1.0)),
-                   compute_s=float(real("compute_s", 0, 10**5, 0.0)), cols=cols, parts=parts)
+                   compute_s=float(real("compute_s", 0, 10**5, 0.0)), cols=cols, parts=parts,
+                   datapath=datapath)
 
 
 def resolve_path(netinfo, peer: str, port_ifindexes: set[int]) -> Path:

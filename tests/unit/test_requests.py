@@ -1,12 +1,12 @@
 """What incd checks of a registration before anything changes: the
-control-API version (pure logic; the lab test in test_control_api.py sends it
+control-API version and the member's data path (pure logic; the lab test in test_control_api.py sends it
 over a real control connection)."""
 from __future__ import annotations
 
 import pytest
 
 from bpf import control
-from incd.requests import RegistrationError, check_version
+from incd.requests import RegistrationError, check_version, validate_register
 
 
 def test_the_agents_version_and_none_at_all_are_accepted():
@@ -26,3 +26,18 @@ def test_another_version_is_refused_naming_both(v):
 def test_a_version_that_is_not_an_integer_is_refused(v):
     with pytest.raises(RegistrationError, match="'version' must be an integer"):
         check_version({"op": "register", "version": v})
+
+
+BASE = {"op": "register", "job": 3, "rank": 0, "world": 2, "window": 8, "port": 40000}
+
+
+@pytest.mark.parametrize("datapath", ["xdp", "socket", None])
+def test_the_members_datapath_is_kept(datapath):
+    req = dict(BASE, datapath=datapath) if datapath else dict(BASE)
+    assert validate_register(req).datapath == datapath
+
+
+@pytest.mark.parametrize("bad", ["fast", "", 1, ["xdp"]])
+def test_an_unknown_datapath_is_refused(bad):
+    with pytest.raises(RegistrationError, match="'datapath' must be one of xdp, socket"):
+        validate_register(dict(BASE, datapath=bad))

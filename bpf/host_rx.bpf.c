@@ -1,0 +1,115 @@
+/* The receiving half of a worker's XDP data path: results land without the
+ * socket stack.
+ *
+ * host_rx is attached to the host's veth. A result for this agent's port and
+ * job, psn in the current reduction and csum intact, has its lanes copied into
+ * rx_vec (an mmapable array the agent reads in place) and its state into
+ * rx_state, then is dropped. Every other frame goes on to the kernel. The
+ * result that makes the count reach rx_ctl.wake_at goes on too: the agent
+ * sleeps in poll() on its UDP socket, and that datagram is its doorbell.
+ *
+ * Contributions still leave by the socket (UDP GSO): a live-frames sender
+ * (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES) costs ~0.1-0.2 us per
+ * frame, but every call of two or more frames returns only after ~100 ms here
+ * (docs/performance.md), far too late for a window of results.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+
+#include "inc_proto.h"
+#include "parsing.h"
+#include "csum_helpers.h"
+
+#ifndef HOST_MAX_PKTS
+#define HOST_MAX_PKTS 8192
+#endif
+
+/* A packet's lanes, padded to 1024 so that a length masked to 12 bits is a
+ * size the verifier can see stays inside the row. */
+#define HOST_ROW_LANES 1024
+struct host_row {
+	__s32 lanes[HOST_ROW_LANES];
+};
+
+struct host_rx_ctl {
+	__u32 psn0;
+	__u32 npk;
+	__u16 dport;       /* this agent's UDP port, network order */
+	__u16 job;
+	__u16 elems;
+	__u16 last_numel;
+	__u64 wake_at;     /* pass the result that makes landed reach this */
+	__u64 landed;      /* results written into rx_vec in this reduction */
+	__u64 corrupt;     /* csum mismatch: dropped as if lost */
+	__u64 stray;       /* INC results for this port outside the reduction */
+};
+
+/* rx_state[i]: 0 = nothing yet; else 1 | overflow << 1 | gen << 16. */
+#define HOST_RX_GOT 1
+#define HOST_RX_OVERFLOW 2
+
+/* All mmapable (an mmapped array's entries are 8-byte aligned, hence the
+ * __u64 values): the agent writes the control words and reads the counters as
+ * plain memory, without a system call per change. */
+BPF_F_TABLE("array", int, struct host_rx_ctl, rx_ctl, 1, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", int, struct host_row, rx_vec, HOST_MAX_PKTS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", int, __u64, rx_state, HOST_MAX_PKTS, BPF_F_MMAPABLE);
+
+#define FRAME_HDRS (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr))
+
+int host_rx(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct cursor cur = {.pos = data, .end = end};
+	struct ethhdr *eth = parse_eth(&cur);
+	if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	struct iphdr *ip = parse_ipv4(&cur);
+	if (!ip || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
+		return XDP_PASS;
+	struct udphdr *udp = parse_udp(&cur);
+	if (!udp)
+		return XDP_PASS;
+	int zero = 0;
+	struct host_rx_ctl *c = rx_ctl.lookup(&zero);
+	if (!c || udp->dest != c->dport)
+		return XDP_PASS;
+	struct inc_hdr *h = cur.pos;
+	if ((void *)(h + 1) > end)
+		return XDP_PASS;
+	if (h->version != INC_VERSION || h->type != INC_T_RESULT || h->job != c->job)
+		return XDP_PASS;
+	__u32 i = h->psn - c->psn0;
+	__u32 numel = h->numel;
+	if (i >= c->npk || i >= HOST_MAX_PKTS) {
+		__sync_fetch_and_add(&c->stray, 1);
+		return XDP_DROP;
+	}
+	if (numel == 0 || numel > INC_MAX_ELEMS || numel != (i + 1 == c->npk ? c->last_numel : c->elems))
+		return XDP_PASS;
+
+	/* The csum covers header and lanes: a frame changed on the way is lost. */
+	if (!inc_csum_ok(h, (__s32 *)(h + 1), end, numel)) {
+		__sync_fetch_and_add(&c->corrupt, 1);
+		return XDP_DROP;
+	}
+
+	int key = i;
+	struct host_row *row = rx_vec.lookup(&key);
+	__u64 *st = rx_state.lookup(&key);
+	if (!row || !st)
+		return XDP_DROP;
+	__u32 len = (((numel - 1) & (HOST_ROW_LANES - 1)) + 1) * 4; /* = numel * 4 */
+	if (bpf_xdp_load_bytes(ctx, FRAME_HDRS + sizeof(*h), row->lanes, len))
+		return XDP_DROP;
+	__u32 v = HOST_RX_GOT | ((__u32)h->gen << 16);
+	if (h->flags & INC_F_OVERFLOW)
+		v |= HOST_RX_OVERFLOW;
+	*st = v;
+	__u64 n = __sync_fetch_and_add(&c->landed, 1) + 1;
+	return n == c->wake_at ? XDP_PASS : XDP_DROP;
+}

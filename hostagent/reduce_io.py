@@ -1,0 +1,132 @@
+"""How one reduce's packets leave and its results come back. Packets leave by
+the data socket: a run of new packets as UDP GSO datagrams (one pass through
+the UDP stack for up to 20 packets), resends one by one with sendmmsg.
+Results come back through the socket stack (SocketIO: recvmmsg, the portable
+path) or through the host's XDP program straight into an mmapped array
+(XdpIO, see xdp_path.py). WindowedReduce drives either through the same four
+calls: send, resend, receive, result."""
+from __future__ import annotations
+
+import numpy as np
+
+from bpf import wire
+
+from . import batchio
+
+
+class SocketIO:
+    """Every packet built up front in one numpy buffer; results copied into
+    `out` as they come."""
+
+    def __init__(self, s, values: np.ndarray, op: int, psn0: int):
+        p = s.params
+        self.s, self.psn0, self.E = s, psn0, p.elems
+        hashed = p.mode == "hash"
+        self.buf, sizes = wire.build_packets(values, p.elems, job=p.job, gen=p.gen, rank=s.rank, psn0=psn0,
+                                             op=op, hash_region=(p.offset, p.slots) if hashed else None)
+        self.npk = npk = len(self.buf)
+        raw = self.buf.view(np.uint8).reshape(npk, -1)
+        self.lsum = wire.lane_sums(self.buf)  # for resealing after header changes
+        self.msgs = batchio.Messages(raw, sizes.astype(np.uint64))
+        self.hdr_gen = self.buf["hdr"]["gen"]
+        self.want_numel = (sizes - wire.HDR_LEN) // 4
+        self.fd = s.udp.fileno()
+        self.gso = batchio.GsoOutbox(raw, sizes) if s.gso else None
+        self.out = self._results()
+
+    def _results(self) -> np.ndarray:
+        return np.zeros((self.npk, self.E), dtype=np.int32)
+
+    def send(self, start: int, stop: int, gen: int) -> None:
+        self.hdr_gen[start:stop] = gen
+        wire.seal(self.buf, slice(start, stop), self.lsum)
+        if self.gso is not None:
+            self.gso.send(self.fd, start, stop)
+        else:
+            batchio.send_msgs(self.fd, self.msgs.msgs, start, stop - start)
+
+    def resend(self, idx: np.ndarray, gens: np.ndarray) -> None:
+        self.buf["hdr"]["flags"][idx] |= wire.F_RETRANS
+        wire.seal(self.buf, idx, self.lsum)
+        batchio.send_msgs(self.fd, self.msgs.subset(idx))
+
+    def receive(self, timeout: float, r) -> tuple[np.ndarray, bool]:
+        """Waits up to timeout for results; returns the indices of the new,
+        valid ones (each once) and whether any flagged an overflow."""
+        s, E = self.s, self.E
+        rx = s._rx
+        k = rx.recv(timeout)
+        if not k:
+            return _NONE, False
+        rows = rx.buf[:k]
+        lens = rx.m.msgs["len"][:k].astype(np.int64)
+        h = np.frombuffer(rows[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
+        idx = (h["psn"].astype(np.int64) - self.psn0) & 0xFFFFFFFF
+        ok = ((h["version"] == wire.VERSION) & (h["type"] == wire.T_RESULT) & (h["job"] == s.params.job)
+              & (lens >= wire.HDR_LEN) & (idx < self.npk))
+        intact = wire.csum_ok(rows, lens)  # changed on the way: as if lost
+        s.stats.corrupt += int((ok & ~intact).sum())
+        ok &= intact
+        idx = np.where(ok, idx, 0)
+        numel = h["numel"].astype(np.int64)
+        ok &= ((h["gen"] == r.sent_gen[idx]) & ~r.got[idx] & (numel == self.want_numel[idx])
+               & (lens >= wire.HDR_LEN + 4 * numel))
+        sel = np.nonzero(ok)[0]
+        if not sel.size:
+            return _NONE, False
+        if sel.size == 1:
+            ids = idx[sel]
+        else:  # a duplicate in one batch counts once
+            ids, first = np.unique(idx[sel], return_index=True)
+            sel = sel[first]
+        full = self.want_numel[ids] == E
+        if full.any():
+            self.out[ids[full]] = rows[sel[full], wire.HDR_LEN:wire.HDR_LEN + 4 * E].view("<i4")
+        for j, row in zip(ids[~full], sel[~full]):  # the short last packet, at most one
+            m = int(self.want_numel[j])
+            self.out[j, :m] = rows[row, wire.HDR_LEN:wire.HDR_LEN + 4 * m].view("<i4")
+        return ids, bool(np.any(h["flags"][sel] & wire.F_OVERFLOW))
+
+    def result(self, n: int) -> np.ndarray:
+        return self.out.reshape(-1)[:n]
+
+
+_NONE = np.zeros(0, dtype=np.int64)
+
+
+class XdpIO(SocketIO):
+    """Sends as SocketIO does; results land through the session's XdpPath (at
+    most path.max_pkts packets per reduce)."""
+
+    def __init__(self, s, values: np.ndarray, op: int, psn0: int):
+        super().__init__(s, values, op, psn0)
+        self.path = s.xdp
+        self.path.begin(npk=self.npk, elems=self.E, last_numel=int(self.want_numel[-1]), job=s.params.job,
+                        psn0=psn0)
+        self.corrupt0 = 0
+        self.seen = 0  # results landed when the state was last scanned
+
+    def _results(self) -> None:
+        return None  # they land in the path's array
+
+    def receive(self, timeout: float, r) -> tuple[np.ndarray, bool]:
+        path = self.path
+        # Wake on the first result not scanned yet. A higher mark stalls while
+        # another rank's window is smaller than ours (after its RTO halved
+        # it), since our results then come only as fast as its packets.
+        if path.landed() <= self.seen:
+            path.wait(timeout, self.seen + 1)
+        self.seen = path.landed()  # before the scan: what lands during it is seen next time
+        corrupt = int(path.rx_ctl["corrupt"])
+        self.s.stats.corrupt += corrupt - self.corrupt0
+        self.corrupt0 = corrupt
+        lo, hi = r.base, r.nxt
+        st = path.state()[lo:hi]
+        gen_ok = (st >> np.uint64(16)) == r.sent_gen[lo:hi].astype(np.uint64)
+        new = np.flatnonzero((st & np.uint64(1)).astype(bool) & gen_ok & ~r.got[lo:hi]) + lo
+        if not new.size:
+            return _NONE, False
+        return new, bool(np.any(path.state()[new] & np.uint64(2)))
+
+    def result(self, n: int) -> np.ndarray:
+        return self.path.result(n)
