@@ -117,6 +117,10 @@ def elems_for_mtu(mtu: int) -> int:
     return max(0, min(MAX_ELEMS, (mtu - IP_UDP_OVERHEAD - HDR_LEN) // 4))
 
 
+def packet_dtype(elems: int) -> np.dtype:
+    return np.dtype([("hdr", HDR_DTYPE), ("data", "<i4", (elems,))])
+
+
 def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: int,
                   psn0: int, op: int = OP_SUM,
                   hash_region: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -126,31 +130,43 @@ def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: i
     last one zero-padded) and sizes[i] is how many of its bytes to send.
     """
     values = np.ascontiguousarray(values, dtype="<i4").ravel()
+    buf = np.empty(max(1, -(-values.size // elems)), dtype=packet_dtype(elems))
+    sizes, _ = fill_packets(buf, values, job=job, gen=gen, rank=rank, psn0=psn0, op=op, hash_region=hash_region)
+    return buf, sizes
+
+
+def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, rank: int, psn0: int,
+                 op: int = OP_SUM, hash_region: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """build_packets into a buffer of packet_dtype(elems) with exactly as many
+    rows as the values need, every byte rewritten (a buffer can be reused).
+    Returns (sizes, lane sums)."""
+    npk = len(buf)
+    elems = buf.dtype["data"].shape[0]
     n = values.size
-    npk = max(1, -(-n // elems))
-    pkt = np.dtype([("hdr", HDR_DTYPE), ("data", "<i4", (elems,))])
-    buf = np.zeros(npk, dtype=pkt)
+    if npk != max(1, -(-n // elems)):
+        raise ValueError(f"{n} values need {max(1, -(-n // elems))} packets of {elems}, the buffer has {npk}")
     hdr = buf["hdr"]
     hdr["version"] = VERSION
     hdr["type"] = T_DATA
+    hdr["flags"] = 0
     hdr["op"] = op
     hdr["job"] = job
     hdr["gen"] = gen
     hdr["rank"] = rank
     hdr["psn"] = (psn0 + np.arange(npk, dtype=np.uint64)) & 0xFFFFFFFF
-    if hash_region is not None:
-        hdr["slot"] = hash_slots(job, hdr["psn"], *hash_region)
+    hdr["slot"] = hash_slots(job, hdr["psn"], *hash_region) if hash_region is not None else 0
+    hdr["bitmap"] = 0
     numel = np.full(npk, elems, dtype=np.uint16)
     numel[-1] = n - elems * (npk - 1) if n else 1
     hdr["numel"] = numel
-    # buf["data"] is strided (one row per packet), so fill it row-wise: a flat
-    # reshape of it would be a copy.
-    padded = np.zeros(npk * elems, dtype="<i4")
-    padded[:n] = values
-    buf["data"] = padded.reshape(npk, elems)
-    seal(buf, slice(None), lane_sums(buf))
-    sizes = HDR_LEN + numel.astype(np.int64) * 4
-    return buf, sizes
+    data = buf["data"]  # strided: one row per packet
+    full = (npk - 1) * elems
+    data[:npk - 1] = values[:full].reshape(npk - 1, elems)
+    data[npk - 1, :n - full] = values[full:]
+    data[npk - 1, max(0, n - full):] = 0
+    lsum = lane_sums(buf)
+    seal(buf, slice(None), lsum)
+    return HDR_LEN + numel.astype(np.int64) * 4, lsum
 
 
 def lane_sums(buf: np.ndarray) -> np.ndarray:

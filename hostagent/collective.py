@@ -32,11 +32,11 @@ class Communicator:
             e_local = quantize.block_exponents(x, self.block)
             e_max, _ = self.s.reduce(e_local, wire.OP_MAX)
             q = quantize.quantize(x, e_max, self.world, self.block)
-            total, overflow = self.s.reduce(q, wire.OP_SUM)
+            rows, overflow = self.s.reduce_rows(q, wire.OP_SUM)
             if overflow:  # impossible with agreed exponents; never hand back a wrong sum
                 raise AllreduceError("quantized sum overflowed in the switch")
             self.last_e_max = e_max
-            return quantize.dequantize(total, e_max, self.world, self.block).reshape(x.shape)
+            return quantize.dequantize_rows(rows, e_max, self.world, x.size).reshape(x.shape)
         raise AllreduceError(f"dtype {x.dtype} not supported (float32 or int32)")
 
     def _wide_sum(self, v: np.ndarray) -> np.ndarray:

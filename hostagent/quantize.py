@@ -89,6 +89,21 @@ def dequantize(q: np.ndarray, e_max: np.ndarray, world: int, block: int) -> np.n
     return out
 
 
+def dequantize_rows(pieces: list[np.ndarray], e_max: np.ndarray, world: int, n: int) -> np.ndarray:
+    """dequantize() of a sum that arrived as rows of one block each (Session.
+    reduce_rows), converted where it lies: one pass, no copy of the int32 sum."""
+    k = -scale_exponents(e_max, world)
+    out = np.empty(sum(p.shape[0] * p.shape[1] for p in pieces), dtype=np.float32)
+    at = blk = 0
+    for p in pieces:
+        rows, width = p.shape
+        o = out[at:at + rows * width].reshape(rows, width)
+        np.copyto(o, p, casting="unsafe")  # int32 -> float32, rounded once
+        np.ldexp(o, k[blk:blk + rows, None], out=o)
+        at, blk = at + rows * width, blk + rows
+    return out[:n]
+
+
 def error_bound(e_max: np.ndarray, world: int, block: int, numel: int) -> np.ndarray:
     """Largest possible |result - exact sum| per element (before the fp32 cast)."""
     scale = np.repeat(block_scales(e_max, world), block)[:numel]

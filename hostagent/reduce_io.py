@@ -4,7 +4,7 @@ the UDP stack for up to 20 packets), resends one by one with sendmmsg.
 Results come back through the socket stack (SocketIO: recvmmsg, the portable
 path) or through the host's XDP program straight into an mmapped array
 (XdpIO, see xdp_path.py). WindowedReduce drives either through the same four
-calls: send, resend, receive, result."""
+calls: send, resend, receive, rows."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,12 +21,10 @@ class SocketIO:
     def __init__(self, s, values: np.ndarray, op: int, psn0: int):
         p = s.params
         self.s, self.psn0, self.E = s, psn0, p.elems
-        hashed = p.mode == "hash"
-        self.buf, sizes = wire.build_packets(values, p.elems, job=p.job, gen=p.gen, rank=s.rank, psn0=psn0,
-                                             op=op, hash_region=(p.offset, p.slots) if hashed else None)
-        self.npk = npk = len(self.buf)
-        raw = self.buf.view(np.uint8).reshape(npk, -1)
-        self.lsum = wire.lane_sums(self.buf)  # for resealing after header changes
+        self.npk = npk = max(1, -(-values.size // p.elems))
+        self.buf, raw = s.packet_buffer(npk)
+        sizes, self.lsum = wire.fill_packets(self.buf, values, job=p.job, gen=p.gen, rank=s.rank, psn0=psn0, op=op,
+                                             hash_region=(p.offset, p.slots) if p.mode == "hash" else None)
         self.msgs = batchio.Messages(raw, sizes.astype(np.uint64))
         self.hdr_gen = self.buf["hdr"]["gen"]
         self.want_numel = (sizes - wire.HDR_LEN) // 4
@@ -35,7 +33,7 @@ class SocketIO:
         self.out = self._results()
 
     def _results(self) -> np.ndarray:
-        return np.zeros((self.npk, self.E), dtype=np.int32)
+        return np.empty((self.npk, self.E), dtype=np.int32)  # every row is written before it is read
 
     def send(self, start: int, stop: int, gen: int) -> None:
         self.hdr_gen[start:stop] = gen
@@ -87,8 +85,8 @@ class SocketIO:
             self.out[j, :m] = rows[row, wire.HDR_LEN:wire.HDR_LEN + 4 * m].view("<i4")
         return ids, bool(np.any(h["flags"][sel] & wire.F_OVERFLOW))
 
-    def result(self, n: int) -> np.ndarray:
-        return self.out.reshape(-1)[:n]
+    def rows(self) -> np.ndarray:
+        return self.out
 
 
 _NONE = np.zeros(0, dtype=np.int64)
@@ -128,5 +126,5 @@ class XdpIO(SocketIO):
             return _NONE, False
         return new, bool(np.any(path.state()[new] & np.uint64(2)))
 
-    def result(self, n: int) -> np.ndarray:
-        return self.path.result(n)
+    def rows(self) -> np.ndarray:
+        return self.path.rx_vec[:self.npk, :self.E]  # a view: valid until the next reduce

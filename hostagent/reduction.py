@@ -54,7 +54,8 @@ class WindowedReduce:
         self.last_progress = time.monotonic()
         self.rto_fired = 0.0  # when the retransmission timeout last fired
 
-    def run(self) -> tuple[np.ndarray, bool]:
+    def run_rows(self) -> tuple[np.ndarray, bool]:
+        """The results as (packets, elems) rows (see Session.reduce_rows)."""
         s = self.s
         while self.ngot < self.npk:
             now = time.monotonic()
@@ -74,7 +75,7 @@ class WindowedReduce:
         s.stats.packets += self.npk
         s.stats.retransmits += self.retx
         s.stats.rto_s = s.rto
-        return self.io.result(self.n), self.overflow
+        return self.io.rows(), self.overflow
 
     def send_new(self, now: float) -> None:
         """Sends what the window (and a resize's fence) allows now."""

@@ -130,6 +130,7 @@ class Session(Member):
         self.rto = 0.02
         self.cwnd = float(self.params.window)  # AIMD congestion window, at most the job's window
         self.gso = batchio.gso_supported(self.udp)
+        self._packet_bufs: dict = {}
         self._rx = batchio.Receiver(self.udp.fileno(), 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64)
         self.stats = ReduceStats()
 
@@ -208,6 +209,18 @@ class Session(Member):
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rto = min(0.2, max(MIN_RTO, self.srtt + 4 * self.rttvar))
 
+    def packet_buffer(self, npk: int) -> tuple[np.ndarray, np.ndarray]:
+        """A packet buffer of npk rows for this job's packet size, and its bytes
+        as rows: kept for the next reduce of the same length, since a fresh
+        buffer of a large vector costs more in page faults than filling it."""
+        key = (npk, self.params.elems)
+        if key not in self._packet_bufs:
+            if len(self._packet_bufs) >= 4:
+                self._packet_bufs.pop(next(iter(self._packet_bufs)))
+            buf = np.empty(npk, dtype=wire.packet_dtype(self.params.elems))
+            self._packet_bufs[key] = (buf, buf.view(np.uint8).reshape(npk, -1))
+        return self._packet_bufs[key]
+
     def _choose_datapath(self, want: str, mode: str, switch: str | None) -> tuple[str, str]:
         """("xdp" or "socket", why). auto: XDP where it can be loaded."""
         if want == "socket":
@@ -226,21 +239,35 @@ class Session(Member):
 
     def reduce(self, values: np.ndarray, op: int = wire.OP_SUM) -> tuple[np.ndarray, bool]:
         """Aggregate an int32 vector with the other ranks. Returns (result, overflowed)."""
+        values = np.ascontiguousarray(values, dtype=np.int32).ravel()
+        pieces, overflow = self.reduce_rows(values, op)
+        if self.xdp is None:  # the socket path's rows are this reduce's own
+            return pieces[0].reshape(-1)[:values.size], overflow
+        return np.concatenate([p.reshape(-1) for p in pieces])[:values.size], overflow
+
+    def reduce_rows(self, values: np.ndarray, op: int = wire.OP_SUM) -> tuple[list[np.ndarray], bool]:
+        """reduce() as it lands: pieces of (packets, elems) rows, one packet's
+        lanes a row, the last row padded. They may be views of the data path's
+        buffers, valid until the next reduce: a caller that converts them
+        (dequantize) saves a copy of the whole vector."""
+        values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         with self._lock:
             self.in_reduce = True
         try:
             if self.xdp is None:
-                return WindowedReduce(self, values, op).run()
+                rows, overflow = WindowedReduce(self, values, op).run_rows()
+                return [rows], overflow
             # The XDP path holds a bounded number of packets: a longer vector
-            # goes in pieces, one after the other.
-            values = np.ascontiguousarray(values, dtype=np.int32).ravel()
+            # goes in pieces, one after the other (each piece copied out but
+            # the last, whose buffer the next piece would overwrite).
             step = self.xdp.max_pkts * self.params.elems
-            outs, overflow = [], False
-            for at in range(0, max(1, values.size), step):
-                out, o = WindowedReduce(self, values[at:at + step], op, io=XdpIO).run()
-                outs.append(out)
+            starts = range(0, max(1, values.size), step)
+            pieces, overflow = [], False
+            for at in starts:
+                rows, o = WindowedReduce(self, values[at:at + step], op, io=XdpIO).run_rows()
+                pieces.append(rows if at == starts[-1] else rows.copy())
                 overflow |= o
-            return (outs[0] if len(outs) == 1 else np.concatenate(outs)), overflow
+            return pieces, overflow
         finally:
             with self._lock:
                 self.in_reduce = False

@@ -88,7 +88,7 @@ class HostMaps:
 class XdpPath:
     """Results of one rank's reductions. Per reduction: begin() opens its psn
     range; wait() sleeps until results landed or the timeout; state() shows
-    what landed; result() reads the lanes."""
+    what landed; rx_vec holds the lanes."""
 
     def __init__(self, hm: HostMaps, dev: str, doorbell: socket.socket):
         self.hm, self.dev, self.doorbell = hm, dev, doorbell
@@ -161,14 +161,6 @@ class XdpPath:
 
     def state(self) -> np.ndarray:
         return self.rx_state[:self.npk]
-
-    def result(self, n: int) -> np.ndarray:
-        """The first n result lanes, in order (a copy)."""
-        out = np.empty(n, dtype=np.int32)
-        full = (self.npk - 1) * self.elems
-        out[:full].reshape(self.npk - 1, self.elems)[...] = self.rx_vec[:self.npk - 1, :self.elems]
-        out[full:] = self.rx_vec[self.npk - 1, :n - full]
-        return out
 
     def close(self) -> None:
         if self.link_fd is not None:

@@ -78,3 +78,17 @@ def test_float32_path_equals_the_float64_definition(n, world):
     normal = np.abs(exact) >= np.finfo(np.float32).tiny
     assert np.array_equal(back[normal], exact[normal])
     assert np.all(np.abs(back.astype(np.float64) - exact) <= 2.0**-149)
+
+
+@pytest.mark.parametrize("n,block,cut", [(1, 800, 1), (2401, 800, 1), (2401, 800, 2), (10, 3, 2)])
+def test_dequantize_rows_equals_dequantize(n, block, cut):
+    rng = np.random.default_rng(n)
+    q = rng.integers(-2**29, 2**29, n, dtype=np.int32)
+    e = rng.integers(-20, 20, -(-n // block)).astype(np.int32)
+    rows = np.zeros((len(e), block + 5), np.int32)[:, :block]  # strided, like the XDP path's rows
+    flat = np.zeros(len(e) * block, np.int32)
+    flat[:n] = q
+    rows[...] = flat.reshape(len(e), block)
+    pieces = [rows[:cut], rows[cut:]] if cut < len(e) else [rows]
+    got = quantize.dequantize_rows(pieces, e, 4, n)
+    assert got.shape == (n,) and np.array_equal(got, quantize.dequantize(q, e, 4, block))
