@@ -166,14 +166,12 @@ class Receiver:
         return n
 
 
-# --- UDP GSO sends and GRO receives ------------------------------------------
+# --- UDP GSO sends -------------------------------------------------------------
 # One UDP_SEGMENT datagram carries up to GSO_MAX_BYTES of equal-sized packets,
 # cut into ordinary datagrams below the socket (by veth here, since the switch
 # port runs XDP): the UDP stack runs once per group instead of once per packet.
-# UDP_GRO hands back several results merged into one buffer, with their size.
 SOL_UDP = 17
 UDP_SEGMENT = 103
-UDP_GRO = 104
 GSO_MAX_BYTES = 65535 - 20 - 8
 GSO_MAX_SEGS = 64
 CMSG = np.dtype([("len", "<u8"), ("level", "<i4"), ("type", "<i4"), ("data", "<u4"), ("_p", "<u4")])
@@ -224,67 +222,3 @@ class GsoOutbox:
         msgs["control"] = cmsg.ctypes.data + np.arange(k, dtype=np.uint64) * CMSG.itemsize
         msgs["controllen"] = CMSG.itemsize
         send_msgs(fd, msgs)
-
-
-class GroReceiver:
-    """recvmmsg with UDP_GRO on: each buffer may hold several datagrams merged
-    by the kernel (same size but maybe the last). recv() splits them back into
-    rows of self.rows (stale bytes past each length), like Receiver.buf."""
-
-    def __init__(self, fd: int, slots: int, maxlen: int):
-        self.fd = fd
-        _setsockopt_int(fd, SOL_UDP, UDP_GRO, 1)
-        self.maxlen = maxlen
-        self.big = np.zeros((slots, 65536 + maxlen), dtype=np.uint8)
-        self.m = Messages(self.big, np.full(slots, 65536, dtype=np.uint64))
-        self.cmsg = np.zeros(slots, CMSG)
-        self.m.msgs["control"] = self.cmsg.ctypes.data + np.arange(slots, dtype=np.uint64) * CMSG.itemsize
-        self.rows = np.zeros((slots * GSO_MAX_SEGS, maxlen), dtype=np.uint8)
-        self.lens = np.zeros(slots * GSO_MAX_SEGS, dtype=np.int64)
-        self.merged = 0  # datagrams that came merged (for the stats)
-        self.poll = select.poll()
-        self.poll.register(fd, select.POLLIN)
-
-    def recv(self, timeout_s: float) -> int:
-        """Waits up to timeout_s; returns how many packets are now in
-        self.rows[:n] with their lengths in self.lens[:n]."""
-        if timeout_s >= 0.005:
-            if not self.poll.poll(int(timeout_s * 1000)):
-                return 0
-        elif not select.select([self.fd], [], [], max(0.0, timeout_s))[0]:
-            return 0
-        self.m.msgs["controllen"] = CMSG.itemsize
-        self.cmsg["type"] = 0
-        k = _recvmmsg(self.fd, self.m.msgs.ctypes.data, len(self.m.msgs), MSG_DONTWAIT, None)
-        if k < 0:
-            e = ct.get_errno()
-            if e in (errno.EAGAIN, errno.EINTR, errno.ECONNREFUSED):
-                return 0
-            raise OSError(e, os.strerror(e))
-        lens = self.m.msgs["len"][:k].astype(np.int64)
-        gro = (self.cmsg["level"][:k] == SOL_UDP) & (self.cmsg["type"][:k] == UDP_GRO)
-        seg = np.where(gro, self.cmsg["data"][:k].astype(np.int64), lens)
-        seg = np.maximum(seg, 1)
-        n = 0
-        for i in range(k):
-            s, total = int(seg[i]), int(lens[i])
-            cnt = -(-total // s) if total else 1
-            if cnt > 1:
-                self.merged += 1
-            w = min(s, self.maxlen)
-            self.rows[n:n + cnt, :w] = self.big[i, :cnt * s].reshape(cnt, s)[:, :w]
-            self.lens[n:n + cnt] = s
-            self.lens[n + cnt - 1] = total - (cnt - 1) * s
-            n += cnt
-        return n
-
-
-_setsockopt = _libc.setsockopt
-_setsockopt.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p, ct.c_uint]
-
-
-def _setsockopt_int(fd: int, level: int, opt: int, value: int) -> None:
-    v = ct.c_int(value)
-    if _setsockopt(fd, level, opt, ct.byref(v), 4) != 0:
-        e = ct.get_errno()
-        raise OSError(e, f"setsockopt({level}, {opt}): {os.strerror(e)}")

@@ -7,7 +7,8 @@ import threading
 from .agents import AgentRunError, PSProcess, run_allreduce
 
 
-def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: int, args) -> dict:
+def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: int, args,
+             datapath: str = "socket") -> dict:
     """`concurrent` jobs of `world` ranks each, all at once; hash/ps jobs get their own PS.
     args carries dtype, iters and timeout (the scripts' argparse namespace)."""
     results, errors, pss = {}, [], []
@@ -15,7 +16,7 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
     def job_thread(job):
         try:
             results[job] = run_allreduce(lab, job=job, world=world, numel=numel, dtype=args.dtype,
-                                         iters=args.iters, extra=["--verify", "--mode", mode],
+                                         iters=args.iters, extra=["--verify", "--mode", mode, "--datapath", datapath],
                                          timeout=args.timeout)
         except (AgentRunError, RuntimeError) as e:
             errors.append(str(e))
@@ -39,7 +40,7 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
     per_job = [max(r["median_s"] for r in results[j]) for j in jobs]
     med = max(per_job)
     return {
-        "mode": mode, "workers": world, "concurrent": concurrent, "bytes": numel * 4, "numel": numel,
+        "mode": mode, "datapath": datapath, "workers": world, "concurrent": concurrent, "bytes": numel * 4, "numel": numel,
         "dtype": args.dtype, "iters": args.iters, "median_s": med,
         "goodput_gbps": numel * 4 * 8 / med / 1e9,
         "aggregate_goodput_gbps": concurrent * numel * 4 * 8 / med / 1e9,
@@ -47,5 +48,6 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
         "retransmits": sum(r["retransmits"] for j in jobs for r in results[j]),
         "verified": all(r["verified"] for j in jobs for r in results[j]),
         "elems_per_packet": results[jobs[0]][0]["elems_per_packet"],
+        "datapaths": sorted({r["datapath"] for j in jobs for r in results[j]}),
         "pps_per_agent": min(r["pps"] for j in jobs for r in results[j]),
     }

@@ -33,6 +33,10 @@ Counters (packets seen, lost, copied, corrupted, reordered, held, and the
 total delay) live in the programs' `stats` map: read_counters() finds it
 through the filter on a host's eth0, so nothing is pinned and nothing is left
 behind when the namespaces go.
+
+This file is longer than most (~480 lines) because each fault is a few tc
+commands whose order matters across the others (clsact before HTB, IFB before
+mirred, the primer before the delay line); kept together they read as one plan.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 
 For each regime (host links unshaped, and shaped to 1 Gbit/s - the
 bandwidth-bound regime of a real cluster) one lab is built, and every system
-runs on it: INA modulo and hash through the XDP switch, the user-space
-parameter server (--mode ps), and Gloo's ring allreduce (torch.distributed,
-CPU). fp32, all INA results verified. Prints a table with each system's median
+runs on it: INA modulo and hash through the XDP switch, each with the
+agents' socket data path and with their XDP receive path (-xdp), the
+user-space parameter server (--mode ps), and Gloo's ring allreduce
+(torch.distributed, CPU). fp32, all INA results verified. Prints a table with each system's median
 time and its ratio to Gloo, saves JSON and PNG plots (time vs size per system;
 ratio to Gloo). Progress goes to stderr.
 """
@@ -26,7 +27,9 @@ from netns_lab.benchkit import human, log, parse_size, pyplot, save_json
 from netns_lab.topology import Lab
 
 ROOT = Path(__file__).resolve().parent.parent  # gloo_rank.py beside this file, results/
-SYSTEMS = ("modulo", "hash", "ps", "gloo")
+# An INA system is a mode and the agents' data path: "modulo" sends and receives
+# through sockets, "modulo-xdp" receives through the host XDP program.
+SYSTEMS = ("modulo", "modulo-xdp", "hash", "hash-xdp", "ps", "gloo")
 
 
 def run_gloo(lab: Lab, world: int, sizes: list[int], iters: int, port: int) -> dict[int, float]:
@@ -73,8 +76,11 @@ def run(args) -> dict:
                 for system in (s for s in systems if s != "gloo"):
                     for size in sizes:
                         t0 = time.time()
-                        r = one_size(lab, mode=system, world=world, numel=max(1, size // 4), concurrent=1,
-                                     job0=job, args=args)
+                        mode, _, dp = system.partition("-")
+                        r = one_size(lab, mode=mode, world=world, numel=max(1, size // 4), concurrent=1,
+                                     job0=job, args=args, datapath=dp or "socket")
+                        if r["datapaths"] != [dp or "socket"]:
+                            raise RuntimeError(f"{system}: the agents used {r['datapaths']}")
                         job += 1
                         rows.append({"regime": regime, "system": system, "workers": world, "bytes": r["bytes"],
                                      "median_s": r["median_s"], "verified": r["verified"],

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec .venv/bin/python scripts/throughput.py --workers 4 --sizes 1KiB,64KiB,1MiB,16MiB --iters 5 \
-  --lab-name incdemo --out results/demo.json "$@"
+  --datapath auto --lab-name incdemo --out results/demo.json "$@"

@@ -2,6 +2,9 @@
 """Word count benchmark (key-value mode): through the XDP switch, the same
 agents with switch aggregation off, and PySpark.
 
+A benchmark program of ~530 lines: corpus generation, the three systems'
+runners and the table stay in one file so that one command reproduces a table.
+
 Corpora (generated once, cached under --cache, reused while their parameters
 are the same):
   zipf  seeded Zipf text: a vocabulary of --vocab random lowercase words, word

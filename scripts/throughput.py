@@ -51,10 +51,11 @@ def run(args) -> dict:
                     for mode in modes:
                         t0 = time.time()
                         row = one_size(lab, mode=mode, world=world, numel=max(1, size // 4),
-                                       concurrent=conc, job0=job, args=args)
+                                       concurrent=conc, job0=job, args=args, datapath=args.datapath)
                         job += conc
                         rows.append(row)
-                        log(f"  {mode:>6} x{conc} {world} workers {human(row['bytes']):>8}: "
+                        log(f"  {mode:>6} x{conc} {world} workers {human(row['bytes']):>8} "
+                            f"({'/'.join(row['datapaths'])}): "
                             f"{row['median_s'] * 1e3:9.3f} ms {row['goodput_gbps']:7.3f} Gbit/s  "
                             f"{'ok' if row['verified'] else 'WRONG'}  ({time.time() - t0:.1f}s)")
     finally:
@@ -76,11 +77,11 @@ def run(args) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'mode':>6} {'jobs':>4} {'workers':>7} {'size':>9} {'median ms':>10} {'Gbit/s':>8} "
+    lines = [f"{'mode':>6} {'path':>6} {'jobs':>4} {'workers':>7} {'size':>9} {'median ms':>10} {'Gbit/s':>8} "
              f"{'vs ps':>6} {'retx':>6} verified"]
     for r in result["rows"]:
         vs = f"{r['time_vs_ps']:.2f}" if r["time_vs_ps"] else "-"
-        lines.append(f"{r['mode']:>6} {r['concurrent']:>4} {r['workers']:>7} {human(r['bytes']):>9} "
+        lines.append(f"{r['mode']:>6} {'/'.join(r['datapaths']):>6} {r['concurrent']:>4} {r['workers']:>7} {human(r['bytes']):>9} "
                      f"{r['median_s'] * 1e3:>10.3f} {r['goodput_gbps']:>8.3f} {vs:>6} {r['retransmits']:>6} "
                      f"{'yes' if r['verified'] else 'NO'}")
     return "\n".join(lines)
@@ -96,6 +97,8 @@ def main() -> int:
     p.add_argument("--concurrent", default="1", help="comma-separated counts of jobs run at once, "
                    "each with all workers (default %(default)s)")
     p.add_argument("--dtype", choices=["float32", "int32"], default="float32")
+    p.add_argument("--datapath", choices=["socket", "xdp", "auto"], default="socket",
+                   help="the agents' data path (inc-agent allreduce --datapath; default %(default)s)")
     p.add_argument("--iters", type=int, default=5, help="iterations per size (default %(default)s)")
     p.add_argument("--mtu", type=int, default=3400)
     p.add_argument("--lab-name", default="incbench", help="name of the lab this run creates")

@@ -263,23 +263,31 @@ def finished(lab, job):
     return [j for j in lab.incd.status()["finished"] if j["job"] == job][-1]["counters"]
 
 
-def run_job(lab, job, mode):
+def run_job(lab, job, mode, datapath="socket"):
     ps = PSProcess(lab, job, 4, mode=mode) if mode != "modulo" else None
     try:
         res = run_allreduce(lab, job=job, world=4, numel=NUMEL, dtype="int32", iters=ITERS,
-                            extra=["--verify", "--mode", mode, "--seed", str(job)], timeout=150)
+                            extra=["--verify", "--mode", mode, "--seed", str(job), "--datapath", datapath],
+                            timeout=150)
+        assert {r["datapath"] for r in res} == {datapath}, res
         return res, (ps.result() if ps else None)
     finally:
         if ps:
             ps.kill()
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=list(FAULTS))
-def test_allreduce_exact_under_fault(fault):
+# The XDP receive path too. Its program runs on the host's veth before tc, so the
+# lab's faults reach it on the way to the switch only; what it does with damaged
+# or repeated results is tested under BPF_PROG_TEST_RUN (test_host_rx.py).
+CASES = [(f, "socket") for f in FAULTS] + [(f, "xdp") for f in ("loss5", "dup5", "corrupt5", "reorder20")]
+
+
+@pytest.mark.parametrize("fault,datapath", CASES, ids=[f"{f}-{d}" for f, d in CASES])
+def test_allreduce_exact_under_fault(fault, datapath):
     with LabWithIncd(PREFIX, workers=4, ps=True, **FAULTS[fault]) as lab:
         out = {}
         for job, mode in ((1, "modulo"), (2, "hash")):
-            res, ps = run_job(lab, job, mode)
+            res, ps = run_job(lab, job, mode, datapath)
             assert len(res) == 4 and all(r["verified"] for r in res), res
             out[mode] = (res, ps, finished(lab, job))
             print(f"{fault} {mode}: median ms {[round(r['median_s'] * 1e3, 1) for r in res]}, "

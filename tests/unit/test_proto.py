@@ -85,3 +85,36 @@ def test_batchio_round_trip_on_loopback():
     assert rx.recv(0.05) == 0
     rx_sock.close()
     tx_sock.close()
+
+
+@pytest.mark.parametrize("start,stop", [(0, 1), (0, 45), (7, 45)])
+def test_gso_outbox_sends_each_packet_once_in_order(start, stop):
+    """UDP_SEGMENT datagrams of up to segments_per_send() packets, the last
+    packet of the buffer shorter: the receiver gets exactly the packets."""
+    import socket
+
+    from hostagent import batchio
+
+    rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    rx_sock.bind(("127.0.0.1", 0))
+    tx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx_sock.connect(rx_sock.getsockname())
+    assert batchio.gso_supported(tx_sock)
+    seg = 3232
+    rows = (np.arange(45 * seg, dtype=np.uint32) % 251).astype(np.uint8).reshape(45, seg)
+    rows[:, :4] = np.arange(45, dtype="<u4").view(np.uint8).reshape(45, 4)
+    lengths = np.full(45, seg, dtype=np.uint64)
+    lengths[-1] = 100
+    assert batchio.segments_per_send(seg) == 20
+    batchio.GsoOutbox(rows, lengths).send(tx_sock.fileno(), start, stop)
+    rx = batchio.Receiver(rx_sock.fileno(), 64, seg + 64)
+    got = []
+    while len(got) < stop - start:
+        k = rx.recv(1.0)
+        assert k > 0
+        got += [bytes(rx.buf[i, : rx.m.msgs["len"][i]]) for i in range(k)]
+    assert got == [bytes(rows[i, : int(lengths[i])]) for i in range(start, stop)]
+    assert rx.recv(0.05) == 0
+    rx_sock.close()
+    tx_sock.close()
