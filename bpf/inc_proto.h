@@ -116,7 +116,7 @@ enum inc_drop {
  * tuples were absorbed), flagged INC_F_RETRANS if the mapper flagged it.
  * Key 0 means "no tuple": mappers never send it (their hash maps 0 to 1). */
 #define INC_KV_TUPLE_WORDS 3   /* __u64 key (little-endian) + __s32 value */
-#define INC_KV_MAX_TUPLES 266  /* 798 words <= INC_MAX_ELEMS: 3278 B on the wire */
+#define INC_KV_MAX_TUPLES 266  /* 798 words <= INC_MAX_ELEMS: 3266 B on the wire */
 #define INC_KV_WINDOW 128      /* seen psns kept per flow: a mapper's window may not exceed it */
 
 /* The wire tuple. Packed to 12 bytes; the switch reads it as three words. */

@@ -1,5 +1,5 @@
 """Key-value (word count) packets: keys, tuples, build and parse, derived from
-bpf/inc_proto.h (constants through hostagent.proto's parser).
+bpf/inc_proto.h (its constants through bpf.wire).
 
 A KV packet is an inc_hdr (type INC_T_KV; rank = the mapper's flow id; psn = its
 sequence number in the flow; numel = 32-bit words that follow) and numel / 3

@@ -136,7 +136,7 @@ class Session(Member):
 
     # --- control connection after registration --------------------------------
     def on_event(self, ev: dict) -> None:
-        """The live resize driven by incd (see incd/registry.py; its events and
+        """The live resize driven by incd (see incd/resize.py; its events and
         requests say "remap"): report where we are and stop there; drain to the
         fence S; switch generation and window on go."""
         kind = ev.get("event")

@@ -4,7 +4,7 @@ and a root-only unix socket for local administration (status, stop).
 Both speak JSON lines: one request object per line, one reply object per line,
 always with "ok" and, on failure, a one-line "error".
 
-Who may talk to incd (see README, "Who may talk to incd"):
+Who may talk to incd (see docs/operations.md, "Who may talk to incd"):
 - control API: a connection is accepted only from an address in the allow list
   (default: the switch ports' own networks); a registration must also come from
   a host that incd reaches through one of its switch ports (route + neighbour

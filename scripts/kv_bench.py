@@ -17,7 +17,7 @@ are the same):
         --real-mb MB, split at line ends into one file per mapper.
 
 Systems, each on the same files, each checked against collections.Counter over
-the same tokenizer (hostagent.kv_agent.tokenize):
+the same tokenizer (hostagent.words.tokenize):
   inc      3 mappers (`inc-agent kv-map` on h1..h3) and the reducer
            (`inc-agent kv-reduce` on the ps host) in a lab, through the switch
            (the keys that hold an aggregator; the rest straight to the reducer);
@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from bpf import kv_wire, wire
-from hostagent.kv_agent import read_chunks, tokenize
+from hostagent.words import read_chunks, tokenize
 
 ROOT = Path(__file__).resolve().parent.parent  # results/ of the checkout
 

@@ -1,4 +1,4 @@
-"""Network faults on lab links (issue 6): duplication, corruption, delay and
+"""Network faults on lab links: duplication, corruption, delay and
 jitter built without netem, and allreduce staying exact under them and under
 loss and reordering. Real namespaces, real tc/BPF impairments, the real XDP
 switch, incd, agents and PS; every lab is removed however a test ends.
