@@ -13,16 +13,22 @@
 #include "lane_loops.h"
 #include "rewrite_helpers.h"
 
+/* The aggregator the host named in h->slot, if it lies in the job's region. */
+static __always_inline struct inc_slot *hash_slot(struct inc_hdr *h, struct inc_job *job)
+{
+	__u32 idx = h->slot;
+	if (idx < job->offset || idx - job->offset >= job->slots)
+		return 0;
+	return pool.lookup(&idx);
+}
+
 static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
 				     struct udphdr *udp, struct inc_hdr *h, __s32 *payload,
 				     void *end, __u32 job_id, struct inc_job *job,
 				     struct inc_stats *st)
 {
 	__u32 n = h->numel, psn = h->psn, rank = h->rank;
-	__u32 idx = h->slot;
-	if (idx < job->offset || idx - job->offset >= job->slots)
-		return drop(job_id, INC_DROP_BAD_SLOT);
-	struct inc_slot *s = pool.lookup(&idx);
+	struct inc_slot *s = hash_slot(h, job);
 	if (!s)
 		return drop(job_id, INC_DROP_BAD_SLOT);
 
@@ -131,10 +137,7 @@ static __always_inline int hash_from_ps(struct xdp_md *ctx, struct ethhdr *eth, 
 	struct inc_member *ps = job_ps.lookup(&job_id);
 	if (!ps || ps->ifindex == 0 || ps->ifindex != ctx->ingress_ifindex || ps->addr != ip->saddr)
 		return drop(job_id, INC_DROP_BAD_SOURCE);
-	__u32 idx = h->slot;
-	if (idx < job->offset || idx - job->offset >= job->slots)
-		return drop(job_id, INC_DROP_BAD_SLOT);
-	struct inc_slot *s = pool.lookup(&idx);
+	struct inc_slot *s = hash_slot(h, job);
 	if (!s)
 		return drop(job_id, INC_DROP_BAD_SLOT);
 	int evict = h->type == INC_T_EVICT, hit = 0;
