@@ -12,6 +12,7 @@ import numpy as np
 from bpf import wire
 
 from . import batchio
+from .xdp_path import RX_GOT, RX_OVERFLOW
 
 
 class SocketIO:
@@ -121,10 +122,10 @@ class XdpIO(SocketIO):
         lo, hi = r.base, r.nxt
         st = path.state()[lo:hi]
         gen_ok = (st >> np.uint64(16)) == r.sent_gen[lo:hi].astype(np.uint64)
-        new = np.flatnonzero((st & np.uint64(1)).astype(bool) & gen_ok & ~r.got[lo:hi]) + lo
+        new = np.flatnonzero((st & np.uint64(RX_GOT)).astype(bool) & gen_ok & ~r.got[lo:hi]) + lo
         if not new.size:
             return _NONE, False
-        return new, bool(np.any(path.state()[new] & np.uint64(2)))
+        return new, bool(np.any(path.state()[new] & np.uint64(RX_OVERFLOW)))
 
     def rows(self) -> np.ndarray:
         return self.path.rx_vec[:self.npk, :self.E]  # a view: valid until the next reduce

@@ -20,7 +20,7 @@ import numpy as np
 import bpf
 
 MAX_PKTS = 8192          # packets of one reduction held at once (longer ones go in pieces)
-RX_GOT, RX_OVERFLOW = 1, 2
+RX_GOT, RX_OVERFLOW = 1, 2  # rx_state bits, as HOST_RX_* in bpf/host_rx.bpf.c (test_host_rx.py checks them)
 BPF_XDP = 37  # enum bpf_attach_type
 
 
@@ -139,10 +139,6 @@ class XdpPath:
         r["psn0"], r["job"], r["elems"], r["last_numel"] = psn0, job, elems, last_numel
         r["npk"] = npk
         self.npk, self.elems = npk, elems
-
-    def counters(self) -> dict:
-        r = self.rx_ctl
-        return {"landed": int(r["landed"]), "corrupt": int(r["corrupt"]), "stray": int(r["stray"])}
 
     def landed(self) -> int:
         return int(self.rx_ctl["landed"])

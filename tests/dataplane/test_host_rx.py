@@ -9,6 +9,7 @@ import pytest
 
 from bpf import wire
 from bpf.testrun import XDP_DROP, XDP_PASS, prog_test_run
+from hostagent.xdp_path import RX_GOT, RX_OVERFLOW
 
 SRC, DST = ("10.9.1.2", 40001), ("10.9.1.1", wire.PORT)
 SRC_MAC, DST_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
@@ -53,10 +54,10 @@ def test_rx_lands_results_and_rings_once(hm):
     lanes = [5, -6, 7, 8, 9]
     assert prog_test_run(hm.rx_fn.fd, result_frame(11, lanes)).verdict == XDP_DROP
     assert np.array_equal(hm.rx_vec[1, :ELEMS], lanes)
-    assert hm.rx_state[1] == 1 | (3 << 16)
+    assert hm.rx_state[1] == RX_GOT | (3 << 16)  # the agent's reading of the C program's bits
     # The result that makes landed reach wake_at goes up to the socket: the doorbell.
     assert prog_test_run(hm.rx_fn.fd, result_frame(13, [1, 2, 3], flags=wire.F_OVERFLOW)).verdict == XDP_PASS
-    assert hm.rx_state[3] == 1 | 2 | (3 << 16) and int(hm.rx_ctl["landed"]) == 2
+    assert hm.rx_state[3] == RX_GOT | RX_OVERFLOW | (3 << 16) and int(hm.rx_ctl["landed"]) == 2
     assert prog_test_run(hm.rx_fn.fd, result_frame(10, lanes)).verdict == XDP_DROP
 
 
