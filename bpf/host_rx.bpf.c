@@ -8,10 +8,8 @@
  * result that makes the count reach rx_ctl.wake_at goes on too: the agent
  * sleeps in poll() on its UDP socket, and that datagram is its doorbell.
  *
- * Contributions still leave by the socket (UDP GSO): a live-frames sender
- * (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES) costs ~0.1-0.2 us per
- * frame, but every call of two or more frames returns only after ~100 ms here
- * (docs/performance.md), far too late for a window of results.
+ * Contributions still leave by the socket (UDP GSO); why not by a
+ * live-frames sender is in docs/performance.md.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>

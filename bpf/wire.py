@@ -172,7 +172,8 @@ def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, ran
 def lane_sums(buf: np.ndarray) -> np.ndarray:
     """Per packet of build_packets' buffer: its lanes as uint32 words, summed
     mod 2^32 (the padding past numel is zero)."""
-    return buf["data"].view("<u4").sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
+    # uint32 sums wrap mod 2^32, which is the csum's arithmetic; no widening pass
+    return buf["data"].view("<u4").sum(axis=1, dtype=np.uint32).astype(np.uint64)
 
 
 def seal(buf: np.ndarray, idx, lanes: np.ndarray) -> None:

@@ -243,7 +243,17 @@ class Session(Member):
         pieces, overflow = self.reduce_rows(values, op)
         if self.xdp is None:  # the socket path's rows are this reduce's own
             return pieces[0].reshape(-1)[:values.size], overflow
-        return np.concatenate([p.reshape(-1) for p in pieces])[:values.size], overflow
+        out = np.empty(values.size, dtype=np.int32)
+        at = 0
+        for rows in pieces:  # padded rows of the path's array: one copy into place
+            width = rows.shape[1]
+            k = min(rows.size, values.size - at)
+            full, rest = divmod(k, width)
+            out[at:at + full * width].reshape(full, width)[:] = rows[:full]
+            if rest:
+                out[at + full * width:at + k] = rows[full, :rest]
+            at += k
+        return out, overflow
 
     def reduce_rows(self, values: np.ndarray, op: int = wire.OP_SUM) -> tuple[list[np.ndarray], bool]:
         """reduce() as it lands: pieces of (packets, elems) rows, one packet's
