@@ -9,7 +9,9 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
+# torch: the Python API and torch backend tests (a local wheel on this machine kind).
 test: setup
+	@.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 	@$(PY) -m pytest -v tests
 
 # The pure-logic tests only: seconds, no root (the venv must exist: make setup once, as root).

@@ -14,7 +14,7 @@ import numpy as np
 from bpf import control, wire
 
 from . import inputs
-from .collective import AllreduceError, Communicator
+from .collective import AllreduceError, VectorAllreduce
 from .ps import ParameterServer
 from .quantize import QuantizeError
 from .transport import Session, TransportError
@@ -73,7 +73,7 @@ def cmd_allreduce(a) -> int:
                  shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand, fail_timeout=a.fail_timeout,
                  datapath=a.datapath) as s:
         say(f"rank {a.rank}: data path {s.datapath} ({s.datapath_note})")
-        comm = Communicator(s)
+        comm = VectorAllreduce(s)
         times = []
         y = None
         verified = max_err = None

@@ -13,7 +13,11 @@ class AllreduceError(RuntimeError):
     pass
 
 
-class Communicator:
+class VectorAllreduce:
+    """allreduce (sum) of whole int32 or float32 vectors over one Session: fp32
+    through shared-exponent quantization, int32 exactly (widened to int64 when
+    the sum does not fit)."""
+
     def __init__(self, session: Session):
         self.s = session
         self.world = session.params.world

@@ -1,0 +1,122 @@
+"""The Python API (hostagent.Communicator) in a real lab: every collective on
+every rank checked against numpy (tests/helpers/comm_worker.py), in modulo and
+hash mode, on both data paths, with roots other than 0, and under loss and
+reordering; bad input gives CommError, not a traceback or a hang."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netns_lab.agents import PSProcess
+from netns_lab.harness import LabWithIncd
+
+WORKER = str(Path(__file__).resolve().parent.parent / "helpers" / "comm_worker.py")
+CASES = {  # name: (world, mode, datapath, lab faults)
+    "modulo-xdp-4": (4, "modulo", "xdp", {}),
+    "hash-socket-3": (3, "hash", "socket", {}),
+    "modulo-socket-4-loss-reorder": (4, "modulo", "socket", {"loss_pct": 2.0, "reorder_pct": 10.0}),
+    "hash-xdp-4-loss": (4, "hash", "xdp", {"loss_pct": 2.0}),
+}
+
+
+def run_ranks(lab, job: int, world: int, mode: str, datapath: str) -> list[dict]:
+    procs = [lab.popen(f"h{r + 1}", [sys.executable, WORKER, str(job), str(r), str(world), mode, datapath],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    reports = []
+    try:
+        for r, p in enumerate(procs):
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, f"rank {r} exit {p.returncode}: {err[-2000:]}"
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return reports
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_collective_matches_numpy(root, case):
+    world, mode, datapath, faults = CASES[case]
+    with LabWithIncd("cm", workers=world, ps=mode == "hash", **faults) as lab:
+        ps = PSProcess(lab, 5, world) if mode == "hash" else None
+        try:
+            reports = run_ranks(lab, 5, world, mode, datapath)
+        finally:
+            if ps:
+                ps.kill()
+    for r, rep in enumerate(reports):
+        bad = {k: v for k, v in rep.items() if not v[0]}
+        assert not bad, f"rank {r}: {bad}"
+        assert len(rep) == 18, sorted(rep)  # every check ran
+
+
+BAD = """
+import sys
+from hostagent import CommError, Communicator
+try:
+    Communicator(job=None, rank=0, world=1)
+except CommError as e:
+    print("E1", e)
+try:
+    Communicator(job=3, rank=2, world=2)
+except CommError as e:
+    print("E2", e)
+"""
+
+
+def test_bad_arguments_are_comm_errors(root):
+    r = subprocess.run([sys.executable, "-c", BAD], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "E1 no job id: pass it or set INC_JOB" in r.stdout
+    assert "E2 rank 2 is not in 0..1" in r.stdout
+
+
+LOOP = """
+import sys, time
+import numpy as np
+from hostagent import CommError, Communicator
+job, rank = int(sys.argv[1]), int(sys.argv[2])
+c = Communicator(job, rank, 3, datapath="auto", fail_timeout=2.0)
+x = np.ones(1 << 18, np.float32)
+print("ready", flush=True)
+t0 = time.monotonic()
+try:
+    while time.monotonic() - t0 < 60:
+        c.allreduce(x)
+except CommError as e:
+    print("CommError:", e, flush=True)
+    sys.exit(3)
+print("no error", flush=True)
+"""
+
+
+def test_a_killed_rank_makes_the_others_raise(root):
+    import time
+
+    with LabWithIncd("ck", workers=3) as lab:
+        procs = [lab.popen(f"h{r + 1}", [sys.executable, "-c", LOOP, "6", str(r)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for r in range(3)]
+        try:
+            for p in procs:
+                assert p.stdout.readline().strip() == "ready"
+            time.sleep(1.0)
+            procs[2].kill()
+            killed = time.monotonic()
+            for p in procs[:2]:
+                out, err = p.communicate(timeout=30)
+                took = time.monotonic() - killed
+                assert p.returncode == 3, (out, err[-1500:])
+                assert "CommError:" in out and "rank 2" in out, out
+                assert took < 15, took  # fail_timeout 2 s plus detection, not the 60 s loop
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
