@@ -32,6 +32,9 @@ def main() -> None:
         y = c.allreduce(flts[rank])
         ok, err = check_sum(y, flts, c.s.params.elems)
         check("sum_float32", ok and y.dtype == np.float32, err)
+        small = [f[:100] for f in flts]  # few packets for all ranks together: raw bits, summed by every rank
+        y = c.allreduce(small[rank])
+        check("sum_float32_small", np.array_equal(y, np.sum(np.stack(small).astype(np.float64), axis=0).astype(np.float32)))
         y = c.allreduce(flts[rank], op="avg")
         ok, err = check_sum(y * np.float32(world), flts, c.s.params.elems)
         check("avg_float32", ok, err)

@@ -53,7 +53,7 @@ def test_every_collective_matches_numpy(root, case):
     for r, rep in enumerate(reports):
         bad = {k: v for k, v in rep.items() if not v[0]}
         assert not bad, f"rank {r}: {bad}"
-        assert len(rep) == 18, sorted(rep)  # every check ran
+        assert len(rep) == 19, sorted(rep)  # every check ran
 
 
 BAD = """
