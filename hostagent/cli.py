@@ -13,7 +13,7 @@ import numpy as np
 
 from bpf import control, wire
 
-from . import inputs
+from . import inputs, outfile
 from .collective import AllreduceError, VectorAllreduce
 from .ps import ParameterServer
 from .quantize import QuantizeError
@@ -27,11 +27,31 @@ class CliError(Exception):
 def load_input(path: str) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CliError(f"cannot read {path}: {e}")
+    except (OSError, ValueError, EOFError) as e:
+        raise CliError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(x, np.ndarray):
+        raise CliError(f"cannot read {path}: an .npz archive, not one array (.npy)")
     if x.dtype not in (np.float32, np.int32):
         raise CliError(f"{path}: dtype {x.dtype} not supported (float32 or int32)")
     return x
+
+
+# Bytes of memory an allreduce needs per element: the input, its quantized copy,
+# packets and results (padded rows), the output.
+BYTES_PER_ELEMENT = 24
+
+
+def _check_memory(numel: int) -> None:
+    """A clear error instead of an allocation the host cannot satisfy."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    need = numel * BYTES_PER_ELEMENT
+    if need > avail:
+        raise CliError(f"--numel {numel} needs about {need / 2**30:.1f} GiB of memory; "
+                       f"this host has {avail / 2**30:.1f} GiB available")
 
 
 def _check_limits(a) -> None:
@@ -59,9 +79,13 @@ def cmd_allreduce(a) -> int:
     else:
         if a.numel < 1:
             raise CliError("--numel must be at least 1")
+        _check_memory(a.numel)
         x = inputs.make_input(a.seed, a.rank, a.numel, a.dtype)
-    if a.out and Path(a.out).parent and not Path(a.out).parent.exists():
-        raise CliError(f"--out directory {Path(a.out).parent} does not exist")
+    if a.out:
+        try:
+            outfile.check_writable(outfile.npy_path(a.out))
+        except outfile.OutFileError as e:
+            raise CliError(f"--out: {e}") from None
     say = (lambda *_: None) if (a.json or a.quiet) else (lambda m: print(m, file=sys.stderr, flush=True))
 
     demand = {k: v for k, v in (("deadline_s", a.deadline), ("model_bytes", a.model_bytes),
@@ -97,7 +121,10 @@ def cmd_allreduce(a) -> int:
         packets_per_iter = s.stats.packets / a.iters
         datapath, datapath_note, corrupt = s.datapath, s.datapath_note, s.stats.corrupt
     if a.out:
-        np.save(a.out, y)
+        try:
+            outfile.write_atomic(outfile.npy_path(a.out), lambda f: np.save(f, y))
+        except outfile.OutFileError as e:
+            raise CliError(str(e)) from None
     med = statistics.median(times)
     res = {
         "job": a.job, "rank": a.rank, "world": a.world, "numel": int(x.size), "dtype": str(x.dtype),
@@ -229,8 +256,10 @@ def cmd_kv_reduce(a) -> int:
     from .kv_reducer import run_reducer
 
     _check_kv_job(a)
-    if Path(a.out).parent and not Path(a.out).parent.exists():
-        raise CliError(f"--out directory {Path(a.out).parent} does not exist")
+    try:
+        outfile.check_writable(a.out)
+    except outfile.OutFileError as e:
+        raise CliError(f"--out: {e}") from None
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     status = 0
     try:
@@ -241,12 +270,11 @@ def cmd_kv_reduce(a) -> int:
         print(f"inc-agent: {e}", file=sys.stderr)
         status = 3
     counts, s, info = a.result.counts, a.result.summary, a.result.info
-    tmp = Path(str(a.out) + ".tmp")
     try:
-        tmp.write_text(json.dumps(counts, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-        tmp.replace(a.out)
-    except OSError as e:
-        raise CliError(f"cannot write {a.out}: {e}")
+        data = json.dumps(counts, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        outfile.write_atomic(a.out, lambda f: f.write(data))
+    except outfile.OutFileError as e:
+        raise CliError(str(e)) from None
     res = {**info, **summary_dict(s), "out": str(a.out), "total_count": sum(counts.values())}
     print(json.dumps(res) if a.json else
           f"kv-reduce job {a.job}: {s.words} words, {res['total_count']} occurrences; from the switch "

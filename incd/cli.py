@@ -100,13 +100,15 @@ def cmd_start(args) -> int:
     if args.foreground:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s incd: %(message)s")
         try:
-            return daemon.run(cfg)
+            return daemon.run(cfg, force=args.force)
         except Exception as e:  # startup failures: one line, not a traceback
             logging.getLogger("incd").error("%s", e)
             return 1
     daemon.RUN_DIR.mkdir(parents=True, exist_ok=True)
     logf = daemon.log_path(cfg.instance)
     argv = [sys.executable, "-m", "incd.cli", "--instance", cfg.instance, "start", "--foreground"]
+    if args.force:
+        argv.append("--force")
     cfg_file = daemon.config_copy_path(cfg.instance)
     cfg_file.write_text(json.dumps(cfg.file_values()))
     argv += ["--config", str(cfg_file)]
@@ -298,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--register-timeout", type=float, help="seconds a rank waits for the others (default 30)")
     s.add_argument("--rejoin-grace", type=float, help="after a crash and restart: seconds the running jobs "
                    "taken over wait for their members to reconnect before they are failed (default 10)")
+    s.add_argument("--force", action="store_true", help="take ports that already run an XDP program "
+                   "(another incd's or another tool's), replacing it; without it such ports are refused")
     s.add_argument("--wait", type=float, default=60.0, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_start)
     t = sub.add_parser("stop", help="detach XDP, unpin maps, stop the daemon")

@@ -76,7 +76,42 @@ def enter_netns(name: str | None) -> None:
         netns.setns(name)
 
 
-def run(cfg: Config) -> int:
+def live_instances() -> list[dict]:
+    """State of every incd instance on this machine whose process is alive."""
+    out = []
+    for f in sorted(RUN_DIR.glob("*.json")) if RUN_DIR.exists() else []:
+        try:
+            st = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(st, dict) and f == state_path(str(st.get("instance")))):
+            continue  # a jobs file or a config copy
+        if pid_alive(st.get("pid", -1)) and st.get("pid") != os.getpid():
+            out.append(st)
+    return out
+
+
+def check_ports_free(cfg: Config, ports: list, old: dict | None, force: bool) -> None:
+    """Refuse, before touching anything, ports that carry an XDP program that is
+    not a dead incd of this instance's own (which a restart takes over): a
+    running incd's, or another tool's. force: replace it anyway."""
+    mine = set(old.get("ports", [])) if old and not pid_alive(old.get("pid", -1)) else set()
+    owners = {(st.get("netns"), name): st for st in live_instances() for name in st.get("ports", [])}
+    for p in ports:
+        prog = netinfo.xdp_prog_id(p.name)
+        if not prog or p.name in mine:
+            continue
+        st = owners.get((cfg.netns, p.name))
+        who = (f"incd instance {st.get('instance')!r} (pid {st.get('pid')})" if st
+               else "a program that is not this incd's (another tool?)")
+        if force:
+            log.warning("port %s: replacing XDP program %d of %s (--force)", p.name, prog, who)
+            continue
+        raise RuntimeError(f"port {p.name} already runs XDP program {prog} of {who}; refusing to touch it "
+                           f"(stop that first, or start with --force to replace it)")
+
+
+def run(cfg: Config, force: bool = False) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     old = read_state(cfg.instance)
     if old and pid_alive(old.get("pid", -1)) and old.get("pid") != os.getpid():
@@ -85,6 +120,7 @@ def run(cfg: Config) -> int:
         raise RuntimeError("no switch ports given")
     enter_netns(cfg.netns)
     ports = [netinfo.port_info(n) for n in cfg.ports]
+    check_ports_free(cfg, ports, old, force)
     allow = [ipaddress.ip_network(a, strict=False) for a in cfg.allow] or netinfo.connected_networks(ports)
 
     fp = jobstate.fingerprint(cfg.pool_slots, cfg.hash_slots, [p.name for p in ports])
@@ -107,6 +143,10 @@ def run(cfg: Config) -> int:
         for j in dp.programmed_jobs():
             if j not in recovered:
                 dp.forget_job(j)
+        # Bound before XDP is attached: a taken control port fails with the ports untouched.
+        ctrl = ControlServer((cfg.listen, cfg.listen_port), registry, netinfo,
+                             {p.ifindex for p in ports}, allow, cfg.register_timeout)
+        servers.append(ctrl)
         # The new program replaces the old one on each port; the maps, and so the
         # recovered jobs' slots, stay as they are.
         dp.attach([Port(p.name, p.ifindex) for p in ports])
@@ -115,9 +155,6 @@ def run(cfg: Config) -> int:
             registry.on_change()
         if recovered:
             log.info("recovered jobs %s; their members have %.0fs to rejoin", recovered, cfg.rejoin_grace)
-        ctrl = ControlServer((cfg.listen, cfg.listen_port), registry, netinfo,
-                             {p.ifindex for p in ports}, allow, cfg.register_timeout)
-        servers.append(ctrl)
         started = time.time()
 
         def status() -> dict:
@@ -141,6 +178,7 @@ def run(cfg: Config) -> int:
             "pid": os.getpid(), "instance": cfg.instance, "netns": cfg.netns,
             "ports": [p.name for p in ports], "pin_dir": str(pin_dir(cfg.instance)),
             "admin": str(admin_path(cfg.instance)), "control": f"{cfg.listen}:{cfg.listen_port}",
+            "xdp_prog_ids": dp.prog_ids,
         }))
         log.info("incd %s: XDP on %s, pool %d slots, control on %s:%d",
                  cfg.instance, ",".join(p.name for p in ports), cfg.pool_slots, cfg.listen, cfg.listen_port)
@@ -179,8 +217,9 @@ def cleanup_leftovers(instance: str) -> list[str]:
     if st:
         try:
             enter_netns(st.get("netns"))
+            ids = st.get("xdp_prog_ids", {})
             for name in st.get("ports", []):
-                detach_port(name)
+                detach_port(name, ids.get(name))  # not a program someone attached since
                 done.append(f"detached XDP from {name}")
         except RuntimeError as e:
             done.append(f"ports not reachable ({e})")

@@ -21,6 +21,8 @@ import bpf
 from bpf import wire
 from bpf.bcc_unit import one_unit
 
+from .netinfo import xdp_prog_id
+
 BPF_DIR = bpf.source_dir()
 SWITCH_SRC = bpf.source("inc_switch.bpf.c")
 MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports", "mode_progs",
@@ -101,6 +103,7 @@ class Dataplane:
         if ct.sizeof(self.kv_pool.Leaf) != KV_AGG_DTYPE.itemsize:
             raise DataplaneError("struct inc_kv_agg does not match KV_AGG_DTYPE")
         self.ports: list[Port] = []
+        self.prog_ids: dict[str, int] = {}  # port -> id of the program attached there
 
     # --- ports -----------------------------------------------------------
     def attach(self, ports: list[Port]) -> None:
@@ -116,13 +119,15 @@ class Dataplane:
             for p in ports:
                 self.bpf.attach_xdp(p.name.encode(), self.ingress, XDP_FLAGS_DRV_MODE)
                 self.ports.append(p)
+                self.prog_ids[p.name] = xdp_prog_id(p.name)
         except Exception as e:
             self.detach()
             raise DataplaneError(f"cannot attach XDP to {p.name}: {e}") from e
 
     def detach(self) -> None:
+        """Only the program this incd attached: one that replaced it since stays."""
         for p in self.ports:
-            detach_port(p.name)
+            detach_port(p.name, self.prog_ids.get(p.name))
         self.ports = []
 
     # --- pinning ----------------------------------------------------------
@@ -385,10 +390,17 @@ class Dataplane:
         self.bpf.cleanup()
 
 
-def detach_port(name: str) -> None:
-    """Remove whatever XDP program a port has (native or generic); ignores gone ports."""
+def detach_port(name: str, prog_id: int | None = None) -> None:
+    """Remove the XDP program of a port (native or generic); ignores gone
+    ports. With prog_id: only if that program is still the one there."""
     from bcc import BPF
 
+    if prog_id is not None:
+        try:
+            if xdp_prog_id(name) != prog_id:
+                return
+        except Exception:
+            return
     for flags in (XDP_FLAGS_DRV_MODE, 0):
         try:
             BPF.remove_xdp(name.encode(), flags)

@@ -81,3 +81,11 @@ def path_to(host: str, port_ifindexes: set[int], timeout: float = 2.0) -> Path:
 
 def connected_networks(ports: list[PortInfo]) -> list[ipaddress.IPv4Network]:
     return [ipaddress.ip_interface(a).network for p in ports for a in p.addrs]
+
+
+def xdp_prog_id(name: str) -> int:
+    """The id of the XDP program on a port (native or generic), 0 if none."""
+    with IPRoute() as ipr:
+        links = ipr.link("get", ifname=name)
+    xdp = links[0].get_attr("IFLA_XDP") if links else None
+    return int(xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp else 0

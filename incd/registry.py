@@ -91,10 +91,8 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                 raise RegistrationError("incd is stopping")
             # Every check first: a refused request changes nothing (not the running
             # job it collides with, not the deadline of the job it would join).
-            job, replaces = self._check_register(r, path)
+            job = self._check_register(r, path)
             # Accepted: from here on the request takes effect.
-            if replaces is not None:
-                self._end(replaces, "replaced by a new registration")
             if job is None:
                 job = Job(r.job, r.world, r.mode)
                 self.jobs[r.job] = job
@@ -109,30 +107,24 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
             self._wait_start(job, r, timeout)
             return job, r.rank
 
-    def _check_register(self, r: Request, path: Path) -> tuple[Job | None, Job | None]:
-        """The job the request joins (None: a new one) and the running job it
-        replaces (None: none); raises if the request conflicts with either."""
+    def _check_register(self, r: Request, path: Path) -> Job | None:
+        """The job the request joins (None: a new one); raises if the request
+        conflicts with it or the job is running."""
         job = self.jobs.get(r.job)
         if job is not None and (job.world, job.mode) != (r.world, r.mode):
             raise RegistrationError(
                 f"job {r.job} is {'running' if job.state == 'active' else 'being registered'} with "
                 f"world={job.world} mode={job.mode}; this request says world={r.world} mode={r.mode}")
         if job is not None and job.state == "active":
-            current = job.ps if r.role == "ps" else job.members.get(r.rank)
-            if current is not None and current.alive:
-                who = "its PS" if r.role == "ps" else f"rank {r.rank}"
-                raise RegistrationError(
-                    f"job {r.job} {who} is running (from {current.addr}); "
-                    "it must finish before the job id is reused")
-            if job.mode == "kv" and job.reducer is not None and job.reducer.alive:
-                raise RegistrationError(
-                    f"job {r.job} is running: its reducer ({job.reducer.addr}) has not finished; "
-                    "it must finish before the job id is reused")
-            # A new run of the job (this member's old run is gone): the old run's
-            # stragglers are cut off by the new generation.
-            return None, job
+            # Never replaced by a registration: only its members end a run (done,
+            # or by going away), so nobody else can cut it short.
+            left = sorted(x for x, m in job.members.items() if m.alive)
+            why = (f"ranks {left} have not finished" if left else
+                   "its members are to rejoin after an incd restart" if job.rejoin_wait else
+                   "its reducer has not finished")
+            raise RegistrationError(f"job {r.job} is running ({why}); its id can be reused once that run ends")
         if job is None:
-            return None, None
+            return None
         if r.role == "worker":
             if job.req_window is not None and (job.req_window, job.shape) != (r.window, r.shape):
                 raise RegistrationError(
@@ -153,7 +145,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                     raise RegistrationError(
                         f"job {r.job}: rank {m.rank} already sits behind switch port "
                         f"{self.port_names.get(path.ifindex)}; one member per port per job")
-        return job, None
+        return job
 
     def _join(self, job: Job, r: Request, peer: str, path: Path) -> None:
         if r.role == "worker":

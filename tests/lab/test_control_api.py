@@ -268,8 +268,9 @@ def test_conflicts_with_a_running_job(lab, ctl):
             ("h3", reg(31, rank=2, world=3), ["job 31 is running with world=2 mode=modulo", "world=3"]),
             ("h3", reg(31, rank=1, mode="hash"), ["running with", "mode=hash"]),
             ("h3", reg(31, rank=1, role="ps", mode="hash"), ["running with", "mode=hash"]),
-            ("h3", reg(31, rank=0, deadline_s=5, model_bytes=10**9), ["rank 0 is running (from 10.77.1.2)"]),
-            ("h4", reg(31, rank=1, window=64), ["rank 1 is running"]),
+            ("h3", reg(31, rank=0, deadline_s=5, model_bytes=10**9),
+             ["job 31 is running (ranks [0, 1] have not finished)", "reused once that run ends"]),
+            ("h4", reg(31, rank=1, window=64), ["job 31 is running"]),
         ]
         for host, req, words in conflicts:
             c = ctl(host)
@@ -284,6 +285,27 @@ def test_conflicts_with_a_running_job(lab, ctl):
     assert res and all(r["verified"] for r in res[0]), res
     fin = [j for j in status(lab)["finished"] if j["job"] == 31]
     assert [(j["gen"], j["end_reason"]) for j in fin] == [(rec[3], "all workers left")]
+
+
+def test_a_finished_rank_is_not_replaced_by_a_stranger(lab, ctl):
+    """Rank 0 of job 32 said done while rank 1 still runs: a registration of job 32
+    from another host (as rank 0, or any rank) is refused, rank 1 is not told of
+    any failure, and the job ends normally when rank 1 is done."""
+    r0, r1 = ctl("h1"), ctl("h2")
+    r0.send(reg(32, rank=0, timeout=30))
+    a1, a0 = r1.call(reg(32, rank=1, timeout=30)), r0.reply()
+    assert a0["ok"] and a1["ok"]
+    wait_active(lab.incd, 32)
+    assert r0.call({"op": "done"}) == {"ok": True}
+    for host, rank in (("h3", 0), ("h4", 1), ("h1", 0)):
+        err = refused(ctl(host).call(reg(32, rank=rank, timeout=5)), "job 32 is running (ranks [1] have not finished)")
+        assert "10.77." not in err  # says who is missing, not where members are
+    (job,) = [j for j in status(lab)["jobs"] if j["job"] == 32]
+    assert job["state"] == "active" and [m["alive"] for m in job["members"]] == [False, True]
+    assert r1.call({"op": "ping"}) == {"ok": True}  # no job_failed event came before the answer
+    assert r1.call({"op": "done"}) == {"ok": True}
+    fin = [j for j in status(lab)["finished"] if j["job"] == 32]
+    assert [j["end_reason"] for j in fin] == ["all workers left"]
 
 
 def test_control_api_version(lab, ctl):

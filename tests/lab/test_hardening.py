@@ -1,0 +1,119 @@
+"""Abuses and mistakes of issue 17, each reproduced against the real daemon in a
+lab: what must be refused, and that what was running keeps running."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers.allreduce import allreduce_files, int_inputs
+from incd.process import IncdProcess
+from netns_lab.harness import uniq
+from netns_lab.topology import Lab
+
+FOREIGN = """
+from bcc import BPF
+b = BPF(text='#include <uapi/linux/bpf.h>\\nint foreign(struct xdp_md *c) { return XDP_PASS; }')
+b.attach_xdp("p2", b.load_func("foreign", BPF.XDP), 1 << 2)  # native; stays after this process
+"""
+
+
+def prog_ids(lab) -> dict:
+    out = subprocess.run(["ip", "-n", lab.netns("sw"), "-j", "-d", "link"], capture_output=True, text=True,
+                         check=True).stdout
+    import json
+
+    return {l["ifname"]: (l.get("xdp") or {}).get("prog", {}).get("id", 0) for l in json.loads(out)
+            if l["ifname"].startswith("p")}
+
+
+@pytest.fixture
+def lab2(root):
+    with Lab(uniq("hd"), workers=2) as lab:
+        yield lab
+
+
+def test_a_second_incd_leaves_the_first_alone(lab2, tmp_path):
+    with IncdProcess(lab2.name + "a", lab=lab2.name) as first:
+        lab2.incd = first
+        before = prog_ids(lab2)
+        assert all(before.values()), before
+        second = IncdProcess(lab2.name + "b", lab=lab2.name)
+        with pytest.raises(RuntimeError) as e:
+            second.start()
+        second.stop()
+        assert f"incd instance '{lab2.name}a'" in str(e.value) and "refusing" in str(e.value)
+        assert prog_ids(lab2) == before  # nothing detached or replaced
+        xs = int_inputs(2, 5000, seed=3)
+        outs, _ = allreduce_files(lab2, tmp_path, 3, xs)  # the first still aggregates
+        assert all(np.array_equal(y, xs[0] + xs[1]) for y in outs)
+
+
+def test_a_foreign_xdp_program_is_refused_then_replaced_only_with_force(lab2):
+    lab2.run("sw", [sys.executable, "-c", FOREIGN], check=True, capture_output=True)
+    foreign = prog_ids(lab2)["p2"]
+    assert foreign
+    inc = IncdProcess(lab2.name + "f", lab=lab2.name)
+    with pytest.raises(RuntimeError) as e:
+        inc.start()
+    inc.stop()
+    assert "port p2 already runs XDP program" in str(e.value) and "not this incd's" in str(e.value)
+    assert prog_ids(lab2) == {"p1": 0, "p2": foreign}  # p1 untouched too: refused before anything
+    forced = IncdProcess(lab2.name + "f", lab=lab2.name, extra=["--force"]).start()
+    try:
+        ids = prog_ids(lab2)
+        assert ids["p2"] not in (0, foreign) and ids["p1"] == ids["p2"]
+    finally:
+        forced.stop()
+    assert prog_ids(lab2) == {"p1": 0, "p2": 0}
+
+
+def agent(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hostagent.cli", *args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
+    assert r.returncode != 0, r.stdout
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_bad_files_and_sizes_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    base = ["allreduce", "--job", "1", "--rank", "0", "--world", "1"]
+    one_line_error(agent(*base, "--in", str(bad)), f"cannot read {bad}")
+    one_line_error(agent(*base, "--in", str(tmp_path)), f"cannot read {tmp_path}")
+    one_line_error(agent(*base, "--in", str(tmp_path / "missing.npy")), "No such file")
+    (tmp_path / "d.npy").mkdir()
+    one_line_error(agent(*base, "--out", str(tmp_path / "d.npy")), "is a directory")
+    one_line_error(agent(*base, "--out", str(tmp_path / "nowhere" / "y.npy")), "does not exist")
+    one_line_error(agent(*base, "--numel", str(10**13)), "GiB of memory", "available")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: the first write of a larger file fails with ENOSPC."""
+    d = tmp_path / "full"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_out_on_a_full_disk_leaves_no_partial_file(lab2, full_disk):
+    with IncdProcess(lab2.name + "o", lab=lab2.name):
+        out = full_disk / "y.npy"
+        r = lab2.run("h1", [sys.executable, "-m", "hostagent.cli", "allreduce", "--job", "4", "--rank", "0",
+                            "--world", "1", "--numel", "100000", "--out", str(out), "--quiet"],
+                     capture_output=True, text=True, timeout=120)
+    one_line_error(r, f"cannot write {out}", "No space left on device")
+    assert list(full_disk.iterdir()) == []  # neither y.npy nor its temporary
