@@ -11,6 +11,7 @@ import queue
 from bpf import control
 
 from .incd_link import REJOIN_S, Control, TransportError, connect_incd
+from .xdp_path import XdpUnavailable, route_to
 
 
 class Member:
@@ -33,6 +34,30 @@ class Member:
         self.ctl = Control(connect_incd(switch, ctrl_port))
         self.ctl.sock.settimeout(register_timeout + 10)
         return self.ctl.call({"op": "register", "version": control.CONTROL_VERSION, **req})
+
+    def abort(self, why: str) -> TransportError:
+        """Fails the job with this member's own reason (the others learn it at
+        once) and returns the error to raise here."""
+        try:
+            self.ctl.call({"op": "abort", "error": why})
+        except Exception:
+            pass  # the connection closing fails the job anyway
+        return TransportError(why)
+
+    def check_mtu(self, toward: str, packet_bytes: int) -> None:
+        """This host's interface towards the switch must carry the job's
+        largest datagram (a smaller one would fragment it, and the switch drops
+        fragments): if not, the job fails now, naming the interface and sizes."""
+        try:
+            dev = route_to(toward)
+            with open(f"/sys/class/net/{dev}/mtu") as f:
+                mtu = int(f.read())
+        except (OSError, ValueError, XdpUnavailable):
+            return  # no route or no sysfs: nothing to compare with
+        if mtu < packet_bytes:
+            raise self.abort(f"job {self.job}: this host's interface {dev} has MTU {mtu}, smaller than the "
+                             f"job's {packet_bytes}-byte packets (sized by the switch ports' MTU); raise it "
+                             f"to {packet_bytes} or lower the switch ports' MTU")
 
     def start(self, rejoin=None) -> None:
         """Starts reading events and sending heartbeats. rejoin: a function

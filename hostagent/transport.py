@@ -110,6 +110,8 @@ class Session(Member):
             self.params = params_from(reply)
             if self.params.elems <= 0:
                 raise TransportError("switch ports' MTU too small for an INC packet")
+            self.check_mtu(self.params.ps["addr"] if mode == "ps" else self.params.data_addr,
+                           wire.IP_UDP_OVERHEAD + wire.HDR_LEN + 4 * self.params.elems)
             if mode == "ps":  # the baseline: straight to the parameter server
                 self.udp.connect((self.params.ps["addr"], self.params.ps["port"]))
             else:

@@ -233,17 +233,23 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                     rank=max(m.rank, 0), ifindex=m.path.ifindex)
 
     # --- leaving and the end of a job -----------------------------------------------
-    def leave(self, job: Job, rank: int, done: bool = False) -> None:
+    def leave(self, job: Job, rank: int, done: bool = False, reason: str | None = None) -> None:
         """A member is gone: it said "done" (done=True), or its control connection
         closed. One that goes without "done" while workers still run (killed,
         crashed) fails the job at once: the others are told who ("job_failed"),
         and the job ends and frees its switch memory, instead of the others
-        waiting for their timeouts."""
+        waiting for their timeouts. reason: the member's own ("abort"), which
+        fails the job whatever its state."""
         with self.cond:
             m = job.member(rank)
             if m is None or not m.alive:
                 return
             m.alive = False
+            if reason is not None:
+                if job.state != "ended":
+                    self._end(job, f"{m.who} gave up: {reason}", culprits=[rank])
+                self.cond.notify_all()
+                return
             running = any(x.alive for x in job.members.values())
             if job.state == "active" and job.mode == "kv":
                 # Mappers that said "done" leave early; the reducer drains after them

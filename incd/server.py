@@ -239,6 +239,16 @@ class ControlHandler(socketserver.StreamRequestHandler):
         self.server.registry.leave(*self._own_job(req, "done"), done=True)  # leaving without it fails the job
         return {"ok": True}
 
+    def op_abort(self, req: dict) -> dict:
+        """A member cannot go on (its own reason, e.g. its MTU): the job fails at
+        once with that reason instead of the others waiting for a timeout."""
+        job, rank = self._own_job(req, "abort")
+        why = req.get("error")
+        if not isinstance(why, str) or not why.strip():
+            raise RegistrationError("'abort' needs an 'error' string")
+        self.server.registry.leave(job, rank, reason=" ".join(why.split())[:300])
+        return {"ok": True}
+
     def op_wait_end(self, req: dict) -> dict:
         return {"ok": True, "reason": self.server.registry.wait_end(self._own_job(req, "wait_end")[0])}
 
@@ -277,7 +287,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
         return {"ok": True}
 
     OPS = {
-        "register": op_register, "rejoin": op_rejoin, "done": op_done, "wait_end": op_wait_end,
+        "register": op_register, "rejoin": op_rejoin, "done": op_done, "abort": op_abort, "wait_end": op_wait_end,
         "remap_report": op_resize_report, "remap_passed": op_resize_passed,
         "kv_drain": op_kv_drain, "alive": op_alive, "ping": op_ping,
     }

@@ -117,3 +117,23 @@ def test_out_on_a_full_disk_leaves_no_partial_file(lab2, full_disk):
                      capture_output=True, text=True, timeout=120)
     one_line_error(r, f"cannot write {out}", "No space left on device")
     assert list(full_disk.iterdir()) == []  # neither y.npy nor its temporary
+
+
+def test_a_host_mtu_below_the_jobs_packets_fails_the_job_at_once_naming_it(lab2):
+    import time
+
+    lab2.run("h2", ["ip", "link", "set", "dev", "eth0", "mtu", "1500"], check=True)
+    try:
+        with IncdProcess(lab2.name + "m", lab=lab2.name):
+            t0 = time.monotonic()
+            procs = [lab2.popen(f"h{r + 1}", [sys.executable, "-m", "hostagent.cli", "allreduce", "--job", "8",
+                                              "--rank", str(r), "--world", "2", "--numel", "100000", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+            outs = [p.communicate(timeout=60) for p in procs]
+            took = time.monotonic() - t0
+    finally:
+        lab2.run("h2", ["ip", "link", "set", "dev", "eth0", "mtu", "3400"], check=False)
+    (_, err0), (_, err1) = outs
+    assert procs[1].returncode != 0 and "interface eth0 has MTU 1500, smaller than the job's" in err1, err1
+    assert procs[0].returncode != 0 and "rank 1" in err0 and "gave up" in err0 and "MTU 1500" in err0, err0
+    assert took < 8, took  # at registration, not after the 10 s progress timeout
