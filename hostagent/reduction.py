@@ -151,7 +151,10 @@ class WindowedReduce:
     def check_progress(self, now: float) -> None:
         s = self.s
         if now - self.last_progress > s.progress_timeout:
+            missing = s.missing_ranks(self.psn0 + self.base)
             why = (" while incd was resizing the job's memory" if s.fence is not None and self.base == self.nxt
+                   else f"; the switch has nothing from rank{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(str, missing))} for it" if missing
                    else "; another rank may have stopped, or incd is gone")
             raise TransportError(
                 f"job {s.params.job}: no result for psn {self.psn0 + self.base} in {s.progress_timeout:.1f}s "

@@ -4,6 +4,7 @@ job's memory), and reduce(), whose windowed reliable loop is in reduction.py.
 """
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 from dataclasses import dataclass
@@ -177,6 +178,18 @@ class Session(Member):
             raise TransportError(
                 f"job {self.params.job}: lost the control connection to incd {now - lost:.1f}s ago "
                 f"(incd stopped or crashed) and no result came for {now - last_progress:.1f}s ({what})")
+
+    def missing_ranks(self, psn: int) -> list[int] | None:
+        """The ranks the switch still waits for at psn (incd reads the slot), or
+        None when it cannot tell (slot moved on, no answer, incd gone)."""
+        if self.ctrl_lost:
+            return None
+        self.ctl.send({"op": "missing", "psn": psn & 0xFFFFFFFF})
+        try:
+            reply = self.ctl.replies.get(timeout=2)
+        except queue.Empty:
+            return None
+        return reply.get("missing") if reply and reply.get("ok") else None
 
     def close(self) -> None:
         if self.xdp is not None:

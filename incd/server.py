@@ -249,6 +249,14 @@ class ControlHandler(socketserver.StreamRequestHandler):
         self.server.registry.leave(job, rank, reason=" ".join(why.split())[:300])
         return {"ok": True}
 
+    def op_missing(self, req: dict) -> dict:
+        """Which ranks the switch still waits for at a psn (an agent that stalls names them)."""
+        job, _ = self._own_job(req, "missing")
+        psn = req.get("psn")
+        if not isinstance(psn, int) or isinstance(psn, bool) or psn < 0:
+            raise RegistrationError("'missing' needs a non-negative integer 'psn'")
+        return {"ok": True, "missing": self.server.registry.missing_ranks(job, psn)}
+
     def op_wait_end(self, req: dict) -> dict:
         return {"ok": True, "reason": self.server.registry.wait_end(self._own_job(req, "wait_end")[0])}
 
@@ -287,7 +295,8 @@ class ControlHandler(socketserver.StreamRequestHandler):
         return {"ok": True}
 
     OPS = {
-        "register": op_register, "rejoin": op_rejoin, "done": op_done, "abort": op_abort, "wait_end": op_wait_end,
+        "register": op_register, "rejoin": op_rejoin, "done": op_done, "abort": op_abort, "missing": op_missing,
+        "wait_end": op_wait_end,
         "remap_report": op_resize_report, "remap_passed": op_resize_passed,
         "kv_drain": op_kv_drain, "alive": op_alive, "ping": op_ping,
     }

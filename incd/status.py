@@ -5,11 +5,30 @@ from __future__ import annotations
 
 import time
 
+from bpf import wire
+
 from .jobs import MODE_CODE
 from .memory import needed_slots
 
 
 class Status:
+    def missing_ranks(self, job, psn: int) -> list[int] | None:
+        """The ranks whose contribution to psn the switch has not got, if its
+        slot holds that psn of this run (else None: nothing to tell)."""
+        with self.cond:
+            if job.state != "active" or not (job.mode == "modulo" and job.slots
+                                             or job.mode == "hash" and self.hash_region):
+                return None
+            psn &= 0xFFFFFFFF
+            if job.mode == "modulo":
+                idx = job.offset + psn % job.slots
+            else:
+                idx = int(wire.hash_slots(job.id, [psn], *self.hash_region)[0])
+            s = self.dp.read_slot(idx)
+            if (s.state != wire.SLOT_PARTIAL or s.job != job.id or s.gen != job.gen or s.psn != psn):
+                return None
+            return [r for r in range(job.world) if not s.bitmap >> r & 1]
+
     def snapshot(self) -> dict:
         with self.cond:
             running = sorted(self.jobs.values(), key=lambda j: j.id)

@@ -137,3 +137,40 @@ def test_a_host_mtu_below_the_jobs_packets_fails_the_job_at_once_naming_it(lab2)
     assert procs[1].returncode != 0 and "interface eth0 has MTU 1500, smaller than the job's" in err1, err1
     assert procs[0].returncode != 0 and "rank 1" in err0 and "gave up" in err0 and "MTU 1500" in err0, err0
     assert took < 8, took  # at registration, not after the 10 s progress timeout
+
+
+def test_a_member_that_never_sends_is_named(root):
+    """Rank 2 registers and keeps its heartbeats but never sends a packet: the
+    other ranks give up after --timeout naming rank 2 (the switch's slot shows
+    whose contribution is missing)."""
+    import threading
+
+    from helpers.control import Ctl
+    from netns_lab.harness import LabWithIncd
+
+    with LabWithIncd("hn", workers=3) as lab:
+        silent = Ctl(lab, "h3")
+        silent.send({"op": "register", "job": 9, "rank": 2, "world": 3, "window": 64, "port": 40000,
+                     "shape": "10000xfloat32", "timeout": 30})
+        stop = threading.Event()
+
+        def heartbeats():
+            while not stop.wait(0.2):
+                silent.send({"op": "alive"})
+
+        procs = [lab.popen(f"h{r + 1}", [sys.executable, "-m", "hostagent.cli", "allreduce", "--job", "9",
+                                         "--rank", str(r), "--world", "3", "--numel", "10000", "--timeout", "3",
+                                         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(2)]
+        first = silent.reply()
+        assert first and first["ok"], first
+        beat = threading.Thread(target=heartbeats, daemon=True)
+        beat.start()
+        try:
+            outs = [p.communicate(timeout=60) for p in procs]
+        finally:
+            stop.set()
+            beat.join()
+            silent.close()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode != 0 and "the switch has nothing from rank 2 for it" in err, err
