@@ -95,7 +95,7 @@ def cmd_allreduce(a) -> int:
     with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
                  register_timeout=a.register_timeout, progress_timeout=a.timeout,
                  shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand, fail_timeout=a.fail_timeout,
-                 datapath=a.datapath) as s:
+                 datapath=a.datapath, first_psn=a.first_psn) as s:
         say(f"rank {a.rank}: data path {s.datapath} ({s.datapath_note})")
         comm = VectorAllreduce(s)
         times = []
@@ -307,8 +307,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--datapath", choices=["auto", "xdp", "socket"], default="socket",
                    help="how packets leave and results arrive: xdp (host XDP programs, no socket "
                         "stack; needs root and a veth without another XDP program), socket "
-                        "(UDP sockets, works anywhere), auto (xdp where it can be loaded, else "
-                        "socket; default). --json and incd status say which was used")
+                        "(UDP sockets, works anywhere; the default), auto (xdp where it can be "
+                        "loaded, else socket). --json and incd status say which was used")
+    # Tests start a job near the wire psn's wrap (2^32) with this.
+    a.add_argument("--first-psn", type=int, default=0, help=argparse.SUPPRESS)
     a.add_argument("--mode", choices=["modulo", "hash", "ps"], default="modulo",
                    help="modulo: switch only (NetReduce); hash: switch with a parameter server "
                    "fallback (ATP); ps: parameter server only, the switch just forwards (baseline)")

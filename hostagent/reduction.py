@@ -28,6 +28,23 @@ from .reduce_io import SocketIO
 CWND_FLOOR = 16.0
 
 
+WIRE_PSNS = 1 << 32
+
+
+def first_psn(next_psn: int, npk: int, p) -> int:
+    """Where a reduce of npk packets starts (absolute psn; the wire carries it
+    mod 2^32). In modulo mode a psn's slot is psn % slots, and unless slots
+    divides 2^32 the mapping jumps where the wire psn wraps: psns in flight on
+    both sides would share slots. So a reduce that would cross the wrap starts
+    in the next lap instead, at the wire psn that continues the slot sequence
+    (same psn % slots): every rank computes the same, and slots are reused in
+    the usual order."""
+    w0 = next_psn % WIRE_PSNS
+    if p.mode != "modulo" or not p.slots or WIRE_PSNS % p.slots == 0 or w0 + npk <= WIRE_PSNS:
+        return next_psn
+    return next_psn + (WIRE_PSNS - w0) + w0 % p.slots
+
+
 class WindowedReduce:
     """The state of one reduce: every packet built up front, which are sent
     (nxt), which have results (got, base = the lowest without one), when each
@@ -38,7 +55,7 @@ class WindowedReduce:
         p = s.params
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         self.n = values.size
-        self.psn0_abs = s.next_psn
+        self.psn0_abs = first_psn(s.next_psn, max(1, -(-values.size // p.elems)), p)
         self.psn0 = self.psn0_abs & 0xFFFFFFFF
         self.io = (io or SocketIO)(s, values, op, self.psn0)
         self.npk = npk = self.io.npk

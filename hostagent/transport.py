@@ -88,7 +88,7 @@ class Session(Member):
                  switch: str | None = None, ctrl_port: int = wire.CTRL_PORT,
                  register_timeout: float = 30.0, progress_timeout: float = 10.0,
                  shape: str | None = None, mode: str = "modulo", demand: dict | None = None,
-                 fail_timeout: float = 2.0, datapath: str = "socket"):
+                 fail_timeout: float = 2.0, datapath: str = "socket", first_psn: int = 0):
         if mode not in MODES:
             raise TransportError(f"mode must be one of {MODES}")
         if datapath not in DATAPATHS:
@@ -120,7 +120,7 @@ class Session(Member):
         except BaseException:
             self.close()
             raise
-        self.next_psn = 0          # absolute; the wire carries it mod 2^32
+        self.next_psn = first_psn  # absolute; the wire carries it mod 2^32
         self.sent_upto = 0         # absolute psn of the next packet not yet sent
         self.in_reduce = False
         self.fence: int | None = None  # live resize: send no psn >= this
