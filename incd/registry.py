@@ -301,8 +301,10 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                 if job.ps is not None:
                     self.dp.clear_ps(job.id)
                 final = self.dp.read_stats(job.id)
-                if job.mode == "hash":
-                    final["slots_cleared_at_end"] = self.dp.clear_slots(job.offset, job.slots, job.id)
+                # Emptied now: generations are 16 bits, and a later run whose job id and
+                # generation come round again must not find this run's sums (modulo) or
+                # partials (hash) in the region.
+                final["slots_cleared_at_end"] = self.dp.clear_slots(job.offset, job.slots, job.id)
             if job.mode == "modulo":
                 self.alloc.free(job.offset)
         freed_modulo = job.state == "active" and job.mode == "modulo"

@@ -111,6 +111,7 @@ class Resizing:
             rs.passed.add(rank)
             if len(rs.passed) < job.world:
                 return
+            self.dp.clear_slots(job.offset, job.slots, job.id)  # nothing of this generation stays behind
             self.alloc.free(job.offset)
             try:
                 job.offset = self.alloc.alloc(rs.size)

@@ -2,6 +2,7 @@
 resize protocol and compaction, with the test playing the ranks' side."""
 from __future__ import annotations
 
+import ctypes as ct
 import threading
 import time
 
@@ -84,3 +85,29 @@ def test_a_deadline_job_shrinks_a_running_one(dp):
     reg.leave(ju, 0)                       # and the big job grows back once it is gone
     go = big.serve_resize(next_psn=500)
     assert go["slots"] == 64 and jb.slots == 64
+
+
+def test_a_generation_that_comes_round_again_finds_its_region_empty(dp):
+    """Generations are 16 bits: when job 5 gets the generation of an earlier run
+    of job 5 again, nothing that run left in the switch (a completed sum, a
+    partial) may still be there to answer its first packets."""
+    from bpf import wire
+
+    reg = Registry(dp, 64, {}, memory=MemoryManager(64, "fifo", Link()))
+    first = Rank(reg, 5, 8, 1)
+    job = first.wait()
+    gen, offset, slots = job.gen, job.offset, job.slots
+    for i, state in ((offset + 3, wire.SLOT_COMPLETE), (offset + 4, wire.SLOT_PARTIAL)):
+        leaf = dp.pool.Leaf()  # what the switch leaves: a psn's sum or partial of this run
+        leaf.job, leaf.gen, leaf.psn, leaf.state, leaf.count, leaf.numel = 5, gen, i - offset, state, 1, 4
+        leaf.lanes[0] = 1234
+        dp.pool[ct.c_int(i)] = leaf
+    reg.leave(job, 0, done=True)
+    fin = reg.snapshot()["finished"][-1]
+    assert fin["job"] == 5 and fin["counters"]["slots_cleared_at_end"] == 2
+    reg._gen = gen - 1  # as if the 16-bit counter came round: the next run gets `gen` again
+    again = Rank(reg, 5, 8, 1).wait()
+    assert again.gen == gen and again.offset == offset
+    left = [i for i in range(offset, offset + slots) if dp.read_slot(i).state != wire.SLOT_EMPTY]
+    assert left == []
+    reg.leave(again, 0, done=True)
