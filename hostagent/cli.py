@@ -105,11 +105,14 @@ def cmd_allreduce(a) -> int:
             all_in = [inputs.make_input(a.seed, r, x.size, str(x.dtype)) for r in range(a.world)]
             verified, max_err = True, 0.0
         for it in range(a.iters):
+            # With --verify every iteration's inputs differ (shifted by the iteration
+            # number), so a result replayed from an earlier one cannot pass.
+            xi = inputs.shifted(x, it) if a.verify else x
             t0 = time.perf_counter()
-            y = comm.allreduce(x)
+            y = comm.allreduce(xi)
             times.append(time.perf_counter() - t0)
             if a.verify:
-                ok, err = inputs.check_sum(y.ravel(), all_in, s.params.elems)
+                ok, err = inputs.check_sum(y.ravel(), [inputs.shifted(v, it) for v in all_in], s.params.elems)
                 verified, max_err = verified and ok, max(max_err, err)
             say(f"  iter {it + 1}/{a.iters}: {times[-1] * 1e3:.2f} ms")
         s.done()

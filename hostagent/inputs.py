@@ -17,6 +17,11 @@ def make_input(seed: int, rank: int, numel: int, dtype: str) -> np.ndarray:
     raise ValueError(f"dtype {dtype} not supported")
 
 
+def shifted(x: np.ndarray, it: int) -> np.ndarray:
+    """Iteration it's input of a --verify run: x + it (x itself for it 0)."""
+    return x if it == 0 else x + np.asarray(it, dtype=x.dtype)
+
+
 def check_sum(result: np.ndarray, inputs: list[np.ndarray], block: int) -> tuple[bool, float]:
     """(ok, max abs error). int32: bit exact. float32: within the quantization bound
     plus the final float32 rounding."""

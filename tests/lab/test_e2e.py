@@ -166,6 +166,12 @@ def test_exact_under_impairment(root, tmp_path, impair):
 
 
 def test_incd_stop_leaves_nothing(root):
+    """Stopped with a job running: no XDP program, pin, state or jobs file stays,
+    and the job's ranks are told incd stopped."""
+    import glob
+
+    from helpers.polling import wait_active
+
     with Lab(uniq("s"), workers=2) as lab:
         incd = IncdProcess(lab.name + "d", lab=lab.name).start()
         st = incd.status()
@@ -173,10 +179,20 @@ def test_incd_stop_leaves_nothing(root):
         assert os.path.isdir(pin) and sorted(os.listdir(pin))
         links = lab.run("sw", ["ip", "-o", "link"], capture_output=True, text=True).stdout
         assert links.count("xdp") >= 2
+        ranks = [lab.popen(f"h{r + 1}", agent_argv("allreduce", "--job", "12", "--rank", str(r), "--world", "2",
+                                                    "--iters", "100000", "--numel", "1000", "--quiet"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        lab.incd = incd
+        wait_active(incd, 12)
+        files = glob.glob(f"/run/incd/{incd.instance}.*")
+        assert any(f.endswith(".jobs.json") for f in files), files  # the running job was saved
         incd.stop()
+        errs = [p.communicate(timeout=30)[1] for p in ranks]
+        assert all(p.returncode != 0 for p in ranks) and all("incd stopped" in e for e in errs), errs
         links = lab.run("sw", ["ip", "-o", "link"], capture_output=True, text=True).stdout
         assert "xdp" not in links
         assert not os.path.exists(pin)
+        assert glob.glob(f"/run/incd/{incd.instance}.*") == []
         assert incd.status() == {"running": False, "instance": incd.instance}
         # a second stop is a no-op, a second start works
         assert "not running" in incd.stop()
