@@ -238,8 +238,8 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
         closed. One that goes without "done" while workers still run (killed,
         crashed) fails the job at once: the others are told who ("job_failed"),
         and the job ends and frees its switch memory, instead of the others
-        waiting for their timeouts. reason: the member's own ("abort"), which
-        fails the job whatever its state."""
+        waiting for their timeouts. reason: why it is gone, if not only that
+        (its own "abort", or incd cut it off): that fails the job whatever its state."""
         with self.cond:
             m = job.member(rank)
             if m is None or not m.alive:
@@ -247,7 +247,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
             m.alive = False
             if reason is not None:
                 if job.state != "ended":
-                    self._end(job, f"{m.who} gave up: {reason}", culprits=[rank])
+                    self._end(job, f"{m.who} {reason}", culprits=[rank])
                 self.cond.notify_all()
                 return
             running = any(x.alive for x in job.members.values())

@@ -47,25 +47,77 @@ class BadRequest(ValueError):
         self.fatal = fatal
 
 
-def _send(wfile, obj: dict, lock: threading.Lock | None = None) -> None:
-    data = (json.dumps(obj) + "\n").encode()
-    if lock is None:
-        wfile.write(data)
-        wfile.flush()
-        return
-    with lock:  # replies and pushed events share the connection
-        wfile.write(data)
-        wfile.flush()
+# A member that stops reading its control connection is disconnected (and its
+# job failed, naming it) once this much waits for it; nothing incd does ever
+# waits for a member to read.
+OUTBOX_MAX_BYTES = 16 * 1024 * 1024
+OUTBOX_MAX_MSGS = 10000
 
 
-def _next_request(rfile, wfile, lock: threading.Lock | None = None) -> dict | None:
+class Outbox:
+    """One connection's replies and events, written by a thread of its own:
+    put() never blocks (the registry pushes events under its lock), and a
+    reader that falls behind by more than the bounds is cut off."""
+
+    def __init__(self, sock: socket.socket, on_overflow):
+        self.sock, self.on_overflow = sock, on_overflow
+        self.cond = threading.Condition()
+        self.items: list[bytes] = []
+        self.bytes = 0
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, obj: dict) -> None:
+        data = (json.dumps(obj) + "\n").encode()
+        with self.cond:
+            if self.closed:
+                return
+            self.items.append(data)
+            self.bytes += len(data)
+            over = self.bytes > OUTBOX_MAX_BYTES or len(self.items) > OUTBOX_MAX_MSGS
+            self.cond.notify()
+        if over:
+            self.on_overflow(self.bytes, len(self.items))
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.items and not self.closed:
+                    self.cond.wait()
+                if self.closed and not self.items:
+                    return
+                data = self.items.pop(0)
+                self.bytes -= len(data)
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                with self.cond:
+                    self.closed = True
+                    self.items.clear()
+                return
+
+    def close(self, wait_s: float = 2.0) -> None:
+        """No more messages; what is queued still goes out (for up to wait_s)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(wait_s)
+
+
+def _send(wfile, obj: dict) -> None:
+    wfile.write((json.dumps(obj) + "\n").encode())
+    wfile.flush()
+
+
+def _next_request(rfile, wfile) -> dict | None:
     """The next request; a malformed one is answered and skipped. None at EOF or
     after an oversized line (then the connection ends: the stream is out of step)."""
     while True:
         try:
             return _read_request(rfile)
         except BadRequest as e:
-            _send(wfile, {"ok": False, "error": f"bad request: {e}"}, lock)
+            _send(wfile, {"ok": False, "error": f"bad request: {e}"})
             if e.fatal:
                 return None
 
@@ -167,10 +219,11 @@ class ControlHandler(socketserver.StreamRequestHandler):
             return
         self.peer = peer
         self.joined = None  # (job, rank)
-        self.lock = threading.Lock()
+        self.cut_off: str | None = None  # why this connection was dropped by incd
+        self.out = Outbox(self.connection, self._overflow)
         try:
             while True:
-                req = _next_request(self.rfile, self.wfile, self.lock)
+                req = self._next()
                 if req is None:
                     return
                 op = req["op"]
@@ -179,26 +232,46 @@ class ControlHandler(socketserver.StreamRequestHandler):
                     reply = (handler(self, req) if handler is not None
                              else {"ok": False, "error": f"unknown op {short(op)}"})
                     if reply is not None:
-                        _send(self.wfile, reply, self.lock)
+                        self.out.put(reply)
                 except RegistrationError as e:
-                    _send(self.wfile, {"ok": False, "error": str(e)}, self.lock)
-                except (BrokenPipeError, ConnectionResetError):
-                    raise
+                    self.out.put({"ok": False, "error": str(e)})
                 except Exception as e:  # a bug: say so, keep the daemon and this connection up
                     log.exception("control request %s from %s", short(op), peer)
-                    _send(self.wfile, {"ok": False, "error": f"internal error: {type(e).__name__}"}, self.lock)
-        except (BrokenPipeError, ConnectionResetError):
+                    self.out.put({"ok": False, "error": f"internal error: {type(e).__name__}"})
+        except OSError:
             pass
         finally:
             if self.joined:
-                srv.registry.leave(*self.joined)
+                srv.registry.leave(*self.joined, reason=self.cut_off)
+            self.out.close()
+
+    def _next(self) -> dict | None:
+        """The next request; a malformed one is answered and skipped. None at EOF
+        or after an oversized line (the stream is out of step then)."""
+        while True:
+            try:
+                return _read_request(self.rfile)
+            except BadRequest as e:
+                self.out.put({"ok": False, "error": f"bad request: {e}"})
+                if e.fatal:
+                    return None
+
+    def _overflow(self, nbytes: int, nmsgs: int) -> None:
+        """The member stopped reading: cut it off (the read loop ends, and so
+        does its membership, failing its job with this reason)."""
+        if self.cut_off is None:
+            self.cut_off = (f"stopped reading its control connection ({nmsgs} replies and events, "
+                            f"{nbytes // 1024} KiB unread); incd disconnected it")
+            log.warning("control connection from %s: %s", self.peer, self.cut_off)
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def push(self, obj: dict) -> None:
-        """An event to this connection's member (from the registry's threads)."""
-        try:
-            _send(self.wfile, obj, self.lock)
-        except OSError:
-            pass
+        """An event to this connection's member (from the registry's threads,
+        under its lock: never blocks)."""
+        self.out.put(obj)
 
     # --- membership -------------------------------------------------------------
     def _join(self, req: dict, joining) -> dict:
@@ -246,7 +319,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
         why = req.get("error")
         if not isinstance(why, str) or not why.strip():
             raise RegistrationError("'abort' needs an 'error' string")
-        self.server.registry.leave(job, rank, reason=" ".join(why.split())[:300])
+        self.server.registry.leave(job, rank, reason="gave up: " + " ".join(why.split())[:300])
         return {"ok": True}
 
     def op_missing(self, req: dict) -> dict:

@@ -190,3 +190,52 @@ def test_a_job_crosses_the_wire_psn_wrap_exactly(root, window):
         fin = [j for j in lab.incd.status()["finished"] if j["job"] == 10][-1]
     assert all(r["verified"] for r in res), res
     assert fin["slots"] % 3 == 0 if window == 48 else True, fin  # 2^32 % slots != 0: the hard case ran
+
+
+def test_a_member_that_stops_reading_cannot_freeze_incd(root):
+    """Rank 0 of job 13 floods pings and never reads a reply. Nothing incd does
+    waits for it: when rank 1 leaves (an event for rank 0 under the registry's
+    lock), status and a new job still answer at once; rank 0 is cut off once
+    too much waits for it, and its job ends naming that."""
+    import threading
+    import time
+
+    from helpers.control import Ctl
+    from incd.cli import admin_request
+    from netns_lab.agents import run_allreduce
+    from netns_lab.harness import LabWithIncd
+
+    with LabWithIncd("hf", workers=3) as lab:
+        r0, r1 = Ctl(lab, "h1"), Ctl(lab, "h2")
+        req = {"op": "register", "job": 13, "world": 2, "window": 8, "port": 40000, "timeout": 30}
+        r0.send({**req, "rank": 0})
+        assert r1.call({**req, "rank": 1})["ok"] and r0.reply()["ok"]
+
+        cut_off = []
+
+        def flood():
+            chunk = b'{"op": "ping"}\n' * 20000
+            try:
+                for _ in range(50):
+                    r0.s.sendall(chunk)
+            except OSError:
+                cut_off.append(True)
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        time.sleep(2)
+        r1.close()  # leaves without done: incd fails job 13 and tells rank 0, who does not read
+        t0 = time.monotonic()
+        st = admin_request(lab.incd.instance, {"op": "status"}, timeout=5)
+        assert st["ok"] and time.monotonic() - t0 < 2
+        res = run_allreduce(lab, job=14, world=1, numel=1000, dtype="int32", hosts=["h3"], timeout=30,
+                            extra=["--verify"])
+        assert res[0]["verified"]
+        flooder.join(60)
+        r0.close()
+        fin = [j for j in lab.incd.status()["finished"] if j["job"] == 13]
+    assert cut_off, "incd kept serving a member that reads nothing"
+    # Whichever came first ended the job: rank 0 cut off by the flood, or rank 1 leaving.
+    why = fin[-1]["end_reason"] if fin else ""
+    assert ("rank 0" in why and "stopped reading its control connection" in why
+            or "rank 1" in why and "left before finishing" in why), fin
