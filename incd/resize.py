@@ -80,15 +80,22 @@ class Resizing:
                                "window": job.window, "offset": job.offset, "slots": job.slots})
 
     def expire_resizes(self, max_age_s: float = RESIZE_MAX_AGE_S) -> None:
-        """A resize that does not finish (a rank stopped answering) is called off:
-        the ranks are released unchanged, so nobody waits at the fence for ever."""
+        """A resize that does not finish in time fails its job, naming the ranks
+        that did not follow it, and frees the job's memory: a live agent answers
+        within milliseconds, and a member that ignores resizes must not keep
+        memory other jobs are waiting for."""
         with self.cond:
             now = time.time()
             for job in list(self.jobs.values()):
                 rs = job.resize
                 if rs is not None and now - rs.started > max_age_s:
+                    done = rs.reports if rs.fence is None else rs.passed
+                    late = sorted(r for r in job.members if r not in done)
+                    step = "report its position" if rs.fence is None else "pass the fence"
                     job.resize = None
-                    self._resize_go(job, rs.id)
+                    self._end(job, f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} did not "
+                                   f"{step} of a live resize within {max_age_s:.0f}s; the job's switch memory "
+                                   "was taken back", culprits=late)
             self._rebalance()
 
     def resize_report(self, job: Job, rank: int, resize_id: int, next_psn: int) -> None:

@@ -111,3 +111,21 @@ def test_a_generation_that_comes_round_again_finds_its_region_empty(dp):
     left = [i for i in range(offset, offset + slots) if dp.read_slot(i).state != wire.SLOT_EMPTY]
     assert left == []
     reg.leave(again, 0, done=True)
+
+
+def test_a_job_that_ignores_a_resize_fails_and_gives_its_memory_back(dp):
+    """Job 21 holds the whole pool and never answers the resize a deadline job
+    needs: after the resize's time is up, job 21 fails naming its rank, and the
+    deadline job gets the memory."""
+    reg = Registry(dp, 64, {}, memory=MemoryManager(64, "edf", Link()))
+    hog = Rank(reg, 21, 32, 1)
+    jh = hog.wait()
+    assert jh.slots == 64
+    urgent = Rank(reg, 22, 32, 2, deadline_s=20, model_bytes=500_000_000, epochs=5, compute_s=0.1)
+    wait_event(hog.events, "remap_propose")  # and ignored
+    reg.expire_resizes(max_age_s=0.0)
+    ju = urgent.wait()
+    assert jh.state == "ended" and "rank 0 did not report its position of a live resize" in jh.error
+    assert any(e.get("event") == "job_failed" for e in hog.events)
+    assert ju.state == "active" and ju.slots > 0
+    reg.leave(ju, 0, done=True)
