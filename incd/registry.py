@@ -83,8 +83,10 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
         return self._gen
 
     # --- the registration barrier ------------------------------------------------
-    def register(self, raw: dict, peer: str, path: Path, timeout: float) -> tuple[Job, int]:
-        """Blocks until the job is complete. Returns the job and the member's rank (-1: PS)."""
+    def register(self, raw: dict, peer: str, path: Path, timeout: float, gone=None) -> tuple[Job, int]:
+        """Blocks until the job is complete. Returns the job and the member's rank
+        (-1: PS). gone(): whether the registering connection closed meanwhile
+        (then the member is taken out again at once)."""
         r = validate_register(raw)
         with self.cond:
             if self.closing:
@@ -104,7 +106,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                 else:
                     self._activate(job)
                 self.cond.notify_all()
-            self._wait_start(job, r, timeout)
+            self._wait_start(job, r, timeout, gone)
             return job, r.rank
 
     def _check_register(self, r: Request, path: Path) -> Job | None:
@@ -162,12 +164,15 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
         else:
             job.members[r.rank] = member
 
-    def _wait_start(self, job: Job, r: Request, timeout: float) -> None:
-        """Waits (under self.cond) until the job runs; on a timeout or a stop the
-        member is taken out again and the error says what was missing."""
+    def _wait_start(self, job: Job, r: Request, timeout: float, gone=None) -> None:
+        """Waits (under self.cond) until the job runs; on a timeout, a stop or the
+        member's connection closing, the member is taken out again and the error
+        says what was missing."""
         deadline = time.monotonic() + timeout
         while job.state in ("pending", "queued"):
             left = deadline - time.monotonic()
+            if gone is not None and gone():
+                left = 0
             if left <= 0 or self.closing:
                 missing = job.missing()
                 if r.role == "ps":
@@ -184,7 +189,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                     if job.state == "queued" else
                     f"timed out after {timeout:.0f}s waiting for job {r.job} members {missing}")
                 raise RegistrationError(why)
-            self.cond.wait(left)
+            self.cond.wait(min(left, 0.5) if gone is not None else left)
         if job.state != "active":
             raise RegistrationError(job.error or f"job {r.job} ended before it started")
 

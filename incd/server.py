@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import select
 import socket
 import socketserver
 import struct
@@ -50,6 +51,12 @@ class BadRequest(ValueError):
 # A member that stops reading its control connection is disconnected (and its
 # job failed, naming it) once this much waits for it; nothing incd does ever
 # waits for a member to read.
+# Connections: a peer has this long to send each request until it registers
+# (a member's heartbeats keep it busy after); at most this many at once, from
+# one address and in all, so the daemon keeps descriptors for its own work.
+IDLE_BEFORE_JOIN_S = 60.0
+MAX_CONNECTIONS = 512
+MAX_PER_ADDRESS = 128
 OUTBOX_MAX_BYTES = 16 * 1024 * 1024
 OUTBOX_MAX_MSGS = 10000
 
@@ -199,7 +206,27 @@ class ControlServer(socketserver.ThreadingTCPServer):
         self.port_ifindexes = port_ifindexes
         self.allow = allow
         self.register_timeout = register_timeout
+        self.conn_lock = threading.Lock()
+        self.open_conns: dict[str, int] = {}  # peer address -> open connections
         super().__init__(addr, ControlHandler)
+
+    def admit(self, peer: str) -> str | None:
+        """Counts a new connection in, or says why it may not have one."""
+        with self.conn_lock:
+            if sum(self.open_conns.values()) >= MAX_CONNECTIONS:
+                return f"incd has {MAX_CONNECTIONS} control connections open; try again later"
+            if self.open_conns.get(peer, 0) >= MAX_PER_ADDRESS:
+                return f"{peer} has {MAX_PER_ADDRESS} control connections open; close some first"
+            self.open_conns[peer] = self.open_conns.get(peer, 0) + 1
+            return None
+
+    def release(self, peer: str) -> None:
+        with self.conn_lock:
+            n = self.open_conns.get(peer, 0) - 1
+            if n > 0:
+                self.open_conns[peer] = n
+            else:
+                self.open_conns.pop(peer, None)
 
 
 class ControlHandler(socketserver.StreamRequestHandler):
@@ -217,10 +244,23 @@ class ControlHandler(socketserver.StreamRequestHandler):
             _send(self.wfile, {"ok": False, "error": f"{peer} may not use this switch "
                                "(only hosts on the switch ports' networks or the configured allow list)"})
             return
+        refused = srv.admit(peer)
+        if refused:
+            log.warning("control connection from %s refused: %s", peer, refused)
+            _send(self.wfile, {"ok": False, "error": refused})
+            return
+        try:
+            self._serve(peer)
+        finally:
+            srv.release(peer)
+
+    def _serve(self, peer: str) -> None:
+        srv = self.server
         self.peer = peer
         self.joined = None  # (job, rank)
         self.cut_off: str | None = None  # why this connection was dropped by incd
         self.out = Outbox(self.connection, self._overflow)
+        self.connection.settimeout(IDLE_BEFORE_JOIN_S)
         try:
             while True:
                 req = self._next()
@@ -256,6 +296,20 @@ class ControlHandler(socketserver.StreamRequestHandler):
                 if e.fatal:
                     return None
 
+    def _closed(self) -> bool:
+        """Whether the peer closed the connection (it sent nothing else while it
+        waits for its registration's answer, so any byte waiting is not EOF)."""
+        try:  # poll first: a socket with a timeout would wait for data in recv
+            p = select.poll()
+            p.register(self.connection, select.POLLIN)
+            if not p.poll(0):
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+
     def _overflow(self, nbytes: int, nmsgs: int) -> None:
         """The member stopped reading: cut it off (the read loop ends, and so
         does its membership, failing its job with this reason)."""
@@ -280,6 +334,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
             raise RegistrationError("this connection already registered; open another")
         job, rank = joining()
         self.joined = (job, rank)
+        self.connection.settimeout(None)  # a member: its heartbeats and the watchdog take over
         # Events from now on: one that overtakes the reply is kept
         # by the agent (transport.Control) and handled after it.
         job.member(rank).send = self.push
@@ -291,7 +346,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
         def joining():
             timeout = register_timeout(req, srv.register_timeout)
             path = resolve_path(srv.netinfo, self.peer, srv.port_ifindexes)
-            return srv.registry.register(req, self.peer, path, timeout)
+            return srv.registry.register(req, self.peer, path, timeout, gone=self._closed)
         return self._join(req, joining)
 
     def op_rejoin(self, req: dict) -> dict:

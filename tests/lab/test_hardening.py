@@ -239,3 +239,64 @@ def test_a_member_that_stops_reading_cannot_freeze_incd(root):
     why = fin[-1]["end_reason"] if fin else ""
     assert ("rank 0" in why and "stopped reading its control connection" in why
             or "rank 1" in why and "left before finishing" in why), fin
+
+
+def test_soak_registrations_and_killed_ranks_leave_incd_as_it_was(root):
+    """300 one-rank jobs run and end, and 50 two-rank jobs lose their first rank
+    while it waits for the second (its connection closes): afterwards incd has
+    as many threads and descriptors as before, no job, and its whole pool free."""
+    import os
+    import time
+
+    from helpers.control import Ctl
+    from incd import daemon
+    from netns_lab.harness import LabWithIncd
+
+    def proc_counts(pid):
+        return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+    with LabWithIncd("hs", workers=2) as lab:
+        pid = daemon.read_state(lab.incd.instance)["pid"]
+        pool = lab.incd.status()["pool_slots"]
+        base = proc_counts(pid)
+        for i in range(300):
+            c = Ctl(lab, f"h{i % 2 + 1}")
+            job = 100 + i % 500
+            assert c.call({"op": "register", "job": job, "rank": 0, "world": 1, "window": 8, "port": 40000})["ok"]
+            assert c.call({"op": "done"})["ok"]
+            c.close()
+        for i in range(50):
+            c = Ctl(lab, "h1")
+            c.send({"op": "register", "job": 700 + i, "rank": 0, "world": 2, "window": 8, "port": 40000,
+                    "timeout": 60})
+            time.sleep(0.02)
+            c.close()  # killed while registering
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (lab.incd.status()["jobs"] or proc_counts(pid) != base):
+            time.sleep(0.2)
+        st = lab.incd.status()
+        assert st["jobs"] == [], st["jobs"]  # the half-registered jobs went with their ranks, not after 60 s
+        assert [(r["owner"], r["slots"]) for r in st["memory"]] == [(None, pool)], st["memory"]  # the pool whole
+        threads, fds = proc_counts(pid)
+        assert threads <= base[0] and fds <= base[1], (base, (threads, fds))
+        assert len(st["finished"]) >= 1
+        # one address may hold 128 connections: the next is refused with a reason; closing frees them
+        from incd.server import MAX_PER_ADDRESS
+
+        held = [Ctl(lab, "h2") for _ in range(MAX_PER_ADDRESS)]
+        assert all(c.call({"op": "ping"}) == {"ok": True} for c in held[:3])
+        extra = Ctl(lab, "h2")
+        reply = extra.reply()
+        assert reply and not reply["ok"] and f"has {MAX_PER_ADDRESS} control connections open" in reply["error"]
+        assert Ctl(lab, "h1").call({"op": "ping"}) == {"ok": True}  # other hosts are not affected
+        for c in held + [extra]:
+            c.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            c = Ctl(lab, "h2")
+            ok = c.call({"op": "ping"}) == {"ok": True}
+            c.close()
+            if ok:
+                break
+            time.sleep(0.1)
+        assert ok
