@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up what they need and can be re-run.
-.PHONY: setup demo test test-unit bench bench-kv clean
+.PHONY: setup demo test test-unit bench bench-kv train-ddp clean
 
 PY := .venv/bin/python
 
@@ -28,6 +28,12 @@ bench: setup
 bench-kv: setup
 	@.venv/bin/python -c 'import pyspark' 2>/dev/null || .venv/bin/pip install -q pyspark==3.5.6
 	@$(PY) scripts/kv_bench.py
+
+# DDP training with backend "inc" against Gloo: digits accuracy and a throughput run
+# (torch and scikit-learn installed on demand).
+train-ddp: setup
+	@.venv/bin/python -c 'import torch, sklearn' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0 scikit-learn
+	@$(PY) scripts/train_ddp.py
 
 # Leftovers of an interrupted demo or benchmark (normally they clean up themselves).
 # The labs of demo.sh, throughput.py, kv_bench.py, bench.py (one per regime),

@@ -8,8 +8,8 @@ rendezvous), and tears everything down, also on failure or Ctrl-C.
 
 (i)  accuracy: an MLP on scikit-learn's bundled digits (8x8 images, 10
      classes; split 80/20 with the seed): training loss and test accuracy per
-     epoch for both backends, one plot. Needs scikit-learn (an optional bench
-     dependency: `.venv/bin/pip install scikit-learn`).
+     epoch for both backends, one plot. Needs scikit-learn (`make train-ddp`
+     installs it and torch; or the `train` extra).
 (ii) throughput: an MLP whose gradients are tens of MB on synthetic data:
      median iteration time with DDP, the same iteration without DDP on the same
      ranks (compute), the exposed communication share 1 - compute/iteration,
@@ -32,10 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from anywhere in the checkout
+from netns_lab.benchkit import log, pyplot, save_json
 
-from netns_lab.benchkit import log, pyplot, save_json  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BACKENDS = ("gloo", "inc")
 TARGET_PP = 0.5  # final test accuracies this close (percentage points), else exit 4
