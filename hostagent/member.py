@@ -44,6 +44,11 @@ class Member:
             pass  # the connection closing fails the job anyway
         return TransportError(why)
 
+    def give_up(self, why: str) -> None:
+        """Once running: fails the job with this member's reason (no reply awaited)."""
+        if self.ctl is not None and self.ctl.lost_at is None:
+            self.ctl.send({"op": "abort", "error": why})
+
     def check_mtu(self, toward: str, packet_bytes: int) -> None:
         """This host's interface towards the switch must carry the job's
         largest datagram (a smaller one would fragment it, and the switch drops

@@ -169,10 +169,13 @@ class WindowedReduce:
         s = self.s
         if now - self.last_progress > s.progress_timeout:
             missing = s.missing_ranks(self.psn0 + self.base)
+            if s.failure is not None:  # another rank gave up first, or incd failed the job: its reason
+                raise TransportError(s.failure)
             why = (" while incd was resizing the job's memory" if s.fence is not None and self.base == self.nxt
                    else f"; the switch has nothing from rank{'s' if len(missing) > 1 else ''} "
                         f"{', '.join(map(str, missing))} for it" if missing
                    else "; another rank may have stopped, or incd is gone")
-            raise TransportError(
-                f"job {s.params.job}: no result for psn {self.psn0 + self.base} in {s.progress_timeout:.1f}s "
-                f"({self.ngot}/{self.npk} packets done){why}")
+            msg = (f"job {s.params.job}: no result for psn {self.psn0 + self.base} in {s.progress_timeout:.1f}s "
+                   f"({self.ngot}/{self.npk} packets done){why}")
+            s.give_up(msg)  # the other ranks learn why from incd, not only that this one left
+            raise TransportError(msg)

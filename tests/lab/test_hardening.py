@@ -172,6 +172,7 @@ def test_a_member_that_never_sends_is_named(root):
             stop.set()
             beat.join()
             silent.close()
+    # The first to give up names rank 2, and incd hands its reason to the other.
     for p, (_, err) in zip(procs, outs):
         assert p.returncode != 0 and "the switch has nothing from rank 2 for it" in err, err
 
