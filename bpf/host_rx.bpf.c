@@ -87,7 +87,11 @@ int host_rx(struct xdp_md *ctx)
 		__sync_fetch_and_add(&c->stray, 1);
 		return XDP_DROP;
 	}
-	if (numel == 0 || numel > INC_MAX_ELEMS || numel != (i + 1 == c->npk ? c->last_numel : c->elems))
+	/* A result without lanes (INC_F_NO_LANES) says the psn is complete and its
+	 * lanes went to other ranks: counted, nothing to copy. */
+	int bare = (h->flags & INC_F_NO_LANES) && numel == 0;
+	if (!bare && (numel == 0 || numel > INC_MAX_ELEMS ||
+		      numel != (i + 1 == c->npk ? c->last_numel : c->elems)))
 		return XDP_PASS;
 
 	/* The csum covers header and lanes: a frame changed on the way is lost. */
@@ -102,7 +106,7 @@ int host_rx(struct xdp_md *ctx)
 	if (!row || !st)
 		return XDP_DROP;
 	__u32 len = (((numel - 1) & (HOST_ROW_LANES - 1)) + 1) * 4; /* = numel * 4 */
-	if (bpf_xdp_load_bytes(ctx, FRAME_HDRS + sizeof(*h), row->lanes, len))
+	if (!bare && bpf_xdp_load_bytes(ctx, FRAME_HDRS + sizeof(*h), row->lanes, len))
 		return XDP_DROP;
 	__u32 v = HOST_RX_GOT | ((__u32)h->gen << 16);
 	if (h->flags & INC_F_OVERFLOW)

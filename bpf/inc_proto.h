@@ -47,6 +47,8 @@
 #define INC_F_COLLISION 0x04   /* hash mode, to the PS: the slot was held by another (job, psn) */
 #define INC_F_AGGREGATE 0x08   /* hash mode, to the PS: a switch aggregate of the ranks in bitmap */
 #define INC_F_KV_PARTIAL 0x10  /* key-value, to the reducer: some tuples were absorbed (cut out) */
+#define INC_F_NO_LANES 0x20    /* modulo result: the psn is complete, its lanes went to the ranks in bitmap */
+#define INC_F_SELECT 0x40      /* modulo data (kept in its result): only the ranks in bitmap get the lanes */
 
 /* inc_hdr.op */
 #define INC_OP_SUM 0
@@ -77,7 +79,8 @@ struct inc_hdr {
 	__u16 numel;   /* int32 lanes that follow */
 	__u32 csum;    /* integrity: the 32-bit words of this header and of lanes[0..numel)
 			* sum to 0 mod 2^32 (see csum_helpers.h) */
-	__u64 bitmap;  /* ranks whose data the lanes hold (set by the switch towards the PS) */
+	__u64 bitmap;  /* towards the PS: ranks whose data the lanes hold (set by the switch);
+			* modulo data and results with INC_F_SELECT: ranks that get the lanes */
 } __attribute__((packed));
 
 /* Drop reasons: index into inc_stats.drops (inc_state.h), reported by incd. */

@@ -145,12 +145,26 @@ int xdp_inc_egress(struct xdp_md *ctx)
 	if (!m)
 		return XDP_DROP; /* the job has nobody behind this port */
 
-	readdress(eth, ip, udp, m);
-	h->csum += (__u32)h->rank - (__u32)m->rank; /* keeps the words' sum at 0 */
-	h->rank = m->rank;
-
 	struct inc_stats *st = stats_of(h->job);
 	if (st)
 		st->results_mcast++;
+	if ((h->flags & INC_F_SELECT) && h->type == INC_T_RESULT && !((h->bitmap >> (m->rank & 63)) & 1)) {
+		/* Not one of the ranks the senders named (reduce to a root, a rank's
+		 * shard): it learns that the psn is complete, without the lanes. */
+		int cut = (int)((void *)c.end - (void *)(h + 1));
+		h->rank = m->rank;
+		h->numel = 0;
+		h->flags |= INC_F_NO_LANES;
+		inc_csum_set(h, 0);
+		ip->tot_len = htons(sizeof(*ip) + sizeof(*udp) + sizeof(*h));
+		udp->len = htons(sizeof(*udp) + sizeof(*h));
+		readdress(eth, ip, udp, m);
+		if (cut > 0 && bpf_xdp_adjust_tail(ctx, -(cut & 0x3fff)))
+			return XDP_DROP;
+		return XDP_PASS;
+	}
+	readdress(eth, ip, udp, m);
+	h->csum += (__u32)h->rank - (__u32)m->rank; /* keeps the words' sum at 0 */
+	h->rank = m->rank;
 	return XDP_PASS;
 }

@@ -76,7 +76,7 @@ static __always_inline int modulo_data(struct xdp_md *ctx, struct ethhdr *eth, s
 	}
 
 	h->type = INC_T_RESULT;
-	h->flags = overflow ? INC_F_OVERFLOW : 0;
+	h->flags = (h->flags & INC_F_SELECT) | (overflow ? INC_F_OVERFLOW : 0);
 	inc_csum_set(h, tot);
 	udp->check = 0; /* payload rewritten; 0 = no checksum is valid for IPv4 UDP */
 	if (verdict == V_RETX) {

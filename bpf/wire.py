@@ -136,9 +136,12 @@ def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: i
 
 
 def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, rank: int, psn0: int,
-                 op: int = OP_SUM, hash_region: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 op: int = OP_SUM, hash_region: tuple[int, int] | None = None,
+                 select: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """build_packets into a buffer of packet_dtype(elems) with exactly as many
     rows as the values need, every byte rewritten (a buffer can be reused).
+    select (modulo mode): per packet, the bitmap of ranks that want its result's
+    lanes (INC_F_SELECT); the others get the result without them.
     Returns (sizes, lane sums)."""
     npk = len(buf)
     elems = buf.dtype["data"].shape[0]
@@ -156,6 +159,9 @@ def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, ran
     hdr["psn"] = (psn0 + np.arange(npk, dtype=np.uint64)) & 0xFFFFFFFF
     hdr["slot"] = hash_slots(job, hdr["psn"], *hash_region) if hash_region is not None else 0
     hdr["bitmap"] = 0
+    if select is not None:
+        hdr["bitmap"] = select
+        hdr["flags"] = F_SELECT
     numel = np.full(npk, elems, dtype=np.uint16)
     numel[-1] = n - elems * (npk - 1) if n else 1
     hdr["numel"] = numel

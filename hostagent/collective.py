@@ -29,10 +29,15 @@ class VectorAllreduce:
         self.block = session.params.elems  # one shared scale per packet
         self.widened = 0  # int32 allreduces whose sum did not fit and came back as int64
 
-    def allreduce(self, x: np.ndarray) -> np.ndarray:
+    def allreduce(self, x: np.ndarray, owners=None) -> np.ndarray:
+        """owners(first, stop): the bitmap of ranks that need the sum of
+        elements first..stop-1 (Session.select_masks); the others' copy of those
+        elements is not valid. None: everyone needs everything."""
         x = np.asarray(x)
+        E = self.block
+        select = None if owners is None else self.s.select_masks(max(1, -(-x.size // E)), owners)
         if x.dtype == np.int32:
-            out, overflow = self.s.reduce(x.ravel(), wire.OP_SUM)
+            out, overflow = self.s.reduce(x.ravel(), wire.OP_SUM, select)
             if overflow:  # every rank sees the same flag on the same results, so all take this path
                 return self._wide_sum(x.ravel()).reshape(x.shape)
             return out.reshape(x.shape)
@@ -42,7 +47,7 @@ class VectorAllreduce:
             e_local = quantize.block_exponents(x, self.block)
             e_max, _ = self.s.reduce(e_local, wire.OP_MAX)
             q = quantize.quantize(x, e_max, self.world, self.block)
-            rows, overflow = self.s.reduce_rows(q, wire.OP_SUM)
+            rows, overflow = self.s.reduce_rows(q, wire.OP_SUM, select)
             if overflow:  # impossible with agreed exponents; never hand back a wrong sum
                 raise AllreduceError("quantized sum overflowed in the switch")
             return quantize.dequantize_rows(rows, e_max, self.world, x.size).reshape(x.shape)

@@ -144,12 +144,16 @@ class Communicator:
         except (TransportError, AllreduceError, QuantizeError) as e:
             raise CommError(str(e)) from None
 
-    def _raw(self, lanes: np.ndarray, op: int) -> np.ndarray:
-        out, _ = self._call(self.s.reduce, lanes, op)
+    def _raw(self, lanes: np.ndarray, op: int, owners=None) -> np.ndarray:
+        select = None if owners is None else self.s.select_masks(
+            max(1, -(-lanes.size // self.s.params.elems)), owners)
+        out, _ = self._call(self.s.reduce, lanes, op, select)
         return out
 
-    def _reduce(self, v: np.ndarray, op: str) -> np.ndarray:
-        """op over the ranks of a flat float32 or int32 vector."""
+    def _reduce(self, v: np.ndarray, op: str, owners=None) -> np.ndarray:
+        """op over the ranks of a flat float32 or int32 vector. owners(first,
+        stop): the bitmap of the ranks that need elements first..stop-1 of the
+        result (the switch withholds the rest's lanes, modulo mode); None: all."""
         if op not in OPS:
             raise CommError(f"op must be one of {', '.join(OPS)}, not {op!r}")
         if not v.size:
@@ -157,13 +161,13 @@ class Communicator:
         if op in ("sum", "avg"):
             if op == "avg" and v.dtype != np.float32:
                 raise CommError(f"avg needs a floating-point dtype, not {v.dtype}")
-            out = self._call(self._sum.allreduce, v)
+            out = self._call(self._sum.allreduce, v, owners)
             return out / np.float32(self.world) if op == "avg" else out
         flip = v.dtype == np.float32
         keys = _order_key(v) if flip else v
         if op == "min":
             keys = ~keys
-        m = self._raw(keys, wire.OP_MAX)
+        m = self._raw(keys, wire.OP_MAX, owners)
         if op == "min":
             m = ~m
         return _order_key(m).view(np.float32) if flip else m
@@ -181,7 +185,7 @@ class Communicator:
         """The result on root (torch: in place there); None on the others."""
         self._check_root(root)
         a = _Arg(x)
-        out = self._reduce(a.reducible(), op)
+        out = self._reduce(a.reducible(), op, owners=lambda first, stop: 1 << root)
         return a.inplace(out) if self.rank == root else None
 
     def broadcast(self, x, root: int = 0):
@@ -203,7 +207,13 @@ class Communicator:
         """x.shape[0] divisible by world; this rank's shard of the reduced x."""
         a = _Arg(x)
         n = self._rows_per_rank(a.shape, "reduce_scatter")
-        out = self._reduce(a.reducible(), op).reshape(a.shape)
+        shard = a.a.size // self.world  # elements of each rank's share, in order
+
+        def owners(first: int, stop: int) -> int:
+            lo, hi = first // shard, min(self.world - 1, (stop - 1) // shard)
+            return sum(1 << r for r in range(lo, hi + 1))
+
+        out = self._reduce(a.reducible(), op, owners if shard else None).reshape(a.shape)
         return a.new(out[self.rank * n:(self.rank + 1) * n].copy())
 
     def scatter(self, x, root: int = 0):

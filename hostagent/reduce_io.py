@@ -19,13 +19,14 @@ class SocketIO:
     """Every packet built up front in one numpy buffer; results copied into
     `out` as they come."""
 
-    def __init__(self, s, values: np.ndarray, op: int, psn0: int):
+    def __init__(self, s, values: np.ndarray, op: int, psn0: int, select: np.ndarray | None = None):
         p = s.params
         self.s, self.psn0, self.E = s, psn0, p.elems
         self.npk = npk = max(1, -(-values.size // p.elems))
         self.buf, raw = s.packet_buffer(npk)
         sizes, self.lsum = wire.fill_packets(self.buf, values, job=p.job, gen=p.gen, rank=s.rank, psn0=psn0, op=op,
-                                             hash_region=(p.offset, p.slots) if p.mode == "hash" else None)
+                                             hash_region=(p.offset, p.slots) if p.mode == "hash" else None,
+                                             select=select)
         self.msgs = batchio.Messages(raw, sizes.astype(np.uint64))
         self.hdr_gen = self.buf["hdr"]["gen"]
         self.want_numel = (sizes - wire.HDR_LEN) // 4
@@ -68,7 +69,8 @@ class SocketIO:
         ok &= intact
         idx = np.where(ok, idx, 0)
         numel = h["numel"].astype(np.int64)
-        ok &= ((h["gen"] == r.sent_gen[idx]) & ~r.got[idx] & (numel == self.want_numel[idx])
+        bare = (h["flags"] & wire.F_NO_LANES).astype(bool) & (numel == 0)  # complete, lanes for other ranks
+        ok &= ((h["gen"] == r.sent_gen[idx]) & ~r.got[idx] & ((numel == self.want_numel[idx]) | bare)
                & (lens >= wire.HDR_LEN + 4 * numel))
         sel = np.nonzero(ok)[0]
         if not sel.size:
@@ -78,13 +80,15 @@ class SocketIO:
         else:  # a duplicate in one batch counts once
             ids, first = np.unique(idx[sel], return_index=True)
             sel = sel[first]
+        lanes = ~bare[sel]  # the rest only say the psn is complete
+        ids_all, ids, sel = ids, ids[lanes], sel[lanes]
         full = self.want_numel[ids] == E
         if full.any():
             self.out[ids[full]] = rows[sel[full], wire.HDR_LEN:wire.HDR_LEN + 4 * E].view("<i4")
         for j, row in zip(ids[~full], sel[~full]):  # the short last packet, at most one
             m = int(self.want_numel[j])
             self.out[j, :m] = rows[row, wire.HDR_LEN:wire.HDR_LEN + 4 * m].view("<i4")
-        return ids, bool(np.any(h["flags"][sel] & wire.F_OVERFLOW))
+        return ids_all, bool(np.any(h["flags"][sel] & wire.F_OVERFLOW))
 
     def rows(self) -> np.ndarray:
         return self.out
@@ -97,8 +101,8 @@ class XdpIO(SocketIO):
     """Sends as SocketIO does; results land through the session's XdpPath (at
     most path.max_pkts packets per reduce)."""
 
-    def __init__(self, s, values: np.ndarray, op: int, psn0: int):
-        super().__init__(s, values, op, psn0)
+    def __init__(self, s, values: np.ndarray, op: int, psn0: int, select: np.ndarray | None = None):
+        super().__init__(s, values, op, psn0, select)
         self.path = s.xdp
         self.path.begin(npk=self.npk, elems=self.E, last_numel=int(self.want_numel[-1]), job=s.params.job,
                         psn0=psn0)

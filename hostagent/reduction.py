@@ -50,14 +50,14 @@ class WindowedReduce:
     (nxt), which have results (got, base = the lowest without one), when each
     was last sent and how often."""
 
-    def __init__(self, session, values: np.ndarray, op: int, io=None):
+    def __init__(self, session, values: np.ndarray, op: int, io=None, select: np.ndarray | None = None):
         self.s = s = session
         p = s.params
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         self.n = values.size
         self.psn0_abs = first_psn(s.next_psn, max(1, -(-values.size // p.elems)), p)
         self.psn0 = self.psn0_abs & 0xFFFFFFFF
-        self.io = (io or SocketIO)(s, values, op, self.psn0)
+        self.io = (io or SocketIO)(s, values, op, self.psn0, select)
         self.npk = npk = self.io.npk
         s.next_psn = self.psn0_abs + npk
         self.sent_gen = np.full(npk, -1, dtype=np.int64)  # a resize changes the generation between psns

@@ -252,10 +252,12 @@ class Session(Member):
             return "socket", str(e)
         return "xdp", f"host_rx on {self.xdp.dev}"
 
-    def reduce(self, values: np.ndarray, op: int = wire.OP_SUM) -> tuple[np.ndarray, bool]:
-        """Aggregate an int32 vector with the other ranks. Returns (result, overflowed)."""
+    def reduce(self, values: np.ndarray, op: int = wire.OP_SUM,
+               select: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+        """Aggregate an int32 vector with the other ranks. Returns (result,
+        overflowed); with select, only the packets this rank is in are valid."""
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
-        pieces, overflow = self.reduce_rows(values, op)
+        pieces, overflow = self.reduce_rows(values, op, select)
         if self.xdp is None:  # the socket path's rows are this reduce's own
             return pieces[0].reshape(-1)[:values.size], overflow
         out = np.empty(values.size, dtype=np.int32)
@@ -270,17 +272,29 @@ class Session(Member):
             at += k
         return out, overflow
 
-    def reduce_rows(self, values: np.ndarray, op: int = wire.OP_SUM) -> tuple[list[np.ndarray], bool]:
+    def select_masks(self, npk: int, owners) -> np.ndarray | None:
+        """Per packet, the bitmap of the ranks that want its result's lanes
+        (owners(first, stop): those of the elements first..stop-1), for the
+        switch to give the others a completion without them; None where the
+        switch cannot (hash and ps mode: the PS sends the results)."""
+        if self.params.mode != "modulo":
+            return None
+        E = self.params.elems
+        return np.array([owners(i * E, (i + 1) * E) for i in range(npk)], dtype=np.uint64)
+
+    def reduce_rows(self, values: np.ndarray, op: int = wire.OP_SUM,
+                    select: np.ndarray | None = None) -> tuple[list[np.ndarray], bool]:
         """reduce() as it lands: pieces of (packets, elems) rows, one packet's
         lanes a row, the last row padded. They may be views of the data path's
         buffers, valid until the next reduce: a caller that converts them
-        (dequantize) saves a copy of the whole vector."""
+        (dequantize) saves a copy of the whole vector. select: see
+        select_masks(); rows of packets this rank is not in are not written."""
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         with self._lock:
             self.in_reduce = True
         try:
             if self.xdp is None:
-                rows, overflow = WindowedReduce(self, values, op).run_rows()
+                rows, overflow = WindowedReduce(self, values, op, select=select).run_rows()
                 return [rows], overflow
             # The XDP path holds a bounded number of packets: a longer vector
             # goes in pieces, one after the other (each piece copied out but
@@ -289,7 +303,9 @@ class Session(Member):
             starts = range(0, max(1, values.size), step)
             pieces, overflow = [], False
             for at in starts:
-                rows, o = WindowedReduce(self, values[at:at + step], op, io=XdpIO).run_rows()
+                first = at // self.params.elems
+                part = None if select is None else select[first:first + self.xdp.max_pkts]
+                rows, o = WindowedReduce(self, values[at:at + step], op, io=XdpIO, select=part).run_rows()
                 pieces.append(rows if at == starts[-1] else rows.copy())
                 overflow |= o
             return pieces, overflow

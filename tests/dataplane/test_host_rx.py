@@ -72,3 +72,21 @@ def test_rx_drops_damaged_and_stray_results_and_passes_the_rest(hm):
     assert prog_test_run(hm.rx_fn.fd, result_frame(11, [1, 2, 3, 4, 5], job=8)).verdict == XDP_PASS
     assert prog_test_run(hm.rx_fn.fd, result_frame(11, [1, 2, 3])).verdict == XDP_PASS  # wrong numel
     assert int(hm.rx_ctl["landed"]) == 0 and not hm.rx_state[:4].any()
+
+
+def test_rx_counts_a_result_without_lanes_and_copies_nothing(hm):
+    """INC_F_NO_LANES: the psn is complete, its lanes went to other ranks (a
+    reduce to a root, another rank's shard): counted as landed, row untouched."""
+    _rx_setup(hm)
+    hm.rx_vec[2, :ELEMS] = 77
+    bare = bytearray(result_frame(12, [1, 2, 3, 4, 5], flags=wire.F_NO_LANES))
+    inc = bare[42:42 + wire.HDR_LEN]  # the header alone, numel 0, sealed again
+    inc[wire.HDR_DTYPE.fields["numel"][1]:wire.HDR_DTYPE.fields["numel"][1] + 2] = b"\0\0"
+    frame = bytes(bare[:42]) + wire.seal_bytes(bytes(inc))
+    assert prog_test_run(hm.rx_fn.fd, frame).verdict == XDP_DROP
+    assert hm.rx_state[2] == RX_GOT | (3 << 16) and int(hm.rx_ctl["landed"]) == 1
+    assert np.all(hm.rx_vec[2, :ELEMS] == 77)
+    # without the flag, a result with no lanes is not one of ours: passed on, not counted
+    inc[wire.HDR_DTYPE.fields["flags"][1]] = 0
+    assert prog_test_run(hm.rx_fn.fd, bytes(bare[:42]) + wire.seal_bytes(bytes(inc))).verdict == XDP_PASS
+    assert int(hm.rx_ctl["landed"]) == 1

@@ -118,3 +118,15 @@ def test_gso_outbox_sends_each_packet_once_in_order(start, stop):
     assert rx.recv(0.05) == 0
     rx_sock.close()
     tx_sock.close()
+
+
+def test_fill_packets_marks_who_wants_the_lanes():
+    values = np.arange(2500, dtype=np.int32)
+    buf = np.empty(4, dtype=wire.packet_dtype(800))
+    masks = np.array([1, 2, 6, 8], dtype=np.uint64)
+    wire.fill_packets(buf, values, job=3, gen=1, rank=0, psn0=0, select=masks)
+    assert np.array_equal(buf["hdr"]["bitmap"], masks) and np.all(buf["hdr"]["flags"] == wire.F_SELECT)
+    wire.fill_packets(buf, values, job=3, gen=1, rank=0, psn0=0)  # a reused buffer: nothing left of it
+    assert not buf["hdr"]["bitmap"].any() and not buf["hdr"]["flags"].any()
+    words = buf.view("<u4").reshape(4, -1)
+    assert np.all(words[:3].sum(axis=1, dtype=np.uint64) % 2**32 == 0)  # sealed with the new header
