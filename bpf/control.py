@@ -28,3 +28,27 @@ def check_fail_timeout(seconds: float, name: str = "--fail-timeout") -> float:
     if not 0 < seconds <= MAX_FAIL_TIMEOUT:
         raise LimitError(f"{name} must be in (0, {MAX_FAIL_TIMEOUT:.0f}] seconds")
     return seconds
+
+
+# --- authentication (a key shared by incd and the agents) ------------------
+KEY_MIN_BYTES = 16
+
+
+def read_key(path: str) -> bytes:
+    """The shared key in a file (its bytes, without surrounding whitespace)."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise LimitError(f"cannot read the key file {path}: {e.strerror}") from None
+    if len(key) < KEY_MIN_BYTES:
+        raise LimitError(f"the key in {path} is {len(key)} bytes; it must be at least {KEY_MIN_BYTES}")
+    return key
+
+
+def auth_mac(key: bytes, nonce: str) -> str:
+    """The answer to incd's challenge: HMAC-SHA256 over its nonce, hex."""
+    import hashlib
+    import hmac
+
+    return hmac.new(key, b"inc-control-auth-v1:" + nonce.encode(), hashlib.sha256).hexdigest()

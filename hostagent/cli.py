@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import sys
@@ -197,6 +198,8 @@ def kv_chunk_kb() -> int:
 def _member_args(p, fail_help: str) -> None:
     """What every member of a job takes: where incd is and how long to wait."""
     p.add_argument("--switch", help="incd address (default: this host's default gateway)")
+    p.add_argument("--key-file", help="the shared key incd was started with (--key-file there); "
+                   "default: the file INC_KEY_FILE names, else none")
     p.add_argument("--register-timeout", type=float, default=30.0,
                    help="how long to wait for the other members to register (default %(default)s)")
     p.add_argument("--fail-timeout", type=float, default=2.0, metavar="S", help=fail_help + " (default %(default)s)")
@@ -393,6 +396,8 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """Runs parsed arguments' command; its errors become a message and status 1."""
+    if getattr(args, "key_file", None):
+        os.environ["INC_KEY_FILE"] = args.key_file  # read where the control connection is made
     try:
         return args.fn(args)
     except (CliError, TransportError, AllreduceError, QuantizeError) as e:

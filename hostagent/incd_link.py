@@ -4,11 +4,14 @@ a restarted incd). Member (member.py) builds on it."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
 import struct
 import threading
 import time
+
+from bpf import control
 
 
 class TransportError(RuntimeError):
@@ -50,8 +53,9 @@ class Control:
     queue; the connection's loss is noted in lost_at) and a heartbeat that tells
     incd this member is alive and how long a silence means it is not."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, key: bytes | None = None):
         self.sock = sock
+        self.key = key  # incd's shared key, if it wants one
         self.buf = b""
         self.early_events: list[dict] = []  # events read while waiting for a reply
         self.replies: queue.Queue = queue.Queue()
@@ -61,6 +65,14 @@ class Control:
         self._rejoin: dict | None = None
         self._send_lock = threading.Lock()
         self._closing = threading.Event()
+
+    def authenticate(self) -> None:
+        """Answers incd's challenge with the shared key (nothing to do without one)."""
+        if self.key is None:
+            return
+        ch = self.call({"op": "challenge"})
+        if ch.get("auth"):
+            self.call({"op": "auth", "mac": control.auth_mac(self.key, ch["nonce"])})
 
     def rejoin_on_loss(self, req, within_s: float) -> None:
         """If the connection is lost, reconnect and send req() (a "rejoin") for up
@@ -147,6 +159,7 @@ class Control:
             except OSError:
                 pass
             try:
+                self.authenticate()
                 self.call(rj["req"]())
             except Refused as e:
                 self.refused = str(e)
@@ -174,6 +187,17 @@ class Control:
             self.sock.close()
         except OSError:
             pass
+
+
+def shared_key() -> bytes | None:
+    """The key in the file INC_KEY_FILE names (inc-agent --key-file sets it)."""
+    path = os.environ.get("INC_KEY_FILE")
+    if not path:
+        return None
+    try:
+        return control.read_key(path)
+    except control.LimitError as e:
+        raise TransportError(str(e)) from None
 
 
 def connect_incd(switch: str | None, ctrl_port: int) -> socket.socket:

@@ -10,7 +10,7 @@ import queue
 
 from bpf import control
 
-from .incd_link import REJOIN_S, Control, TransportError, connect_incd
+from .incd_link import REJOIN_S, Control, TransportError, connect_incd, shared_key
 from .xdp_path import XdpUnavailable, route_to
 
 
@@ -31,8 +31,9 @@ class Member:
     def register(self, switch: str | None, ctrl_port: int, register_timeout: float, req: dict) -> dict:
         """Connects to incd and registers (req: the "register" request's other
         fields); returns incd's reply once every member is in."""
-        self.ctl = Control(connect_incd(switch, ctrl_port))
+        self.ctl = Control(connect_incd(switch, ctrl_port), shared_key())
         self.ctl.sock.settimeout(register_timeout + 10)
+        self.ctl.authenticate()
         return self.ctl.call({"op": "register", "version": control.CONTROL_VERSION, **req})
 
     def abort(self, why: str) -> TransportError:

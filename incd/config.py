@@ -40,6 +40,7 @@ class Config:
     allow: list[str] = field(default_factory=list)  # CIDRs; empty = the ports' networks
     register_timeout: float = 30.0
     rejoin_grace: float = 10.0  # after a restart: how long recovered jobs wait for their members
+    key_file: str | None = None  # shared key: only agents that hold it may use the control API
 
     def file_values(self) -> dict:
         """Everything but the instance name: what a --config file may hold."""
@@ -102,6 +103,15 @@ def _allow(v):
             return f"must be a list of networks (CIDR strings such as \"10.0.0.0/24\"); {_short(a)} is not one"
 
 
+def _key_file(v):
+    if not isinstance(v, str) or not v:
+        return "must be the path of a file holding the shared key"
+    try:
+        control.read_key(v)
+    except control.LimitError as e:
+        return f"is not usable ({e})"
+
+
 CHECKS = {
     "netns": _optional(_name),
     "ports": _ports,
@@ -116,6 +126,7 @@ CHECKS = {
     "allow": _allow,
     "register_timeout": _number(control.MAX_REGISTER_TIMEOUT),
     "rejoin_grace": _number(MAX_REJOIN_GRACE),
+    "key_file": _optional(_key_file),
 }
 assert set(CHECKS) == set(FILE_KEYS), "every setting has its check"
 

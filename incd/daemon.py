@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bpf import control
+
 from . import jobstate, netinfo
 from .config import Config
 from .dataplane import Dataplane, Port, unpin_dir
@@ -145,7 +147,8 @@ def run(cfg: Config, force: bool = False) -> int:
                 dp.forget_job(j)
         # Bound before XDP is attached: a taken control port fails with the ports untouched.
         ctrl = ControlServer((cfg.listen, cfg.listen_port), registry, netinfo,
-                             {p.ifindex for p in ports}, allow, cfg.register_timeout)
+                             {p.ifindex for p in ports}, allow, cfg.register_timeout,
+                             key=control.read_key(cfg.key_file) if cfg.key_file else None)
         servers.append(ctrl)
         # The new program replaces the old one on each port; the maps, and so the
         # recovered jobs' slots, stay as they are.

@@ -24,7 +24,9 @@ import ipaddress
 import json
 import logging
 import math
+import hmac
 import os
+import secrets
 import select
 import socket
 import socketserver
@@ -37,6 +39,7 @@ from .registry import Registry
 from .requests import RegistrationError, check_version, resolve_path, short
 
 MAX_LINE = 64 * 1024
+UNAUTHENTICATED_OPS = ("ping", "challenge", "auth")
 log = logging.getLogger("incd")
 
 
@@ -200,7 +203,8 @@ class ControlServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def __init__(self, addr, registry: Registry, netinfo, port_ifindexes: set[int],
-                 allow: list, register_timeout: float):
+                 allow: list, register_timeout: float, key: bytes | None = None):
+        self.key = key  # None: network position alone decides who may talk (see the module doc)
         self.registry = registry
         self.netinfo = netinfo
         self.port_ifindexes = port_ifindexes
@@ -261,6 +265,8 @@ class ControlHandler(socketserver.StreamRequestHandler):
         self.cut_off: str | None = None  # why this connection was dropped by incd
         self.out = Outbox(self.connection, self._overflow)
         self.connection.settimeout(IDLE_BEFORE_JOIN_S)
+        self.nonce: str | None = None
+        self.authed = srv.key is None
         try:
             while True:
                 req = self._next()
@@ -268,6 +274,9 @@ class ControlHandler(socketserver.StreamRequestHandler):
                     return
                 op = req["op"]
                 try:
+                    if not self.authed and op not in UNAUTHENTICATED_OPS:
+                        raise RegistrationError("incd requires a key: start the agent with --key-file "
+                                                "(or INC_KEY_FILE) naming the key incd was started with")
                     handler = self.OPS.get(op)
                     reply = (handler(self, req) if handler is not None
                              else {"ok": False, "error": f"unknown op {short(op)}"})
@@ -422,11 +431,28 @@ class ControlHandler(socketserver.StreamRequestHandler):
     def op_ping(self, req: dict) -> dict:
         return {"ok": True}
 
+    # --- authentication: challenge, then HMAC of the nonce with the shared key ----
+    def op_challenge(self, req: dict) -> dict:
+        self.nonce = secrets.token_hex(32)
+        return {"ok": True, "nonce": self.nonce, "auth": self.server.key is not None}
+
+    def op_auth(self, req: dict) -> dict:
+        key, nonce, self.nonce = self.server.key, self.nonce, None  # a nonce answers once
+        if key is None:
+            return {"ok": True}
+        mac = req.get("mac")
+        if nonce is None or not isinstance(mac, str) or not hmac.compare_digest(mac, control.auth_mac(key, nonce)):
+            log.warning("control connection from %s: authentication failed", self.peer)
+            raise RegistrationError("authentication failed: not the key incd was started with")
+        self.authed = True
+        return {"ok": True}
+
     OPS = {
         "register": op_register, "rejoin": op_rejoin, "done": op_done, "abort": op_abort, "missing": op_missing,
         "wait_end": op_wait_end,
         "remap_report": op_resize_report, "remap_passed": op_resize_passed,
         "kv_drain": op_kv_drain, "alive": op_alive, "ping": op_ping,
+        "challenge": op_challenge, "auth": op_auth,
     }
 
 

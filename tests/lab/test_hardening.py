@@ -301,3 +301,36 @@ def test_soak_registrations_and_killed_ranks_leave_incd_as_it_was(root):
                 break
             time.sleep(0.1)
         assert ok
+
+
+def test_with_a_key_only_agents_that_hold_it_can_use_incd(lab2, tmp_path):
+    """incd --key-file: registering needs the answer to incd's challenge (an
+    HMAC of its nonce with the shared key); without the key, or with another,
+    agents get a clear error and the job does not exist; with it, jobs run."""
+    import os
+
+    from helpers.control import Ctl
+    from netns_lab.agents import run_allreduce
+
+    key, other = tmp_path / "inc.key", tmp_path / "other.key"
+    key.write_text("k" * 32)
+    other.write_text("o" * 32)
+    os.chmod(key, 0o600)
+    with IncdProcess(lab2.name + "k", lab=lab2.name, extra=["--key-file", str(key)]) as incd:
+        lab2.incd = incd
+        base = ["allreduce", "--job", "15", "--rank", "0", "--world", "1", "--numel", "1000", "--quiet"]
+        r = lab2.run("h1", [sys.executable, "-m", "hostagent.cli", *base], capture_output=True, text=True,
+                     timeout=60)
+        one_line_error(r, "incd requires a key", "--key-file")
+        r = lab2.run("h1", [sys.executable, "-m", "hostagent.cli", *base, "--key-file", str(other)],
+                     capture_output=True, text=True, timeout=60)
+        one_line_error(r, "authentication failed")
+        c = Ctl(lab2, "h2")  # a raw client: ping is open, registering is not
+        assert c.call({"op": "ping"}) == {"ok": True}
+        reply = c.call({"op": "register", "job": 16, "rank": 0, "world": 1, "window": 8, "port": 40000})
+        assert not reply["ok"] and "incd requires a key" in reply["error"]
+        c.close()
+        assert not incd.status()["jobs"]
+        res = run_allreduce(lab2, job=17, world=2, numel=5000, dtype="int32", timeout=60,
+                            extra=["--verify", "--key-file", str(key)])
+        assert all(r["verified"] for r in res)

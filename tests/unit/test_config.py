@@ -20,7 +20,8 @@ def write(tmp_path, data) -> str:
 
 GOOD = {"netns": "inc-sw", "ports": ["eth1", "eth2"], "listen": "0.0.0.0", "listen_port": 38100,
         "pool_slots": 4096, "hash_slots": 1024, "policy": "fifo", "partitions": 2, "rtt_us": 150,
-        "link_gbps": 2.5, "allow": ["10.0.0.0/24", "10.1.0.1"], "register_timeout": 30, "rejoin_grace": 10}
+        "link_gbps": 2.5, "allow": ["10.0.0.0/24", "10.1.0.1"], "register_timeout": 30, "rejoin_grace": 10,
+        "key_file": None}  # a real key file: test_a_key_file_must_exist_and_hold_a_long_enough_key
 
 
 def test_a_good_file_is_read_whole(tmp_path):
@@ -73,7 +74,7 @@ def test_not_a_settings_object_and_unknown_keys(tmp_path):
 def args(**kw):
     base = dict(instance="t", config=None, ports="eth1", netns=None, lab="inc", listen=None, pool_slots=None,
                 hash_slots=None, policy=None, partitions=None, rtt_us=None, link_gbps=None,
-                register_timeout=None, rejoin_grace=None)
+                register_timeout=None, rejoin_grace=None, key_file=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -89,3 +90,17 @@ def test_options_override_the_file_and_are_checked_too(tmp_path):
         build_config(args(rejoin_grace=-1))
     with pytest.raises(ConfigError, match=r"^--hash-slots must be at most the pool's 16 slots, got 32"):
         build_config(args(pool_slots=16, hash_slots=32))
+
+
+def test_a_key_file_must_exist_and_hold_a_long_enough_key(tmp_path):
+    from incd import config
+
+    short = tmp_path / "short.key"
+    short.write_text("abc")
+    good = tmp_path / "good.key"
+    good.write_text("x" * 16)
+    config.check_value("key_file", str(good), "--key-file")
+    for path, words in ((tmp_path / "none.key", "cannot read"), (short, "at least 16")):
+        with pytest.raises(config.ConfigError) as e:
+            config.check_value("key_file", str(path), "--key-file")
+        assert words in str(e.value)
