@@ -41,6 +41,7 @@ class Config:
     register_timeout: float = 30.0
     rejoin_grace: float = 10.0  # after a restart: how long recovered jobs wait for their members
     key_file: str | None = None  # shared key: only agents that hold it may use the control API
+    max_job_slots: int | None = None  # the most switch memory one job gets (None: the whole pool)
 
     def file_values(self) -> dict:
         """Everything but the instance name: what a --config file may hold."""
@@ -127,6 +128,7 @@ CHECKS = {
     "register_timeout": _number(control.MAX_REGISTER_TIMEOUT),
     "rejoin_grace": _number(MAX_REJOIN_GRACE),
     "key_file": _optional(_key_file),
+    "max_job_slots": _optional(_integer(2, MAX_POOL_SLOTS)),
 }
 assert set(CHECKS) == set(FILE_KEYS), "every setting has its check"
 
@@ -165,4 +167,7 @@ def check(cfg: Config, origin: dict[str, str]) -> Config:
     if cfg.hash_slots is not None and cfg.hash_slots > cfg.pool_slots:
         raise ConfigError(f"{origin.get('hash_slots', 'hash_slots')} must be at most the pool's "
                           f"{cfg.pool_slots} slots, got {cfg.hash_slots}")
+    if cfg.max_job_slots is not None and cfg.max_job_slots > cfg.pool_slots:
+        raise ConfigError(f"{origin.get('max_job_slots', 'max_job_slots')} must be at most the pool's "
+                          f"{cfg.pool_slots} slots, got {cfg.max_job_slots}")
     return cfg

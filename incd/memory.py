@@ -104,6 +104,7 @@ class MemoryManager:
     policy: str = "edf"
     link: Link = field(default_factory=Link)
     partitions: int = 4              # static policy
+    max_job_slots: int | None = None  # no job gets more, deadline or not (None: the pool)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -113,7 +114,8 @@ class MemoryManager:
                 current: dict[int, int] | None = None) -> dict[int, int]:
         """Slots per job (0 = waits). `current` is what jobs hold now (static keeps
         partitions where they are)."""
-        cap = self.pool_slots - self.pool_slots % 2  # nobody can use more than the pool
+        cap = min(self.pool_slots, self.max_job_slots or self.pool_slots)  # nobody uses more than the pool
+        cap -= cap % 2
         demands = sorted((d if d.want_slots <= cap else JobDemand(**{**d.__dict__, "want_slots": cap})
                           for d in demands), key=lambda d: (d.arrival, d.job))
         if self.policy == "fifo":

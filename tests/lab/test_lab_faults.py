@@ -282,13 +282,36 @@ def run_job(lab, job, mode, datapath="socket"):
 CASES = [(f, "socket") for f in FAULTS] + [(f, "xdp") for f in ("loss5", "dup5", "corrupt5", "reorder20")]
 
 
+def reduce_time(res) -> float:
+    """Seconds the slowest rank spent in its allreduces."""
+    return max(sum(r["times_s"]) for r in res)
+
+
+@pytest.fixture(scope="module")
+def clean_time():
+    """The same jobs in a lab without faults: what recovery is measured against."""
+    out = {}
+    with LabWithIncd(PREFIX, workers=4, ps=True) as lab:
+        for datapath in ("socket", "xdp"):
+            for job, mode in ((1, "modulo"), (2, "hash")):
+                out[mode, datapath] = reduce_time(run_job(lab, job, mode, datapath)[0])
+    return out
+
+
+# Recovery may cost, but not without bound: a fault run may take this many times the
+# clean run's allreduce time, plus a margin for the lab's own delays (jitter).
+SLOWDOWN_BOUND, SLOWDOWN_MARGIN_S = 25, 2.0
+
+
 @pytest.mark.parametrize("fault,datapath", CASES, ids=[f"{f}-{d}" for f, d in CASES])
-def test_allreduce_exact_under_fault(fault, datapath):
+def test_allreduce_exact_under_fault(fault, datapath, clean_time):
     with LabWithIncd(PREFIX, workers=4, ps=True, **FAULTS[fault]) as lab:
         out = {}
         for job, mode in ((1, "modulo"), (2, "hash")):
             res, ps = run_job(lab, job, mode, datapath)
             assert len(res) == 4 and all(r["verified"] for r in res), res
+            took, clean = reduce_time(res), clean_time[mode, datapath]
+            assert took <= SLOWDOWN_BOUND * clean + SLOWDOWN_MARGIN_S, (mode, took, clean)
             out[mode] = (res, ps, finished(lab, job))
             print(f"{fault} {mode}: median ms {[round(r['median_s'] * 1e3, 1) for r in res]}, "
                   f"retx {[r['retransmits'] for r in res]}, switch {out[mode][2]}, ps {ps}")

@@ -21,7 +21,7 @@ def write(tmp_path, data) -> str:
 GOOD = {"netns": "inc-sw", "ports": ["eth1", "eth2"], "listen": "0.0.0.0", "listen_port": 38100,
         "pool_slots": 4096, "hash_slots": 1024, "policy": "fifo", "partitions": 2, "rtt_us": 150,
         "link_gbps": 2.5, "allow": ["10.0.0.0/24", "10.1.0.1"], "register_timeout": 30, "rejoin_grace": 10,
-        "key_file": None}  # a real key file: test_a_key_file_must_exist_and_hold_a_long_enough_key
+        "key_file": None, "max_job_slots": 512}  # a real key file: test_a_key_file_must_exist_and_hold_a_long_enough_key
 
 
 def test_a_good_file_is_read_whole(tmp_path):
@@ -74,7 +74,8 @@ def test_not_a_settings_object_and_unknown_keys(tmp_path):
 def args(**kw):
     base = dict(instance="t", config=None, ports="eth1", netns=None, lab="inc", listen=None, pool_slots=None,
                 hash_slots=None, policy=None, partitions=None, rtt_us=None, link_gbps=None,
-                register_timeout=None, rejoin_grace=None, key_file=None)
+                register_timeout=None, rejoin_grace=None, key_file=None,
+                max_job_slots=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -90,6 +91,8 @@ def test_options_override_the_file_and_are_checked_too(tmp_path):
         build_config(args(rejoin_grace=-1))
     with pytest.raises(ConfigError, match=r"^--hash-slots must be at most the pool's 16 slots, got 32"):
         build_config(args(pool_slots=16, hash_slots=32))
+    with pytest.raises(ConfigError, match=r"^--max-job-slots must be at most the pool's 16 slots, got 32"):
+        build_config(args(pool_slots=16, max_job_slots=32))
 
 
 def test_a_key_file_must_exist_and_hold_a_long_enough_key(tmp_path):

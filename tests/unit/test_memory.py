@@ -87,3 +87,16 @@ def test_static_partitions_are_kept_by_their_holders():
     # job 1 leaves: the first waiting job (5) takes its partition; 2..4 keep theirs
     t2 = mm.targets(ds[1:], 1.0, t)
     assert {j for j in t2 if t2[j]} == {2, 3, 4, 5}
+
+
+def test_no_job_gets_more_than_max_job_slots_deadline_or_not():
+    """One host asking for the whole pool (or claiming an urgent deadline for a
+    huge model) gets at most max_job_slots; the rest stays for the others."""
+    for policy in POLICIES:
+        mm = MemoryManager(256, policy, max_job_slots=64)
+        hog = JobDemand(1, arrival=0.0, want_slots=256)
+        urgent = JobDemand(2, arrival=1.0, want_slots=256, deadline=10.0, model_bytes=10**10, epochs_left=1.0)
+        small = JobDemand(3, arrival=2.0, want_slots=32)
+        got = mm.targets([hog, urgent, small], now=0.0)
+        assert max(got.values()) <= 64 and got[3] == 32, (policy, got)
+        assert sum(got.values()) <= 256
