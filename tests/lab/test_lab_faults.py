@@ -311,6 +311,7 @@ def test_allreduce_exact_under_fault(fault, datapath, clean_time):
             res, ps = run_job(lab, job, mode, datapath)
             assert len(res) == 4 and all(r["verified"] for r in res), res
             took, clean = reduce_time(res), clean_time[mode, datapath]
+            print(f"{fault} {mode}: allreduce time {took:.3f} s, clean {clean:.3f} s")
             assert took <= SLOWDOWN_BOUND * clean + SLOWDOWN_MARGIN_S, (mode, took, clean)
             out[mode] = (res, ps, finished(lab, job))
             print(f"{fault} {mode}: median ms {[round(r['median_s'] * 1e3, 1) for r in res]}, "
