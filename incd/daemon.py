@@ -19,7 +19,8 @@ from .config import Config
 from .dataplane import Dataplane, Port, unpin_dir
 from .memory import Link, MemoryManager
 from .registry import Registry
-from .server import AdminServer, ControlServer
+from .admin import AdminServer
+from .server import ControlServer
 
 RUN_DIR = Path("/run/incd")
 PIN_ROOT = Path("/sys/fs/bpf")

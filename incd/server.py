@@ -1,16 +1,12 @@
-"""incd's two front doors: the TCP control API host agents use to register jobs,
-and a root-only unix socket for local administration (status, stop).
+"""incd's control API: the TCP door host agents use to register jobs and
+follow them (JSON lines, json_lines.py; the admin door is admin.py).
 
-Both speak JSON lines: one request object per line, one reply object per line,
-always with "ok" and, on failure, a one-line "error".
-
-Who may talk to incd (see docs/operations.md, "Who may talk to incd"):
-- control API: a connection is accepted only from an address in the allow list
-  (default: the switch ports' own networks); a registration must also come from
-  a host that incd reaches through one of its switch ports (route + neighbour
-  lookup on the connection's source address, never an address in the request).
-- admin socket: root only. The socket file is 0600 and owned by root, and every
-  connection's peer credentials (SO_PEERCRED) must say uid 0.
+Who may talk to incd (see docs/operations.md, "Who may talk to incd"): a
+connection is accepted only from an address in the allow list (default: the
+switch ports' own networks); a registration must also come from a host that
+incd reaches through one of its switch ports (route + neighbour lookup on the
+connection's source address, never an address in the request); with a key,
+only after answering incd's challenge.
 
 A bad request (not UTF-8, not JSON, NaN/Infinity, too deeply nested, not an
 object, unknown op, missing or wrong fields, a conflict) is answered with
@@ -20,155 +16,30 @@ is answered and the connection closed.
 """
 from __future__ import annotations
 
-import ipaddress
-import json
-import logging
-import math
 import hmac
-import os
+import ipaddress
+import logging
 import secrets
 import select
 import socket
 import socketserver
-import struct
 import threading
 
 from bpf import control, wire
 
+from .json_lines import MAX_LINE, BadRequest, Outbox, read_request, send_line
 from .registry import Registry
 from .requests import RegistrationError, check_version, resolve_path, short
 
-MAX_LINE = 64 * 1024
+__all__ = ["MAX_LINE", "ControlServer", "ControlHandler", "joined_reply"]
 UNAUTHENTICATED_OPS = ("ping", "challenge", "auth")
-log = logging.getLogger("incd")
-
-
-class BadRequest(ValueError):
-    """A request that cannot be read; fatal: the connection is out of step and must end."""
-
-    def __init__(self, msg: str, fatal: bool = False):
-        super().__init__(msg)
-        self.fatal = fatal
-
-
-# A member that stops reading its control connection is disconnected (and its
-# job failed, naming it) once this much waits for it; nothing incd does ever
-# waits for a member to read.
 # Connections: a peer has this long to send each request until it registers
 # (a member's heartbeats keep it busy after); at most this many at once, from
 # one address and in all, so the daemon keeps descriptors for its own work.
 IDLE_BEFORE_JOIN_S = 60.0
 MAX_CONNECTIONS = 512
 MAX_PER_ADDRESS = 128
-OUTBOX_MAX_BYTES = 16 * 1024 * 1024
-OUTBOX_MAX_MSGS = 10000
-
-
-class Outbox:
-    """One connection's replies and events, written by a thread of its own:
-    put() never blocks (the registry pushes events under its lock), and a
-    reader that falls behind by more than the bounds is cut off."""
-
-    def __init__(self, sock: socket.socket, on_overflow):
-        self.sock, self.on_overflow = sock, on_overflow
-        self.cond = threading.Condition()
-        self.items: list[bytes] = []
-        self.bytes = 0
-        self.closed = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def put(self, obj: dict) -> None:
-        data = (json.dumps(obj) + "\n").encode()
-        with self.cond:
-            if self.closed:
-                return
-            self.items.append(data)
-            self.bytes += len(data)
-            over = self.bytes > OUTBOX_MAX_BYTES or len(self.items) > OUTBOX_MAX_MSGS
-            self.cond.notify()
-        if over:
-            self.on_overflow(self.bytes, len(self.items))
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.items and not self.closed:
-                    self.cond.wait()
-                if self.closed and not self.items:
-                    return
-                data = self.items.pop(0)
-                self.bytes -= len(data)
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                with self.cond:
-                    self.closed = True
-                    self.items.clear()
-                return
-
-    def close(self, wait_s: float = 2.0) -> None:
-        """No more messages; what is queued still goes out (for up to wait_s)."""
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
-        self.thread.join(wait_s)
-
-
-def _send(wfile, obj: dict) -> None:
-    wfile.write((json.dumps(obj) + "\n").encode())
-    wfile.flush()
-
-
-def _next_request(rfile, wfile) -> dict | None:
-    """The next request; a malformed one is answered and skipped. None at EOF or
-    after an oversized line (then the connection ends: the stream is out of step)."""
-    while True:
-        try:
-            return _read_request(rfile)
-        except BadRequest as e:
-            _send(wfile, {"ok": False, "error": f"bad request: {e}"})
-            if e.fatal:
-                return None
-
-
-def _no_constant(name: str):
-    raise BadRequest(f"{name} is not a number incd accepts")
-
-
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise BadRequest(f"{text[:20]} is out of range")
-    return v
-
-
-def _read_request(rfile) -> dict | None:
-    """None at EOF; raises BadRequest for a malformed or oversized line."""
-    line = rfile.readline(MAX_LINE + 1)
-    if not line:
-        return None
-    if len(line) > MAX_LINE:
-        raise BadRequest(f"request longer than {MAX_LINE} bytes", fatal=True)
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise BadRequest("empty line; a request is a JSON object on one line")
-    try:
-        req = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise BadRequest("JSON nested too deeply") from None
-    except BadRequest:
-        raise
-    except ValueError as e:  # JSONDecodeError, or an integer with too many digits
-        if "integer string conversion" in str(e):
-            raise BadRequest("an integer with too many digits") from None
-        raise BadRequest(f"not JSON: {str(e)[:120]}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-        raise BadRequest("a request is a JSON object with an 'op' string")
-    return req
+log = logging.getLogger("incd")
 
 
 def register_timeout(req: dict, default: float) -> float:
@@ -245,13 +116,13 @@ class ControlHandler(socketserver.StreamRequestHandler):
         srv = self.server
         if not any(ipaddress.ip_address(peer) in net for net in srv.allow):
             log.warning("control connection from %s refused: not in the allow list", peer)
-            _send(self.wfile, {"ok": False, "error": f"{peer} may not use this switch "
+            send_line(self.wfile, {"ok": False, "error": f"{peer} may not use this switch "
                                "(only hosts on the switch ports' networks or the configured allow list)"})
             return
         refused = srv.admit(peer)
         if refused:
             log.warning("control connection from %s refused: %s", peer, refused)
-            _send(self.wfile, {"ok": False, "error": refused})
+            send_line(self.wfile, {"ok": False, "error": refused})
             return
         try:
             self._serve(peer)
@@ -299,7 +170,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
         or after an oversized line (the stream is out of step then)."""
         while True:
             try:
-                return _read_request(self.rfile)
+                return read_request(self.rfile)
             except BadRequest as e:
                 self.out.put({"ok": False, "error": f"bad request: {e}"})
                 if e.fatal:
@@ -456,53 +327,3 @@ class ControlHandler(socketserver.StreamRequestHandler):
     }
 
 
-class AdminServer(socketserver.ThreadingUnixStreamServer):
-    """Root only: it can stop the switch. The socket is created 0600 (umask, so
-    there is no moment it is open to others), and each peer's uid is checked."""
-    daemon_threads = True
-
-    def __init__(self, path: str, status_fn, stop_fn):
-        self.status_fn = status_fn
-        self.stop_fn = stop_fn
-        if os.path.exists(path):
-            os.unlink(path)
-        old = os.umask(0o177)
-        try:
-            super().__init__(path, AdminHandler)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-
-
-def peer_uid(sock: socket.socket) -> int:
-    pid, uid, gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("iII")))
-    return uid
-
-
-class AdminHandler(socketserver.StreamRequestHandler):
-    server: AdminServer
-
-    def handle(self) -> None:
-        uid = peer_uid(self.connection)
-        if uid != 0:  # file permissions already say so; this holds even for a peer with CAP_DAC_OVERRIDE
-            log.warning("admin connection from uid %d refused", uid)
-            _send(self.wfile, {"ok": False, "error": f"uid {uid} may not administer incd (root only)"})
-            return
-        req = _next_request(self.rfile, self.wfile)
-        if req is None:
-            return
-        handler = self.OPS.get(req["op"])
-        if handler is None:
-            _send(self.wfile, {"ok": False, "error": f"unknown op {short(req['op'])}"})
-        else:
-            handler(self)
-
-    def op_status(self) -> None:
-        _send(self.wfile, {"ok": True, **self.server.status_fn()})
-
-    def op_stop(self) -> None:
-        _send(self.wfile, {"ok": True})
-        threading.Thread(target=self.server.stop_fn, daemon=True).start()
-
-    OPS = {"status": op_status, "stop": op_stop}
