@@ -59,11 +59,13 @@
  * bpf/wire.py is checked against this one by tests/unit/test_layout.py. */
 #define INC_HASH_MUL_PSN 0x9E3779B1u
 #define INC_HASH_MUL_JOB 0x85EBCA77u
+#define INC_HASH_RUN 64
 static inline __u32 inc_hash_slot(__u32 job, __u32 psn, __u32 offset, __u32 size)
 {
-	__u32 h = psn * INC_HASH_MUL_PSN + job * INC_HASH_MUL_JOB;
+	__u32 run = psn / INC_HASH_RUN;
+	__u32 h = run * INC_HASH_MUL_PSN + job * INC_HASH_MUL_JOB;
 	h ^= h >> 15;
-	return offset + h % size;
+	return offset + (h % size + psn % INC_HASH_RUN) % size;
 }
 
 struct inc_hdr {

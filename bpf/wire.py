@@ -105,11 +105,13 @@ IP_UDP_OVERHEAD = 20 + 8
 
 def hash_slots(job: int, psns: np.ndarray, offset: int, size: int) -> np.ndarray:
     """inc_hash_slot() of bpf/inc_proto.h for many psns at once."""
+    psns = np.asarray(psns, dtype=np.uint32)
     with np.errstate(over="ignore"):
-        h = (np.asarray(psns, dtype=np.uint32) * np.uint32(HASH_MUL_PSN)
+        h = ((psns // np.uint32(HASH_RUN)) * np.uint32(HASH_MUL_PSN)
              + np.uint32((job * HASH_MUL_JOB) & 0xFFFFFFFF))
     h ^= h >> np.uint32(15)
-    return (offset + h % np.uint32(size)).astype(np.uint32)
+    size = np.uint32(size)
+    return (offset + (h % size + psns % np.uint32(HASH_RUN)) % size).astype(np.uint32)
 
 
 def elems_for_mtu(mtu: int) -> int:

@@ -163,21 +163,24 @@ def cmd_ps(a) -> int:
     say = (lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"ps: registering job {a.job} ({a.mode}, {a.world} workers) with incd ...")
     ps = ParameterServer(a.job, a.world, mode=a.mode, switch=a.switch,
-                         register_timeout=a.register_timeout, fail_timeout=a.fail_timeout)
+                         register_timeout=a.register_timeout, fail_timeout=a.fail_timeout,
+                         datapath=a.datapath)
     stop = lambda *_: ps.stop.set()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    say(f"ps: job {a.job} gen {ps.p.gen} running; serving until its workers leave")
+    say(f"ps: job {a.job} gen {ps.p.gen} running, data path {ps.datapath} ({ps.datapath_note}); "
+        "serving until its workers leave")
     try:
         stats = ps.serve()
     finally:
         ps.close()
     out = {"job": a.job, "mode": a.mode, "world": a.world, "end": ps.end_reason or "stopped",
-           **stats.as_dict()}
+           "datapath": ps.datapath, "datapath_note": ps.datapath_note, **stats.as_dict()}
     print(json.dumps(out) if a.json else
           f"ps job {a.job}: {stats.results} results from {stats.aggregates} switch aggregates "
           f"({stats.partials} partial) and {stats.singles} single packets ({stats.collisions} "
-          f"collisions); {stats.results_resent} results resent; ended: {out['end']}")
+          f"collisions); {stats.results_resent} results resent; {stats.xdp_results} results from the "
+          f"XDP fast path; ended: {out['end']}")
     if ps.failure:
         print(f"inc-agent: {ps.failure}", file=sys.stderr)
         return 1
@@ -340,6 +343,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--job", type=int, required=True)
     q.add_argument("--world", type=int, required=True, help="number of worker ranks")
     q.add_argument("--mode", choices=["hash", "ps"], default="hash")
+    q.add_argument("--datapath", choices=["auto", "xdp", "socket"], default="socket",
+                   help="hash mode: xdp answers complete aggregates in an XDP program on this host's "
+                   "veth, without the socket stack (needs root and a veth without another XDP "
+                   "program); socket (the default) serves everything from the PS's UDP socket; auto: "
+                   "xdp where it can be loaded, else socket")
     _member_args(q, "as for allreduce: how long this PS may be silent before incd takes it for hung, "
                  "and how long it serves without packets once incd is gone")
     q.add_argument("--json", action="store_true", help="print the final statistics as JSON")

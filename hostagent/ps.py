@@ -22,8 +22,10 @@ from bpf import wire
 from . import batchio
 from .incd_link import REJOIN_S, TransportError
 from .member import Member
-from .ps_merge import EVICT_AFTER_S, Merger, PSStats
-from .transport import data_socket, params_from
+from .ps_merge import EVICT_AFTER_S, RING, Merger, PSStats
+from .ps_xdp import PsFastPath, result_row_view
+from .transport import data_socket, default_gateway, params_from
+from .xdp_path import XdpUnavailable
 
 __all__ = ["ParameterServer", "PSStats"]
 
@@ -31,25 +33,51 @@ __all__ = ["ParameterServer", "PSStats"]
 class ParameterServer(Member):
     def __init__(self, job: int, world: int, *, mode: str = "hash", switch: str | None = None,
                  ctrl_port: int = wire.CTRL_PORT, register_timeout: float = 30.0,
-                 fail_timeout: float = 2.0):
+                 fail_timeout: float = 2.0, datapath: str = "socket"):
         if mode not in ("hash", "ps"):
             raise TransportError("a parameter server serves hash or ps mode")
+        if datapath not in ("auto", "xdp", "socket"):
+            raise TransportError(f"datapath must be auto, xdp or socket, got {datapath!r}")
         super().__init__(job, fail_timeout)
         self.sock = data_socket()
+        self.fast: PsFastPath | None = None
         try:
+            self.datapath, self.datapath_note = self._open_fast(datapath, mode, switch)
             reply = self.register(switch, ctrl_port, register_timeout, {
                 "role": "ps", "job": job, "world": world, "mode": mode,
                 "port": self.sock.getsockname()[1], "timeout": register_timeout})
+            self.p = params_from(reply)
         except BaseException:
             self.close()
             raise
-        self.p = params_from(reply)
         members = {m["rank"]: (m["addr"], m["port"]) for m in self.p.members or []}
-        self.merge = Merger(job, self.p.gen, world, mode, {r: a for r, (a, _) in members.items()})
+        cache = None
+        if self.fast is not None:
+            cache = (result_row_view(self.fast), self.fast.tag, self.fast.length)
+        self.merge = Merger(job, self.p.gen, world, mode, {r: a for r, (a, _) in members.items()},
+                            cache=cache)
+        if self.fast is not None:
+            self.fast.start(port=self.sock.getsockname()[1], job=job, gen=self.p.gen, world=world)
         dests = [(self.p.data_addr, wire.PORT)] if mode == "hash" else list(members.values())
         self.out = batchio.Outbox(self.merge.done_rows, dests)
         self.stop = threading.Event()
         self.end_reason: str | None = None  # why serve() stopped (failure too if the job failed)
+
+    def _open_fast(self, datapath: str, mode: str, switch: str | None) -> tuple[str, str]:
+        """The XDP fast path where asked for and possible: (data path, why)."""
+        if datapath == "socket":
+            return "socket", "asked for"
+        if mode != "hash":
+            if datapath == "xdp":
+                raise TransportError("--datapath xdp: the PS's fast path serves hash mode only")
+            return "socket", "ps mode has no fast path"
+        try:
+            self.fast = PsFastPath.open(RING, switch or default_gateway() or "127.0.0.1")
+        except XdpUnavailable as e:
+            if datapath == "xdp":
+                raise TransportError(f"--datapath xdp: {e}") from None
+            return "socket", str(e)
+        return "xdp", f"complete aggregates answered on {self.fast.dev}"
 
     def on_job_failed(self, ev: dict) -> None:
         self.failure = self.end_reason = (f"job {ev.get('job', self.p.job)} failed: "
@@ -63,10 +91,22 @@ class ParameterServer(Member):
 
     @property
     def stats(self) -> PSStats:
-        return self.merge.stats
+        st = self.merge.stats
+        if self.fast is not None:
+            n = self.fast.results
+            st.results += n - st.xdp_results
+            st.aggregates += n - st.xdp_results
+            st.packets += n - st.xdp_results
+            st.xdp_results = n
+        return st
 
     def close(self) -> None:
         super().close()
+        if self.fast is not None:
+            self.merge = None  # its views of the cache first
+            self.out = None
+            self.fast.close()
+            self.fast = None
         try:
             self.sock.close()
         except OSError:

@@ -53,6 +53,7 @@ class PSStats:
     ignored: int = 0        # other job/generation, malformed, wrong source, or a rank's repeat
     corrupt: int = 0        # csum mismatch: dropped, the sender resends
     slow_path: int = 0      # packets handled one by one
+    xdp_results: int = 0    # of results: made by the XDP fast path (ps_xdp.py)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -100,7 +101,10 @@ class Merger:
     again when a worker asked for it again."""
 
     def __init__(self, job: int, gen: int, world: int, mode: str,
-                 member_addrs: dict[int, str] | None = None):
+                 member_addrs: dict[int, str] | None = None,
+                 cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+        """cache: (rows, tag, length) of a result cache shared with the XDP
+        fast path (ps_xdp.py), RING entries each; else a private one."""
         if mode not in ("hash", "ps"):
             raise ValueError("a parameter server serves hash or ps mode")
         self.job, self.gen, self.world, self.mode = job, gen, world, mode
@@ -110,9 +114,10 @@ class Merger:
         self.member_ip = np.full(wire.MAX_WORKERS, -1, dtype=np.int64)
         for r, addr in (member_addrs or {}).items():
             self.member_ip[r] = _ip_u32(addr)
-        self.done_rows = np.zeros((RING, ROW), dtype=np.uint8)
-        self.done_len = np.zeros(RING, dtype=np.int64)
-        self.done_tag = np.full(RING, -1, dtype=np.int64)
+        if cache is None:
+            cache = (np.zeros((RING, ROW), dtype=np.uint8), np.full(RING, -1, dtype=np.int64),
+                     np.zeros(RING, dtype=np.int64))
+        self.done_rows, self.done_tag, self.done_len = cache
         if mode == "ps":
             self.acc = np.zeros((RING, wire.MAX_ELEMS), dtype=np.int64)
             self.tag = np.full(RING, -1, dtype=np.int64)
@@ -314,6 +319,9 @@ class Merger:
         out = []
         for psn, at in list(self.evict_at.items()):
             acc = self.pending.get(psn)
+            if acc is not None and self.done_tag[psn & (RING - 1)] == psn:
+                self.pending.pop(psn)  # finished by the XDP fast path
+                acc = None
             if acc is None:
                 del self.evict_at[psn]
                 self.evict_gap.pop(psn, None)

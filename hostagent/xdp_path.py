@@ -67,11 +67,7 @@ class HostMaps:
             raise
 
     def _array(self, name: str, entries: int, value_size: int, dtype) -> np.ndarray:
-        table = self.b[name.encode()]
-        m = mmap.mmap(table.map_fd, entries * ((value_size + 7) & ~7), mmap.MAP_SHARED,
-                      mmap.PROT_READ | mmap.PROT_WRITE)
-        self.maps.append(m)
-        return np.frombuffer(m, dtype=dtype, count=entries * (value_size // np.dtype(dtype).itemsize))
+        return mmap_array(self.b, name, entries, value_size, dtype, self.maps)
 
     def close(self) -> None:
         for name in ("rx_ctl", "rx_vec", "rx_state"):
@@ -165,6 +161,16 @@ class XdpPath:
         for name in ("rx_ctl", "rx_vec", "rx_state"):
             self.__dict__.pop(name, None)
         self.hm.close()
+
+
+def mmap_array(b, name: str, entries: int, value_size: int, dtype, maps: list) -> np.ndarray:
+    """A numpy view over BPF_F_MMAPABLE array `name` of bcc module b; the mmap
+    goes into maps (close it after dropping every view)."""
+    table = b[name.encode()]
+    m = mmap.mmap(table.map_fd, entries * ((value_size + 7) & ~7), mmap.MAP_SHARED,
+                  mmap.PROT_READ | mmap.PROT_WRITE)
+    maps.append(m)
+    return np.frombuffer(m, dtype=dtype, count=entries * (value_size // np.dtype(dtype).itemsize))
 
 
 def _xdp_link(prog_fd: int, ifindex: int) -> int:

@@ -18,9 +18,10 @@ def agent_argv(*args: str) -> list[str]:
 class PSProcess:
     """`inc-agent ps` for one job on a lab host; it exits once the job's workers leave."""
 
-    def __init__(self, lab, job: int, world: int, mode: str = "hash", host: str = "ps"):
+    def __init__(self, lab, job: int, world: int, mode: str = "hash", host: str = "ps",
+                 datapath: str = "socket"):
         self.proc = lab.popen(host, agent_argv("ps", "--job", str(job), "--world", str(world),
-                                               "--mode", mode, "--json"),
+                                               "--mode", mode, "--datapath", datapath, "--json"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(self, timeout: float = 30.0) -> dict:

@@ -11,7 +11,7 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
              datapath: str = "socket") -> dict:
     """`concurrent` jobs of `world` ranks each, all at once; hash/ps jobs get their own PS.
     args carries dtype, iters and timeout (the scripts' argparse namespace)."""
-    results, errors, pss = {}, [], []
+    results, errors, pss, ps_paths = {}, [], [], set()
 
     def job_thread(job):
         try:
@@ -24,14 +24,16 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
     jobs = [job0 + k for k in range(concurrent)]
     try:
         if mode != "modulo":
-            pss = [PSProcess(lab, j, world, mode=mode) for j in jobs]
+            # The PS's fast path serves hash mode; a ps-mode PS has only its socket.
+            ps_dp = datapath if mode == "hash" else "socket"
+            pss = [PSProcess(lab, j, world, mode=mode, datapath=ps_dp) for j in jobs]
         threads = [threading.Thread(target=job_thread, args=(j,)) for j in jobs]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         for ps in pss:
-            ps.result()
+            ps_paths.add(ps.result()["datapath"])
     finally:
         for ps in pss:
             ps.kill()
@@ -49,5 +51,6 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
         "verified": all(r["verified"] for j in jobs for r in results[j]),
         "elems_per_packet": results[jobs[0]][0]["elems_per_packet"],
         "datapaths": sorted({r["datapath"] for j in jobs for r in results[j]}),
+        "ps_datapaths": sorted(ps_paths),
         "pps_per_agent": min(r["pps"] for j in jobs for r in results[j]),
     }

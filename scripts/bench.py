@@ -81,6 +81,8 @@ def run(args) -> dict:
                                      job0=job, args=args, datapath=dp or "socket")
                         if r["datapaths"] != [dp or "socket"]:
                             raise RuntimeError(f"{system}: the agents used {r['datapaths']}")
+                        if mode == "hash" and r["ps_datapaths"] != [dp or "socket"]:
+                            raise RuntimeError(f"{system}: the PS used {r['ps_datapaths']}")
                         job += 1
                         rows.append({"regime": regime, "system": system, "workers": world, "bytes": r["bytes"],
                                      "median_s": r["median_s"], "verified": r["verified"],

@@ -264,21 +264,29 @@ def finished(lab, job):
 
 
 def run_job(lab, job, mode, datapath="socket"):
-    ps = PSProcess(lab, job, 4, mode=mode) if mode != "modulo" else None
+    ps = PSProcess(lab, job, 4, mode=mode, datapath=datapath) if mode != "modulo" else None
     try:
         res = run_allreduce(lab, job=job, world=4, numel=NUMEL, dtype="int32", iters=ITERS,
                             extra=["--verify", "--mode", mode, "--seed", str(job), "--datapath", datapath],
                             timeout=150)
         assert {r["datapath"] for r in res} == {datapath}, res
-        return res, (ps.result() if ps else None)
+        out = ps.result() if ps else None
+        if out is not None:
+            assert out["datapath"] == datapath, out
+            assert (out["xdp_results"] > 0) == (datapath == "xdp"), out
+        return res, out
     finally:
         if ps:
             ps.kill()
 
 
-# The XDP receive path too. Its program runs on the host's veth before tc, so the
-# lab's faults reach it on the way to the switch only; what it does with damaged
-# or repeated results is tested under BPF_PROG_TEST_RUN (test_host_rx.py).
+# The XDP paths too (the workers' receive path, the PS's fast path). Their programs
+# run on the host's veth before tc, so the lab's faults reach them on the way to the
+# switch only, and the PS's answers (XDP_TX) pass no tc at all: faults on the
+# workers' links still make partial aggregates, singles and resends that the PS's
+# user space must answer from the cache the fast path shares. What the programs do
+# with damaged or repeated frames is tested under BPF_PROG_TEST_RUN
+# (test_host_rx.py, test_ps_fast.py).
 CASES = [(f, "socket") for f in FAULTS] + [(f, "xdp") for f in ("loss5", "dup5", "corrupt5", "reorder20")]
 
 

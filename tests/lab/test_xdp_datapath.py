@@ -48,14 +48,20 @@ def lab4(root):
 def test_int32_exact_through_xdp(lab4, tmp_path, mode):
     job = 30 if mode == "modulo" else 31
     xs = int_inputs(4, 123457, seed=job)
-    ps = PSProcess(lab4, job, 4, mode=mode) if mode == "hash" else None
+    ps = PSProcess(lab4, job, 4, mode=mode, datapath="xdp") if mode == "hash" else None
     try:
         outs, res = allreduce_files(lab4, tmp_path, job, xs, extra=["--datapath", "xdp", "--mode", mode])
+        pst = ps.result() if ps else None
     finally:
         if ps:
             ps.kill()
     expect = np.sum(np.stack(xs).astype(np.int64), axis=0).astype(np.int32)
     assert all(np.array_equal(y, expect) for y in outs)
+    if pst:  # the PS's fast path answered the complete aggregates, its socket the rest
+        npk = -(-123457 // res[0]["elems_per_packet"])
+        assert pst["datapath"] == "xdp" and pst["results"] == npk, pst
+        assert 0 < pst["xdp_results"] <= npk, pst
+        assert xdp_prog(lab4, "ps") == ""
     assert [r["datapath"] for r in res] == ["xdp"] * 4, res
     assert [m["datapath"] for m in finished_members(lab4, job)] == ["xdp"] * 4
     assert all(xdp_prog(lab4, f"h{r + 1}") == "" for r in range(4))  # detached when the agents ended
@@ -107,3 +113,32 @@ def test_bad_datapath_is_refused(lab4):
     r = lab4.run("h1", agent_argv("allreduce", "--job", "36", "--rank", "0", "--world", "1", "--numel", "10",
                                   "--datapath", "fast"), capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'fast'" in r.stderr
+
+
+def test_ps_fast_path_falls_back_and_refuses_like_the_agents(lab4):
+    holder = lab4.popen("ps", [sys.executable, "-c", HOLD_XDP], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "attached"
+        other = xdp_prog(lab4, "ps")
+        ps = PSProcess(lab4, 37, 2, mode="hash", datapath="auto")
+        try:
+            res = run_allreduce(lab4, job=37, world=2, numel=50_000, dtype="int32",
+                                extra=["--verify", "--mode", "hash"])
+            pst = ps.result()
+        finally:
+            ps.kill()
+        assert all(r["verified"] for r in res)
+        assert pst["datapath"] == "socket" and "already runs an XDP program" in pst["datapath_note"], pst
+        assert pst["xdp_results"] == 0 and pst["results"] > 0
+        r = lab4.run("ps", agent_argv("ps", "--job", "38", "--world", "2", "--datapath", "xdp",
+                                      "--register-timeout", "5"), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "--datapath xdp: eth0 already runs an XDP program" in r.stderr, r.stderr
+        assert xdp_prog(lab4, "ps") == other  # never replaced or removed
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    r = lab4.run("ps", agent_argv("ps", "--job", "39", "--world", "2", "--mode", "ps", "--datapath", "xdp"),
+                 capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "fast path serves hash mode only" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

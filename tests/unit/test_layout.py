@@ -138,3 +138,18 @@ def test_switch_compiles_as_one_text_with_each_header_once():
     assert pasted[0] == "inc_switch.bpf.c" and len(pasted) == len(set(pasted))
     assert {"inc_maps.h", "mode_modulo.h", "mode_hash.h", "mode_kv.h", *wire.HEADERS} <= set(pasted)
     assert text.count("BPF_TABLE(\"percpu_array\", int, struct kv_scratch") == 1  # maps declared once
+
+
+def test_hash_slots_of_a_run_are_consecutive_and_runs_scatter():
+    """A job's PSNs in flight must not land on each other: a run of HASH_RUN
+    PSNs takes consecutive slots (wrapping in the region); runs start at
+    hashed bases, so two jobs' runs do not march in step."""
+    size, off = 2048, 100
+    psns = np.arange(10 * wire.HASH_RUN, dtype=np.uint32)
+    s = wire.hash_slots(7, psns, off, size).astype(np.int64) - off
+    runs = s.reshape(10, wire.HASH_RUN)
+    assert ((runs - runs[:, :1]) % size == np.arange(wire.HASH_RUN)).all()
+    assert len(set(runs[:, 0].tolist())) == 10
+    other = wire.hash_slots(8, psns, off, size).astype(np.int64) - off
+    assert (other.reshape(10, -1)[:, 0] != runs[:, 0]).all()
+    assert ((s >= 0) & (s < size)).all()
