@@ -5,6 +5,8 @@ import json
 import re
 import subprocess
 
+import numpy as np
+
 import bpf
 from bpf import kv_wire, wire
 
@@ -61,8 +63,6 @@ int main(void) {
 
 
 def test_hash_slot_matches_c(tmp_path):
-    import numpy as np
-
     src = tmp_path / "hash.c"
     src.write_text(HASH_PROG)
     exe = tmp_path / "hash"
