@@ -203,6 +203,8 @@ def _member_args(p, fail_help: str) -> None:
     p.add_argument("--switch", help="incd address (default: this host's default gateway)")
     p.add_argument("--key-file", help="the shared key incd was started with (--key-file there); "
                    "default: the file INC_KEY_FILE names, else none")
+    p.add_argument("--job-token", help="a secret all members of the job share (8 to 256 characters): incd "
+                   "lets nobody into the job without it; default: INC_JOB_TOKEN, else none")
     p.add_argument("--register-timeout", type=float, default=30.0,
                    help="how long to wait for the other members to register (default %(default)s)")
     p.add_argument("--fail-timeout", type=float, default=2.0, metavar="S", help=fail_help + " (default %(default)s)")
@@ -406,6 +408,8 @@ def run(args) -> int:
     """Runs parsed arguments' command; its errors become a message and status 1."""
     if getattr(args, "key_file", None):
         os.environ["INC_KEY_FILE"] = args.key_file  # read where the control connection is made
+    if getattr(args, "job_token", None):
+        os.environ["INC_JOB_TOKEN"] = args.job_token  # read where the registration is sent
     try:
         return args.fn(args)
     except (CliError, TransportError, AllreduceError, QuantizeError) as e:

@@ -200,6 +200,15 @@ def shared_key() -> bytes | None:
         raise TransportError(str(e)) from None
 
 
+def job_token() -> str | None:
+    """The job's secret from INC_JOB_TOKEN (inc-agent --job-token sets it): incd
+    lets a member into a job only with the token its first member brought."""
+    token = os.environ.get("INC_JOB_TOKEN") or None
+    if token is not None and not 8 <= len(token) <= 256:
+        raise TransportError("the job token (--job-token or INC_JOB_TOKEN) must be 8 to 256 characters")
+    return token
+
+
 def connect_incd(switch: str | None, ctrl_port: int) -> socket.socket:
     switch = switch or default_gateway()
     if not switch:

@@ -10,7 +10,7 @@ import queue
 
 from bpf import control
 
-from .incd_link import REJOIN_S, Control, TransportError, connect_incd, shared_key
+from .incd_link import REJOIN_S, Control, TransportError, connect_incd, job_token, shared_key
 from .xdp_path import XdpUnavailable, route_to
 
 
@@ -34,7 +34,9 @@ class Member:
         self.ctl = Control(connect_incd(switch, ctrl_port), shared_key())
         self.ctl.sock.settimeout(register_timeout + 10)
         self.ctl.authenticate()
-        return self.ctl.call({"op": "register", "version": control.CONTROL_VERSION, **req})
+        token = job_token()
+        return self.ctl.call({"op": "register", "version": control.CONTROL_VERSION, **req,
+                              **({"job_token": token} if token else {})})
 
     def abort(self, why: str) -> TransportError:
         """Fails the job with this member's own reason (the others learn it at

@@ -115,7 +115,8 @@ class ParameterServer(Member):
     def serve(self) -> PSStats:
         # The workers need the PS until the job ends: after losing incd it waits
         # for a restarted one the whole rejoin window, packets or not.
-        self.start(lambda: {"op": "rejoin", "job": self.p.job, "rank": -1, "gen": self.p.gen})
+        self.start(lambda: {"op": "rejoin", "job": self.p.job, "rank": -1, "gen": self.p.gen,
+                                    "token": self.p.token})
         fd = self.sock.fileno()
         rx = batchio.Receiver(fd, 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64, addrs=True)
         m = self.merge

@@ -39,6 +39,7 @@ class JobParams:
     slots: int = 0
     ps: dict | None = None
     members: list | None = None
+    token: str = ""  # this member's, for a rejoin after an incd restart
 
 
 MODES = ("modulo", "hash", "ps")
@@ -63,7 +64,8 @@ def data_socket() -> socket.socket:
 def params_from(reply: dict) -> JobParams:
     return JobParams(reply["job"], reply["gen"], reply["world"], reply.get("window") or 0,
                      reply["elems"], reply["data_addr"], reply["data_port"], reply["mode"],
-                     reply["offset"], reply["slots"], reply.get("ps"), reply.get("members"))
+                     reply["offset"], reply["slots"], reply.get("ps"), reply.get("members"),
+                     str(reply.get("token") or ""))
 
 
 @dataclass
@@ -127,7 +129,8 @@ class Session(Member):
         self.resize: dict | None = None  # the live resize under way: incd's id, its fence S, passed
         self.resizes = 0
         self._lock = threading.Lock()
-        self.start(lambda: {"op": "rejoin", "job": job, "rank": rank, "gen": self.params.gen})
+        self.start(lambda: {"op": "rejoin", "job": job, "rank": rank, "gen": self.params.gen,
+                                    "token": self.params.token})
         self.srtt = None
         self.rttvar = 0.0
         self.rto = 0.02

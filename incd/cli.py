@@ -80,7 +80,7 @@ def build_config(args) -> Config:
             cfg.listen_port = int(port)
             origin["listen_port"] = "--listen port"
     for key in ("pool_slots", "hash_slots", "policy", "partitions", "rtt_us", "link_gbps",
-                "register_timeout", "rejoin_grace", "key_file", "max_job_slots"):
+                "register_timeout", "rejoin_grace", "key_file", "max_job_slots", "max_host_slots"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
             origin[key] = "--" + key.replace("_", "-")
@@ -302,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
                    "taken over wait for their members to reconnect before they are failed (default 10)")
     s.add_argument("--max-job-slots", type=int, help="the most switch memory (slots) one job gets, whatever "
                    "it asks or claims (default: the whole pool)")
+    s.add_argument("--max-host-slots", type=int, help="the most switch memory (slots) the jobs with a member "
+                   "on one host hold together; more jobs from that host wait (default: the whole pool)")
     s.add_argument("--key-file", help="a file holding a shared key (at least 16 bytes): only agents started "
                    "with the same key (--key-file or INC_KEY_FILE) may use the control API")
     s.add_argument("--force", action="store_true", help="take ports that already run an XDP program "

@@ -42,6 +42,7 @@ class Config:
     rejoin_grace: float = 10.0  # after a restart: how long recovered jobs wait for their members
     key_file: str | None = None  # shared key: only agents that hold it may use the control API
     max_job_slots: int | None = None  # the most switch memory one job gets (None: the whole pool)
+    max_host_slots: int | None = None  # the most all jobs with a member on one host hold together
 
     def file_values(self) -> dict:
         """Everything but the instance name: what a --config file may hold."""
@@ -129,6 +130,7 @@ CHECKS = {
     "rejoin_grace": _number(MAX_REJOIN_GRACE),
     "key_file": _optional(_key_file),
     "max_job_slots": _optional(_integer(2, MAX_POOL_SLOTS)),
+    "max_host_slots": _optional(_integer(2, MAX_POOL_SLOTS)),
 }
 assert set(CHECKS) == set(FILE_KEYS), "every setting has its check"
 
@@ -167,7 +169,9 @@ def check(cfg: Config, origin: dict[str, str]) -> Config:
     if cfg.hash_slots is not None and cfg.hash_slots > cfg.pool_slots:
         raise ConfigError(f"{origin.get('hash_slots', 'hash_slots')} must be at most the pool's "
                           f"{cfg.pool_slots} slots, got {cfg.hash_slots}")
-    if cfg.max_job_slots is not None and cfg.max_job_slots > cfg.pool_slots:
-        raise ConfigError(f"{origin.get('max_job_slots', 'max_job_slots')} must be at most the pool's "
-                          f"{cfg.pool_slots} slots, got {cfg.max_job_slots}")
+    for key in ("max_job_slots", "max_host_slots"):
+        v = getattr(cfg, key)
+        if v is not None and v > cfg.pool_slots:
+            raise ConfigError(f"{origin.get(key, key)} must be at most the pool's "
+                              f"{cfg.pool_slots} slots, got {v}")
     return cfg

@@ -140,7 +140,7 @@ def run(cfg: Config, force: bool = False) -> int:
             log.info("not recovering the jobs of the previous incd: its pinned maps are gone")
             saved = None
         mm = MemoryManager(cfg.pool_slots, cfg.policy, Link(cfg.rtt_us * 1e-6, cfg.link_gbps * 1e9),
-                           cfg.partitions, cfg.max_job_slots)
+                           cfg.partitions, cfg.max_job_slots, cfg.max_host_slots)
         registry = Registry(dp, cfg.pool_slots, {p.ifindex: p.name for p in ports}, cfg.hash_slots, mm)
         recovered = jobstate.restore(registry, saved, cfg.rejoin_grace) if saved else []
         for j in dp.programmed_jobs():

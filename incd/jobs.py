@@ -6,6 +6,7 @@ switch (`Member.flow`); a kv job's offset/slots are its range of columns of
 the switch's kv_pool (`Job.cols`), not aggregator slots."""
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class Member:
     last_seen: float | None = None     # monotonic time of its last heartbeat (None: sends none)
     fail_timeout: float | None = None  # silent this long = hung (from its heartbeats)
     datapath: str | None = None  # "xdp" or "socket", as the member said when it registered
+    # Given to the member alone in its join reply; a rejoin after an incd restart
+    # must bring it back (recovery.py). None: restored from a state file without one.
+    token: str | None = field(default_factory=lambda: secrets.token_hex(16))
 
     @property
     def flow(self) -> int:
@@ -70,6 +74,7 @@ class Job:
     compute_s: float = 0.0
     members: dict[int, Member] = field(default_factory=dict)
     ps: Member | None = None   # kv: the reducer
+    token_digest: bytes = b""  # SHA-256 of the job token its first member brought (b"": none)
     state: str = "pending"  # pending -> (queued: waiting for memory) -> active -> ended
     gen: int = 0
     offset: int = -1           # kv: first column (see cols)
@@ -127,7 +132,8 @@ class Job:
 
     def demand(self) -> JobDemand:
         return JobDemand(self.id, self.started, 2 * (self.req_window or 1), self.deadline,
-                         self.model_bytes, self.epochs, self.compute_s)
+                         self.model_bytes, self.epochs, self.compute_s,
+                         tuple(sorted({m.addr for m in self.all_members()})))
 
     def public(self) -> dict:
         return {

@@ -37,7 +37,7 @@ def fingerprint(pool_slots: int, hash_slots: int | None, ports: list[str]) -> st
 def _member(m: Member) -> dict:
     p = m.path
     return {"rank": m.rank, "addr": m.addr, "port": m.port, "ifname": m.ifname, "alive": m.alive,
-            "datapath": m.datapath,
+            "datapath": m.datapath, "token": m.token,
             "path": {"ifindex": p.ifindex, "mac": p.mac.hex(), "port_mac": p.port_mac.hex(),
                      "switch_addr": p.switch_addr, "mtu": p.mtu}}
 
@@ -48,7 +48,7 @@ def _unmember(d: dict) -> Member:
                   Path(p["ifindex"], bytes.fromhex(p["mac"]), bytes.fromhex(p["port_mac"]),
                        p["switch_addr"], p["mtu"]),
                   d["ifname"], alive=d["alive"],  # connected when incd died: must rejoin
-                  datapath=d.get("datapath"))
+                  datapath=d.get("datapath"), token=d.get("token"))
 
 
 def dump(reg: Registry, fp: str) -> dict:
@@ -75,7 +75,11 @@ def dump(reg: Registry, fp: str) -> dict:
 
 def save(path: FsPath, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
+    # Root only: the table holds each member's rejoin token.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data))
+    os.chmod(tmp, 0o600)  # also when it existed before with other modes
     os.replace(tmp, path)  # a reader (the next incd) never sees half a file
 
 

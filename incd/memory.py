@@ -41,6 +41,7 @@ class JobDemand:
     model_bytes: int = 0
     epochs_left: float = 1.0
     compute_s: float = 0.0           # per epoch
+    hosts: tuple = ()                # addresses of its members (max_host_slots)
 
     @property
     def has_deadline(self) -> bool:
@@ -105,6 +106,7 @@ class MemoryManager:
     link: Link = field(default_factory=Link)
     partitions: int = 4              # static policy
     max_job_slots: int | None = None  # no job gets more, deadline or not (None: the pool)
+    max_host_slots: int | None = None  # the jobs with a member on one host hold at most this together
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -119,10 +121,28 @@ class MemoryManager:
         demands = sorted((d if d.want_slots <= cap else JobDemand(**{**d.__dict__, "want_slots": cap})
                           for d in demands), key=lambda d: (d.arrival, d.job))
         if self.policy == "fifo":
-            return self._fifo(demands)
-        if self.policy == "static":
-            return self._static(demands, current or {})
-        return self._edf(demands, now)
+            out = self._fifo(demands)
+        elif self.policy == "static":
+            out = self._static(demands, current or {})
+        else:
+            out = self._edf(demands, now)
+        return self._host_caps(out, demands) if self.max_host_slots else out
+
+    def _host_caps(self, out: dict[int, int], demands: list[JobDemand]) -> dict[int, int]:
+        """Cuts what the policy gave so that the jobs of any one host hold at
+        most max_host_slots together, first come first kept; a job cut below
+        MIN_SLOTS waits. What is cut is not handed to others in this round."""
+        used: dict[str, int] = {}
+        for d in demands:  # arrival order
+            g = out.get(d.job, 0)
+            for h in d.hosts:
+                g = min(g, self.max_host_slots - used.get(h, 0))
+            g -= g % 2
+            g = g if g >= MIN_SLOTS else 0
+            out[d.job] = g
+            for h in d.hosts:
+                used[h] = used.get(h, 0) + g
+        return out
 
     def _fifo(self, demands):
         out, free, blocked = {}, self.pool_slots, False

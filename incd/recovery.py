@@ -7,6 +7,8 @@ A mixin of Registry: it uses the registry's dp, cond, jobs, alloc, kv_alloc,
 hash_region, _gen and _end()."""
 from __future__ import annotations
 
+import hmac
+
 import time
 
 from .jobs import Job
@@ -59,6 +61,9 @@ class Recovery:
                 raise RegistrationError(f"job {job_id} has no absent member with rank {rank}")
             if m.addr != peer:
                 raise RegistrationError(f"job {job_id} rank {rank} is {m.addr}, not {peer}")
+            if m.token is not None and not hmac.compare_digest(str(raw.get("token", "")), m.token):
+                raise RegistrationError(f"job {job_id} rank {rank}: wrong or missing token "
+                                        "(the one incd gave this member when it joined)")
             m.alive = True
             job.rejoin_wait.discard(rank)
             if not job.rejoin_wait:

@@ -27,6 +27,7 @@ slots), recovery.py (restore after a restart, rejoin), status.py (snapshot).
 from __future__ import annotations
 
 import collections
+import hmac
 import itertools
 import socket
 import threading
@@ -40,7 +41,7 @@ from .kv_jobs import KV_COLS_DEFAULT, KvJobs
 from .memory import MemoryManager
 from .netinfo import Path
 from .recovery import Recovery
-from .requests import RegistrationError, Request, validate_register
+from .requests import RegistrationError, Request, token_digest, validate_register
 from .resize import Resizing
 from .status import Status
 from .watchdog import Watchdog
@@ -97,6 +98,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
             # Accepted: from here on the request takes effect.
             if job is None:
                 job = Job(r.job, r.world, r.mode)
+                job.token_digest = token_digest(r.job_token)
                 self.jobs[r.job] = job
             self._join(job, r, peer, path)
             if job.complete():
@@ -113,6 +115,11 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
         """The job the request joins (None: a new one); raises if the request
         conflicts with it or the job is running."""
         job = self.jobs.get(r.job)
+        if job is not None and not hmac.compare_digest(job.token_digest, token_digest(r.job_token)):
+            # First, and all it says: a stranger learns nothing of the job.
+            raise RegistrationError(f"job {r.job}: wrong or missing job token (its members registered with "
+                                    "--job-token / INC_JOB_TOKEN)" if job.token_digest else
+                                    f"job {r.job} is registered without a job token; this request has one")
         if job is not None and (job.world, job.mode) != (r.world, r.mode):
             raise RegistrationError(
                 f"job {r.job} is {'running' if job.state == 'active' else 'being registered'} with "
@@ -137,10 +144,9 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                     f"job {r.job} is being registered with cols={job.req_cols} parts={job.parts}; "
                     f"this request says cols={r.cols} parts={r.parts}")
             if r.rank in job.members:
-                raise RegistrationError(
-                    f"job {r.job} rank {r.rank} is already registered from {job.members[r.rank].addr}")
+                raise RegistrationError(f"job {r.job} rank {r.rank} is already registered")
         elif job.ps is not None:
-            raise RegistrationError(f"job {r.job} already has a PS at {job.ps.addr}")
+            raise RegistrationError(f"job {r.job} already has a PS")
         if r.role == "worker" and job.mode not in ("ps", "kv"):  # kv: no per-port member entry
             for m in job.members.values():
                 if m.path.ifindex == path.ifindex:

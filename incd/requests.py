@@ -7,6 +7,8 @@ Every check raises RegistrationError with a one-line reason the member gets as
 request may be 64 KiB of anything)."""
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 
 from bpf import control, wire
@@ -47,6 +49,7 @@ class Request:
     cols: int | None = None   # kv: columns wanted
     parts: int | None = None  # kv: subspaces
     datapath: str | None = None  # how the member's packets travel on its host (status only)
+    job_token: str | None = None  # the job's secret: every member must bring the first one's
 
 
 def check_version(req: dict) -> int:
@@ -105,6 +108,9 @@ def validate_register(req: dict) -> Request:
     datapath = req.get("datapath")
     if datapath not in (None, *DATAPATHS):
         raise RegistrationError(f"'datapath' must be one of {', '.join(DATAPATHS)}, got {short(datapath)}")
+    job_token = req.get("job_token")
+    if job_token is not None and (not isinstance(job_token, str) or not 8 <= len(job_token) <= 256):
+        raise RegistrationError("'job_token' must be a string of 8 to 256 characters")
 
     def real(key, lo, hi, default):
         v = req.get(key, default)
@@ -119,7 +125,7 @@ def validate_register(req: dict) -> Request:
                    model_bytes=int(real("model_bytes", 0, 10**13, 0)),
                    epochs=float(real("epochs", 0.001, 10**7, 1.0)),
                    compute_s=float(real("compute_s", 0, 10**5, 0.0)), cols=cols, parts=parts,
-                   datapath=datapath)
+                   datapath=datapath, job_token=job_token)
 
 
 def resolve_path(netinfo, peer: str, port_ifindexes: set[int]) -> Path:
@@ -128,3 +134,8 @@ def resolve_path(netinfo, peer: str, port_ifindexes: set[int]) -> Path:
         return netinfo.path_to(peer, port_ifindexes)
     except NetInfoError as e:
         raise RegistrationError(str(e)) from e
+
+
+def token_digest(token: str | None) -> bytes:
+    """What a job keeps of its token (b"": the job has none)."""
+    return hashlib.sha256(token.encode()).digest() if token else b""

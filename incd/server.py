@@ -65,6 +65,7 @@ def joined_reply(job, rank: int) -> dict:
         "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
         "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
                     for m in sorted(job.members.values(), key=lambda m: m.rank)],
+        "token": member.token,
         **kv,
     }
 

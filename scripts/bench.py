@@ -4,7 +4,8 @@
 For each regime (host links unshaped, and shaped to 1 Gbit/s - the
 bandwidth-bound regime of a real cluster) one lab is built, and every system
 runs on it: INA modulo and hash through the XDP switch, each with the
-agents' socket data path and with their XDP receive path (-xdp), the
+agents' socket data path and with their XDP receive path (-xdp; hash-xdp's
+PS answers complete aggregates with its XDP fast path too), the
 user-space parameter server (--mode ps), and Gloo's ring allreduce
 (torch.distributed, CPU). fp32, all INA results verified. Prints a table with each system's median
 time and its ratio to Gloo, saves JSON and PNG plots (time vs size per system;
@@ -28,7 +29,8 @@ from netns_lab.topology import Lab
 
 ROOT = Path(__file__).resolve().parent.parent  # gloo_rank.py beside this file, results/
 # An INA system is a mode and the agents' data path: "modulo" sends and receives
-# through sockets, "modulo-xdp" receives through the host XDP program.
+# through sockets, "modulo-xdp" receives through the host XDP program ("hash-xdp":
+# the PS's fast path as well).
 SYSTEMS = ("modulo", "modulo-xdp", "hash", "hash-xdp", "ps", "gloo")
 
 

@@ -358,7 +358,8 @@ def test_saved_job_table_restores_a_kv_job(reg, dp):
     assert reg2.kv_alloc.regions() == {job.offset: 6} and j2.rejoin_wait == {0, 1, -1}
     # the rejoined reducer drains as before
     for r in (0, 1, -1):
-        reg2.rejoin({"job": 45, "rank": r, "gen": job.gen}, R_IP if r == -1 else W_IP)
+        reg2.rejoin({"job": 45, "rank": r, "gen": job.gen, "token": job.member(r).token},
+                    R_IP if r == -1 else W_IP)
     assert reg2.kv_drain(j2, -1)["epoch"] == 1
     reg2.leave(j2, 0, done=True)
     reg2.leave(j2, 1, done=True)

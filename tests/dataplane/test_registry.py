@@ -16,10 +16,10 @@ from incd.registry import Registry
 class Rank:
     """One rank of a one-rank job: registers in a thread, records pushed events."""
 
-    def __init__(self, reg: Registry, job: int, window: int, port: int, **demand):
+    def __init__(self, reg: Registry, job: int, window: int, port: int, host: int | None = None, **demand):
         self.reg, self.events, self.job = reg, [], None
         req = {"job": job, "rank": 0, "world": 1, "window": window, "port": port, "mode": "modulo", **demand}
-        self.t = threading.Thread(target=self._register, args=(req, port))
+        self.t = threading.Thread(target=self._register, args=(req, host or port))
         self.t.start()
 
     def _register(self, req, i):
@@ -129,3 +129,23 @@ def test_a_job_that_ignores_a_resize_fails_and_gives_its_memory_back(dp):
     assert any(e.get("event") == "job_failed" for e in hog.events)
     assert ju.state == "active" and ju.slots > 0
     reg.leave(ju, 0, done=True)
+
+
+def test_the_jobs_of_one_host_hold_at_most_max_host_slots(dp):
+    """One host cannot take the pool with many jobs each under max_job_slots:
+    its next job waits while another host's job gets memory at once."""
+    reg = Registry(dp, 64, {}, memory=MemoryManager(64, "fifo", Link(), max_host_slots=32))
+    a = Rank(reg, 31, 16, 41, host=1)           # host 1: 32 slots, its whole share
+    ja = a.wait()
+    assert ja.slots == 32
+    b = Rank(reg, 32, 8, 42, host=1)            # host 1 again: waits
+    c = Rank(reg, 33, 8, 43, host=2)            # another host: runs
+    jc = c.wait()
+    assert jc.slots == 16
+    time.sleep(0.3)
+    assert b.job is None or b.job.state != "active"
+    reg.leave(ja, 0, done=True)                 # host 1's share frees: b runs
+    jb = b.wait()
+    assert jb.slots == 16 and reg.snapshot()["free_slots"] == 32
+    for j in (jb, jc):
+        reg.leave(j, 0, done=True)

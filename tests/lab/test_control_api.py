@@ -219,7 +219,7 @@ def test_conflicts_with_a_registering_job(lab, ctl):
     wait_for(lambda: any(j["job"] == 21 for j in status(lab)["jobs"]), what="job 21 registering")
     before = state(lab)
     conflicts = [
-        ("h4", reg(21, rank=0, deadline_s=5, model_bytes=10**9), ["rank 0 is already registered from"]),
+        ("h4", reg(21, rank=0, deadline_s=5, model_bytes=10**9), ["rank 0 is already registered"]),
         ("h3", reg(21, rank=1, deadline_s=5, model_bytes=10**9), ["one member per port per job"]),
         ("h4", reg(21, rank=1, window=16, deadline_s=5), ["window=8", "window=16"]),
         ("h4", reg(21, rank=1, shape="9xint32", deadline_s=5), ["data=None", "data=9xint32"]),

@@ -144,6 +144,39 @@ def test_hung_member_is_found_by_its_heartbeats(dp):
     assert reg.snapshot()["free_slots"] == 64
 
 
+def test_rejoin_after_restart_needs_the_members_own_token(dp, tmp_path):
+    """Every member gets its own token in its join reply (never in status); a
+    restarted incd takes a rejoin only with it, also from the member's address."""
+    from incd import jobstate
+    from incd.requests import RegistrationError
+    from incd.server import joined_reply
+
+    reg = Registry(dp, 64, {})
+    job, _ = start_job(reg, 14, 2, mode="hash", ps=True)
+    toks = {r: joined_reply(job, r)["token"] for r in (0, 1, -1)}
+    assert len(set(toks.values())) == 3 and all(len(t) == 32 for t in toks.values())
+    assert all(t not in json.dumps(reg.snapshot()) for t in toks.values())
+    f = tmp_path / "jobs.json"
+    with reg.cond:
+        jobstate.save(f, jobstate.dump(reg, "fp"))
+    assert os.stat(f).st_mode & 0o777 == 0o600
+    data = json.loads(f.read_text())
+    reg.shutdown()
+    reg2 = Registry(dp, 64, {})
+    assert jobstate.restore(reg2, data, 5.0) == [14]
+    addr = {0: "10.77.2.2", 1: "10.77.3.2", -1: "10.77.1.2"}
+    for bad in (None, "", toks[1], toks[0].upper(), 5):
+        req = {"job": 14, "rank": 0, "gen": job.gen}
+        if bad is not None:
+            req["token"] = bad
+        with pytest.raises(RegistrationError, match=r"^job 14 rank 0: wrong or missing token"):
+            reg2.rejoin(req, addr[0])
+    for r in (0, 1, -1):
+        assert reg2.rejoin({"job": 14, "rank": r, "gen": job.gen, "token": toks[r]}, addr[r])[1] == r
+    assert not reg2.jobs[14].rejoin_wait
+    reg2.shutdown()
+
+
 def test_watchdog_clears_stale_hash_slots(dp):
     reg = Registry(dp, 64, {}, hash_slots=16)
     job, _ = start_job(reg, 12, 1, mode="hash", ps=True)

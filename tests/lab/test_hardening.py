@@ -334,3 +334,55 @@ def test_with_a_key_only_agents_that_hold_it_can_use_incd(lab2, tmp_path):
         res = run_allreduce(lab2, job=17, world=2, numel=5000, dtype="int32", timeout=60,
                             extra=["--verify", "--key-file", str(key)])
         assert all(r["verified"] for r in res)
+
+
+def test_with_a_job_token_only_its_members_get_in(lab2):
+    """--job-token: the first member's token is the job's; a registration
+    without it, or with another, is refused with one line that tells nothing
+    about the job (no shape, window or addresses), and changes nothing."""
+    import subprocess as sp
+
+    from helpers.control import Ctl
+    from helpers.polling import wait_for
+    from netns_lab.agents import agent_argv, collect
+
+    token = "t0k3n-of-job-18"
+    def argv(rank: int, tok: str = token) -> list[str]:
+        return agent_argv("allreduce", "--job", "18", "--rank", str(rank), "--world", "2", "--numel", "5000",
+                          "--dtype", "int32", "--verify", "--json", "--job-token", tok)
+
+    with IncdProcess(lab2.name + "t", lab=lab2.name) as incd:
+        lab2.incd = incd
+        r0 = lab2.popen("h1", argv(0), stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+        procs = [("rank 0", r0)]
+        try:
+            wait_for(lambda: any(j["job"] == 18 for j in incd.status()["jobs"]), timeout=30,
+                     what="rank 0 registering")
+            c = Ctl(lab2, "h2")
+            req = {"op": "register", "job": 18, "rank": 1, "world": 2, "window": 64, "port": 40000}
+            for extra in ({}, {"job_token": "another-token"}):
+                reply = c.call({**req, **extra})
+                assert reply == {"ok": False, "error": "job 18: wrong or missing job token (its members "
+                                 "registered with --job-token / INC_JOB_TOKEN)"}, reply
+            c.close()
+            bad = lab2.run("h2", argv(1, "wrong-token"), capture_output=True, text=True, timeout=60)
+            one_line_error(bad, "wrong or missing job token")
+            r1 = lab2.popen("h2", argv(1), stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+            procs.append(("rank 1", r1))
+            res = collect(procs, job=18, timeout=60)
+        finally:
+            for _, p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert all(r["verified"] for r in res), res
+        # A job registered without a token takes no member that brings one.
+        c0, c1 = Ctl(lab2, "h1"), Ctl(lab2, "h2")
+        c0.send({**req, "job": 19, "rank": 0, "port": 40001})  # waits for rank 1: no reply yet
+        wait_for(lambda: any(j["job"] == 19 for j in incd.status()["jobs"]), timeout=30,
+                 what="job 19 registering")
+        reply = c1.call({**req, "job": 19, "job_token": token})
+        assert reply == {"ok": False, "error": "job 19 is registered without a job token; this request "
+                         "has one"}, reply
+        c0.close()
+        c1.close()

@@ -21,7 +21,7 @@ def write(tmp_path, data) -> str:
 GOOD = {"netns": "inc-sw", "ports": ["eth1", "eth2"], "listen": "0.0.0.0", "listen_port": 38100,
         "pool_slots": 4096, "hash_slots": 1024, "policy": "fifo", "partitions": 2, "rtt_us": 150,
         "link_gbps": 2.5, "allow": ["10.0.0.0/24", "10.1.0.1"], "register_timeout": 30, "rejoin_grace": 10,
-        "key_file": None, "max_job_slots": 512}  # a real key file: test_a_key_file_must_exist_and_hold_a_long_enough_key
+        "key_file": None, "max_job_slots": 512, "max_host_slots": 1024}  # a real key file: test_a_key_file_must_exist_and_hold_a_long_enough_key
 
 
 def test_a_good_file_is_read_whole(tmp_path):
@@ -34,6 +34,8 @@ def test_a_good_file_is_read_whole(tmp_path):
 BAD = {
     "pool_slots": ["16", 0, 1 << 21, 16.0, True, None],
     "hash_slots": ["8", 0, -1],
+    "max_job_slots": [1, "64", 2.5],
+    "max_host_slots": [1, "64", 2.5],
     "listen_port": [0, 65536, "38100"],
     "partitions": [0, "4", 1.5],
     "rtt_us": [0, -1, "200", float("inf"), 1e9, False],
@@ -75,7 +77,7 @@ def args(**kw):
     base = dict(instance="t", config=None, ports="eth1", netns=None, lab="inc", listen=None, pool_slots=None,
                 hash_slots=None, policy=None, partitions=None, rtt_us=None, link_gbps=None,
                 register_timeout=None, rejoin_grace=None, key_file=None,
-                max_job_slots=None)
+                max_job_slots=None, max_host_slots=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -93,6 +95,8 @@ def test_options_override_the_file_and_are_checked_too(tmp_path):
         build_config(args(pool_slots=16, hash_slots=32))
     with pytest.raises(ConfigError, match=r"^--max-job-slots must be at most the pool's 16 slots, got 32"):
         build_config(args(pool_slots=16, max_job_slots=32))
+    with pytest.raises(ConfigError, match=r"^--max-host-slots must be at most the pool's 16 slots, got 64"):
+        build_config(args(pool_slots=16, max_host_slots=64))
 
 
 def test_a_key_file_must_exist_and_hold_a_long_enough_key(tmp_path):

@@ -100,3 +100,21 @@ def test_no_job_gets_more_than_max_job_slots_deadline_or_not():
         got = mm.targets([hog, urgent, small], now=0.0)
         assert max(got.values()) <= 64 and got[3] == 32, (policy, got)
         assert sum(got.values()) <= 256
+
+
+def test_the_jobs_of_one_host_hold_at_most_max_host_slots():
+    """Many jobs from one host, each within max_job_slots, still get at most
+    max_host_slots together (first come first kept); a job that shares no host
+    with them is not cut; a job spanning two hosts counts against both."""
+    for policy in POLICIES:
+        mm = MemoryManager(256, policy, max_host_slots=64)
+        ds = [JobDemand(j, arrival=float(j), want_slots=32, hosts=("10.0.0.1",)) for j in range(1, 5)]
+        ds.append(JobDemand(5, arrival=5.0, want_slots=32, hosts=("10.0.0.2",)))
+        ds.append(JobDemand(6, arrival=6.0, want_slots=32, hosts=("10.0.0.2", "10.0.0.3")))
+        got = mm.targets(ds, now=0.0)
+        one = sum(got[j] for j in range(1, 5))
+        assert one <= 64 and got[1] == 32, (policy, got)
+        assert got[5] + got[6] <= 64 and (got[5] == 32 or policy == "static"), (policy, got)
+        assert all(v % 2 == 0 for v in got.values())
+    unlimited = MemoryManager(256, "fifo").targets(ds, now=0.0)
+    assert sum(unlimited[j] for j in range(1, 5)) == 128
