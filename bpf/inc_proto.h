@@ -17,7 +17,7 @@
 #include <linux/types.h>
 #endif
 
-#define INC_VERSION 1
+#define INC_VERSION 2 /* 2: the position-weighted csum */
 
 /* UDP destination ports [INC_PORT_MIN, INC_PORT_MAX] mark INC traffic; any other
  * packet gets XDP_PASS so the switch's kernel forwards it. Agents send to
@@ -60,6 +60,11 @@
 #define INC_HASH_MUL_PSN 0x9E3779B1u
 #define INC_HASH_MUL_JOB 0x85EBCA77u
 #define INC_HASH_RUN 64
+/* The csum (csum_helpers.h): word j of a packet weighs 2j + 1; the csum field
+ * is word 5 (weight 11), so it is solved for with 11's inverse mod 2^32. */
+#define INC_CSUM_WORD 5
+#define INC_CSUM_INV11 0xBA2E8BA3u
+#define INC_LANE_W0 17 /* lane k is word 8 + k: weight 2k + 17 */
 static inline __u32 inc_hash_slot(__u32 job, __u32 psn, __u32 offset, __u32 size)
 {
 	__u32 run = psn / INC_HASH_RUN;
@@ -79,8 +84,8 @@ struct inc_hdr {
 	__u32 slot;    /* host-computed aggregator index (hash mode); 0 in modulo mode */
 	__u16 rank;    /* data: sender's rank; result: the rank it is delivered to */
 	__u16 numel;   /* int32 lanes that follow */
-	__u32 csum;    /* integrity: the 32-bit words of this header and of lanes[0..numel)
-			* sum to 0 mod 2^32 (see csum_helpers.h) */
+	__u32 csum;    /* integrity: the 32-bit words w_j of this header and of lanes[0..numel),
+			* weighted by 2j + 1, sum to 0 mod 2^32 (see csum_helpers.h) */
 	__u64 bitmap;  /* towards the PS: ranks whose data the lanes hold (set by the switch);
 			* modulo data and results with INC_F_SELECT: ranks that get the lanes */
 } __attribute__((packed));

@@ -164,7 +164,7 @@ int xdp_inc_egress(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	readdress(eth, ip, udp, m);
-	h->csum += (__u32)h->rank - (__u32)m->rank; /* keeps the words' sum at 0 */
+	h->csum = csum_after_rank(h->csum, h->rank, m->rank);
 	h->rank = m->rank;
 	return XDP_PASS;
 }

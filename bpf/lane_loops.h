@@ -42,6 +42,19 @@
 		}                                                                \
 	} while (0)
 
+/* Lane k's weight in the csum (csum_helpers.h). */
+#define LANE_W(k) ((__u32)(2 * (k) + INC_LANE_W0))
+
+/* The weighted sum of lanes r_0..r_{n-1} costs two adds per lane, no multiply:
+ * with a = sum of r_k and b = sum of the running sums a_k,
+ * sum of k r_k = n a - b, so sum of (2k + 17) r_k = (2n + 17) a - 2b. */
+#define LANE_ACC(a, b, r) do { (a) += (__u32)(r); (b) += (a); } while (0)
+
+static __always_inline __u32 lanes_weighted(__u32 a, __u32 b, __u32 n)
+{
+	return (2 * n + INC_LANE_W0) * a - 2 * b;
+}
+
 static __always_inline void lanes_claim(struct inc_slot *s, __s32 *p, void *end, __u32 n)
 {
 	FOR_EACH_LANE(p, end, n, s->lanes[k] = *q);
@@ -52,7 +65,7 @@ static __always_inline void lanes_claim(struct inc_slot *s, __s32 *p, void *end,
 static __always_inline int lanes_sum(struct inc_slot *s, __s32 *p, void *end, __u32 n, __u32 *tot)
 {
 	__s32 ovf = 0;
-	__u32 t = 0;
+	__u32 wa = 0, wb = 0;
 	FOR_EACH_LANE(p, end, n, {
 		__s32 a = s->lanes[k];
 		__s32 b = *q;
@@ -60,36 +73,36 @@ static __always_inline int lanes_sum(struct inc_slot *s, __s32 *p, void *end, __
 		ovf |= (a ^ r) & (b ^ r);
 		s->lanes[k] = r;
 		*q = r;
-		t += (__u32)r;
+		LANE_ACC(wa, wb, r);
 	});
-	*tot = t;
+	*tot = lanes_weighted(wa, wb, n);
 	return ovf < 0;
 }
 
 static __always_inline __u32 lanes_max(struct inc_slot *s, __s32 *p, void *end, __u32 n)
 {
-	__u32 t = 0;
+	__u32 wa = 0, wb = 0;
 	FOR_EACH_LANE(p, end, n, {
-		__s32 a = s->lanes[k];
-		__s32 b = *q;
-		__s32 r = a > b ? a : b;
+		__s32 x = s->lanes[k];
+		__s32 y = *q;
+		__s32 r = x > y ? x : y;
 		s->lanes[k] = r;
 		*q = r;
-		t += (__u32)r;
+		LANE_ACC(wa, wb, r);
 	});
-	return t;
+	return lanes_weighted(wa, wb, n);
 }
 
-/* Returns the sum of the lanes written (for the packet's new csum). */
+/* Returns the weighted sum of the lanes written (for the packet's new csum). */
 static __always_inline __u32 lanes_copy_out(struct inc_slot *s, __s32 *p, void *end, __u32 n)
 {
-	__u32 t = 0;
+	__u32 wa = 0, wb = 0;
 	FOR_EACH_LANE(p, end, n, {
 		__s32 r = s->lanes[k];
 		*q = r;
-		t += (__u32)r;
+		LANE_ACC(wa, wb, r);
 	});
-	return t;
+	return lanes_weighted(wa, wb, n);
 }
 
 /* Starts a round in s with its first contribution. Returns 1 if that

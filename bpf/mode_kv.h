@@ -165,7 +165,8 @@ static __always_inline int kv_data(struct xdp_md *ctx, struct inc_pkt *pk, __u32
 				}
 			}
 			sc->left = k + 1;
-			sc->lsum += lo + hi + v;
+			/* tuple k is lanes 3k..3k+2 */
+			sc->lsum += LANE_W(3 * k) * lo + LANE_W(3 * k + 1) * hi + LANE_W(3 * k + 2) * v;
 		}
 	}
 	absorbed = sc->absorbed;

@@ -177,27 +177,47 @@ def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, ran
     return HDR_LEN + numel.astype(np.int64) * 4, lsum
 
 
+# The csum (bpf/csum_helpers.h): word j of a packet (header, then lanes) weighs
+# 2j + 1 and the weighted words sum to 0 mod 2^32. uint32 arithmetic wraps mod
+# 2^32, which is the csum's: no widening pass.
+_WEIGHTS = 2 * np.arange(1 << 14, dtype=np.uint32) + 1  # words of any UDP datagram
+_HDR_WEIGHTS = _WEIGHTS[:HDR_LEN // 4]
+
+
+def _solve_csum(rest: np.ndarray) -> np.ndarray:
+    """The csum field (word CSUM_WORD, weight 11) that brings a weighted sum
+    `rest` (of everything else) to 0."""
+    with np.errstate(over="ignore"):
+        return (np.uint32(0) - rest.astype(np.uint32)) * np.uint32(CSUM_INV11)
+
+
 def lane_sums(buf: np.ndarray) -> np.ndarray:
-    """Per packet of build_packets' buffer: its lanes as uint32 words, summed
-    mod 2^32 (the padding past numel is zero)."""
-    # uint32 sums wrap mod 2^32, which is the csum's arithmetic; no widening pass
-    return buf["data"].view("<u4").sum(axis=1, dtype=np.uint32).astype(np.uint64)
+    """Per packet of build_packets' buffer: its lanes' part of the weighted
+    csum sum, mod 2^32 (the padding past numel is zero)."""
+    data = buf["data"].view("<u4")
+    return np.einsum("ij,j->i", data, _WEIGHTS[HDR_LEN // 4:HDR_LEN // 4 + data.shape[1]]).astype(np.uint64)
+
+
+def _hdr_sums(hdr_words: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,j->i", hdr_words, _HDR_WEIGHTS)
 
 
 def seal(buf: np.ndarray, idx, lanes: np.ndarray) -> None:
-    """Sets inc_hdr.csum of packets buf[idx] (after any header change): header
-    and lane words then sum to 0 mod 2^32, as the switch checks."""
+    """Sets inc_hdr.csum of packets buf[idx] (after any header change) from
+    their lanes' sums (lane_sums), as the switch checks it."""
     hdr = buf["hdr"]
     hdr["csum"][idx] = 0
-    words = np.ascontiguousarray(hdr[idx]).view("<u4").reshape(-1, HDR_LEN // 4).sum(axis=1, dtype=np.uint64)
-    hdr["csum"][idx] = (-(words + lanes[idx]).astype(np.int64)) & 0xFFFFFFFF
+    words = np.ascontiguousarray(hdr[idx]).view("<u4").reshape(-1, HDR_LEN // 4)
+    with np.errstate(over="ignore"):
+        rest = _hdr_sums(words) + lanes[idx].astype(np.uint32)
+    hdr["csum"][idx] = _solve_csum(rest)
 
 
 def _word_sums(words: np.ndarray, nwords: np.ndarray) -> np.ndarray:
-    """Per row, its first nwords 32-bit words summed mod 2^32 (rows may hold
-    stale bytes past their packet)."""
+    """Per row, the weighted sum of its first nwords 32-bit words mod 2^32
+    (rows may hold stale bytes past their packet)."""
     live = np.arange(words.shape[1])[None, :] < nwords[:, None]
-    return np.where(live, words, 0).sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
+    return np.einsum("ij,j->i", np.where(live, words, np.uint32(0)), _WEIGHTS[:words.shape[1]])
 
 
 def csum_ok(rows: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -216,16 +236,15 @@ def seal_rows(rows: np.ndarray, numel: np.ndarray) -> None:
     lanes, maybe stale bytes after), in place."""
     words = rows.view("<u4")
     words[:, _CSUM_AT // 4] = 0
-    s = _word_sums(words, HDR_LEN // 4 + numel)
-    words[:, _CSUM_AT // 4] = (-s.astype(np.int64)) & 0xFFFFFFFF
+    words[:, _CSUM_AT // 4] = _solve_csum(_word_sums(words, HDR_LEN // 4 + numel))
 
 
 def seal_bytes(pkt: bytes) -> bytes:
     """One INC packet (header + lanes) with its csum set."""
     a = np.frombuffer(pkt, np.uint8).copy()
     a[_CSUM_AT:_CSUM_AT + 4] = 0
-    s = int(a.view("<u4").sum(dtype=np.uint64)) & 0xFFFFFFFF
-    a[_CSUM_AT:_CSUM_AT + 4] = np.frombuffer(((-s) & 0xFFFFFFFF).to_bytes(4, "little"), np.uint8)
+    w = a[:len(a) // 4 * 4].view("<u4")
+    a[_CSUM_AT:_CSUM_AT + 4] = _solve_csum(_word_sums(w[None, :], np.array([w.size])))[0:1].view(np.uint8)
     return a.tobytes()
 
 

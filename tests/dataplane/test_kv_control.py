@@ -571,8 +571,8 @@ def test_lab_kv_job_survives_an_incd_restart(root):
         lab.incd.start()
         hosts = ["h1", "h2", "ps"]
         ctls = [Ctl(lab, h) for h in hosts]
-        for r, c in zip([0, 1, -1], ctls):
-            c.send({"op": "rejoin", "job": job, "rank": r, "gen": replies[0]["gen"]})
+        for r, c, rep in zip([0, 1, -1], ctls, replies):
+            c.send({"op": "rejoin", "job": job, "rank": r, "gen": replies[0]["gen"], "token": rep["token"]})
         again = [c.reply() for c in ctls]
         assert all(r["ok"] for r in again), again
         assert all((r["cols"], r["parts"], r["epoch"], r["offset"]) ==

@@ -128,5 +128,6 @@ def test_fill_packets_marks_who_wants_the_lanes():
     assert np.array_equal(buf["hdr"]["bitmap"], masks) and np.all(buf["hdr"]["flags"] == wire.F_SELECT)
     wire.fill_packets(buf, values, job=3, gen=1, rank=0, psn0=0)  # a reused buffer: nothing left of it
     assert not buf["hdr"]["bitmap"].any() and not buf["hdr"]["flags"].any()
-    words = buf.view("<u4").reshape(4, -1)
-    assert np.all(words[:3].sum(axis=1, dtype=np.uint64) % 2**32 == 0)  # sealed with the new header
+    rows = buf.view(np.uint8).reshape(4, -1)
+    sizes = wire.HDR_LEN + 4 * buf["hdr"]["numel"].astype(np.int64)
+    assert wire.csum_ok(rows[:4], sizes).all()  # sealed with the new header
