@@ -10,9 +10,11 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from bpf import wire
@@ -318,3 +320,67 @@ def test_incd_killed(root):
         finally:
             for a in ws + short:
                 a.kill()
+
+
+SLOW_HASH_RANK = r'''
+import sys, time
+import numpy as np
+from hostagent import Communicator
+with Communicator(int(sys.argv[1]), 0, 1, mode="hash", timeout=20) as c:
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        assert c.allreduce(np.arange(10, dtype=np.int32))[9] == 9
+        time.sleep(0.2)
+print("done", flush=True)
+'''
+
+
+def test_the_daemons_periodic_sweep_empties_stale_hash_slots(root):
+    """Not the watchdog called by hand: the running daemon's own periodic call.
+    Slots of the hash region tagged with a job that does not exist (written into
+    the daemon's pinned pool from outside) are emptied within STALE_SCAN_S, while
+    a live hash job keeps its slots and stays exact."""
+    import subprocess
+
+    from helpers.polling import wait_for
+    from incd import daemon
+    from incd.dataplane import Dataplane
+    from incd.watchdog import STALE_SCAN_S
+    from netns_lab.agents import PSProcess
+
+    job = 61
+    with LabWithIncd("sw", workers=1, ps=True) as lab:
+        ps = PSProcess(lab, job, 1, mode="hash")
+        rank = lab.popen("h1", [sys.executable, "-c", SLOW_HASH_RANK, str(job), str(3 * STALE_SCAN_S)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        side = None
+        try:
+            st = wait_for(lambda: (s := lab.incd.status())["hash_region"] and s, timeout=30,
+                          what="the hash job running")
+            off, size = st["hash_region"]["offset"], st["hash_region"]["slots"]
+            before = st["stale_slots_cleared"]
+            used = set(wire.hash_slots(job, np.arange(4096), off, size).tolist())  # ~20 psns/s: far fewer
+            free = [i for i in range(off, off + size) if i not in used][:8]
+            assert len(free) == 8
+            side = Dataplane(st["pool_slots"], pin_dir=daemon.pin_dir(lab.incd.instance))  # the daemon's maps
+            assert side.adopted
+            for i in free:
+                v = side.pool.Leaf()
+                v.job, v.gen, v.state, v.count, v.psn = 99, 7, wire.SLOT_PARTIAL, 1, 3
+                side.pool[ctypes.c_int(i)] = v
+            t0 = time.monotonic()
+            wait_for(lambda: lab.incd.status()["stale_slots_cleared"] >= before + 8,
+                     timeout=STALE_SCAN_S + 5, what="the periodic sweep")
+            assert time.monotonic() - t0 <= STALE_SCAN_S + 5
+            assert all(side.read_slot(i).state == wire.SLOT_EMPTY for i in free)
+            out, err = rank.communicate(timeout=60)
+            assert rank.returncode == 0 and out.strip() == "done", err[-500:]
+            assert ps.result()["results"] > 0
+        finally:
+            if side is not None:
+                side.pin_dir = None  # the daemon's pins stay
+                side.bpf.cleanup()
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+            ps.kill()
