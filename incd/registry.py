@@ -121,9 +121,8 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                                     "--job-token / INC_JOB_TOKEN)" if job.token_digest else
                                     f"job {r.job} is registered without a job token; this request has one")
         if job is not None and (job.world, job.mode) != (r.world, r.mode):
-            raise RegistrationError(
-                f"job {r.job} is {'running' if job.state == 'active' else 'being registered'} with "
-                f"world={job.world} mode={job.mode}; this request says world={r.world} mode={r.mode}")
+            raise _differs(r.job, "running" if job.state == "active" else "being registered",
+                           ("world", job.world, r.world), ("mode", job.mode, r.mode))
         if job is not None and job.state == "active":
             # Never replaced by a registration: only its members end a run (done,
             # or by going away), so nobody else can cut it short.
@@ -136,13 +135,11 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
             return None
         if r.role == "worker":
             if job.req_window is not None and (job.req_window, job.shape) != (r.window, r.shape):
-                raise RegistrationError(
-                    f"job {r.job} is being registered with window={job.req_window} data={job.shape}; "
-                    f"this request says window={r.window} data={r.shape}")
+                raise _differs(r.job, "being registered", ("window", job.req_window, r.window),
+                               ("data", job.shape, r.shape))
             if job.req_window is not None and (job.req_cols, job.parts) != (r.cols, r.parts):
-                raise RegistrationError(
-                    f"job {r.job} is being registered with cols={job.req_cols} parts={job.parts}; "
-                    f"this request says cols={r.cols} parts={r.parts}")
+                raise _differs(r.job, "being registered", ("cols", job.req_cols, r.cols),
+                               ("parts", job.parts, r.parts))
             if r.rank in job.members:
                 raise RegistrationError(f"job {r.job} rank {r.rank} is already registered")
         elif job.ps is not None:
@@ -348,3 +345,12 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
         for m in job.all_members():
             if m.alive and m.send:
                 m.send(event)
+
+
+def _differs(job: int, state: str, *fields: tuple) -> RegistrationError:
+    """A request that disagrees with the job it would join: which fields differ
+    and what the request says, not the job's values (incd status shows them
+    to root): a stranger learns no more of a job than that it exists."""
+    diff = [(name, mine) for name, theirs, mine in fields if theirs != mine]
+    return RegistrationError(f"job {job} is {state} with another {' and '.join(n for n, _ in diff)} (see incd "
+                             f"status); this request says {' '.join(f'{n}={v}' for n, v in diff)}")

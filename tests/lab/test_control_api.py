@@ -221,15 +221,17 @@ def test_conflicts_with_a_registering_job(lab, ctl):
     conflicts = [
         ("h4", reg(21, rank=0, deadline_s=5, model_bytes=10**9), ["rank 0 is already registered"]),
         ("h3", reg(21, rank=1, deadline_s=5, model_bytes=10**9), ["one member per port per job"]),
-        ("h4", reg(21, rank=1, window=16, deadline_s=5), ["window=8", "window=16"]),
-        ("h4", reg(21, rank=1, shape="9xint32", deadline_s=5), ["data=None", "data=9xint32"]),
-        ("h4", reg(21, rank=2, world=3, deadline_s=5), ["being registered with world=2", "world=3"]),
-        ("h4", reg(21, rank=1, mode="ps", deadline_s=5), ["mode=modulo", "mode=ps"]),
+        ("h4", reg(21, rank=1, window=16, deadline_s=5), ["with another window (see incd status)", "says window=16"]),
+        ("h4", reg(21, rank=1, shape="9xint32", deadline_s=5), ["another data", "says data=9xint32"]),
+        ("h4", reg(21, rank=2, world=3, deadline_s=5), ["being registered with another world", "says world=3"]),
+        ("h4", reg(21, rank=1, mode="ps", deadline_s=5), ["another mode", "says mode=ps"]),
         ("h4", reg(21, rank=1, timeout=BIG), ["'timeout'"]),
     ]
     for host, req, words in conflicts:
         c = ctl(host)
-        refused(c.call(req), *words)
+        err = refused(c.call(req), *words)
+        # what the job was registered with, and from where, is not told to whoever asks
+        assert not any(w in err for w in ("window=8", "data=None", "world=2", "mode=modulo", "10.")), err
         assert c.call({"op": "ping"}) == {"ok": True}
         assert state(lab) == before, req
     r1 = ctl("h4")
@@ -265,7 +267,7 @@ def test_conflicts_with_a_running_job(lab, ctl):
         before = state(lab)
         (rec,) = [j for j in before["jobs"] if j[0] == 31]
         conflicts = [
-            ("h3", reg(31, rank=2, world=3), ["job 31 is running with world=2 mode=modulo", "world=3"]),
+            ("h3", reg(31, rank=2, world=3), ["job 31 is running with another world", "says world=3"]),
             ("h3", reg(31, rank=1, mode="hash"), ["running with", "mode=hash"]),
             ("h3", reg(31, rank=1, role="ps", mode="hash"), ["running with", "mode=hash"]),
             ("h3", reg(31, rank=0, deadline_s=5, model_bytes=10**9),
