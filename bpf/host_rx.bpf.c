@@ -45,9 +45,12 @@ struct host_rx_ctl {
 	__u64 stray;       /* INC results for this port outside the reduction */
 };
 
-/* rx_state[i]: 0 = nothing yet; else 1 | overflow << 1 | gen << 16. */
+/* rx_state[i]: 0 = nothing yet; else 1 | overflow << 1 | bare << 2 | gen << 16
+ * (bare: a result without lanes came, which a broadcast's lanes that land
+ * later keep). */
 #define HOST_RX_GOT 1
 #define HOST_RX_OVERFLOW 2
+#define HOST_RX_BARE 4
 
 /* All mmapable (an mmapped array's entries are 8-byte aligned, hence the
  * __u64 values): the agent writes the control words and reads the counters as
@@ -111,7 +114,7 @@ int host_rx(struct xdp_md *ctx)
 	__u32 v = HOST_RX_GOT | ((__u32)h->gen << 16);
 	if (h->flags & INC_F_OVERFLOW)
 		v |= HOST_RX_OVERFLOW;
-	*st = v;
+	*st = v | (bare ? HOST_RX_BARE : (*st & HOST_RX_BARE));
 	__u64 n = __sync_fetch_and_add(&c->landed, 1) + 1;
 	return n == c->wake_at ? XDP_PASS : XDP_DROP;
 }

@@ -18,6 +18,8 @@ enum verdict_kind {
 	V_PS_PASS,      /* hash: the worker's own packet to the PS */
 	V_PS_AGG,       /* hash: a complete aggregate to the PS */
 	V_PS_PARTIAL,   /* hash: a partial aggregate evicted by a resend, to the PS */
+	V_DONE,         /* broadcast: the header-only completion, to everyone */
+	V_DONE_BACK,    /* broadcast: the completion, back to the sender only */
 };
 
 static __always_inline struct inc_stats *stats_of(__u32 job)
@@ -78,7 +80,10 @@ static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 	pk->h = h; /* set early: length errors are charged to the job */
 	__u32 n = h->numel;
 	__s32 *payload = (__s32 *)(h + 1);
-	if (n == 0 || n > INC_MAX_ELEMS)
+	/* Only a broadcast's ACK carries no lanes. */
+	int bare = h->type == INC_T_DATA &&
+		   (h->flags & (INC_F_BCAST | INC_F_NO_LANES)) == (INC_F_BCAST | INC_F_NO_LANES);
+	if ((n == 0 && !bare) || (n != 0 && bare) || n > INC_MAX_ELEMS)
 		return PARSE_DROP(INC_DROP_BAD_LEN);
 	void *pend = (void *)payload + n * 4;
 	barrier_var(pend);

@@ -49,6 +49,8 @@
 #define INC_F_KV_PARTIAL 0x10  /* key-value, to the reducer: some tuples were absorbed (cut out) */
 #define INC_F_NO_LANES 0x20    /* modulo result: the psn is complete, its lanes went to the ranks in bitmap */
 #define INC_F_SELECT 0x40      /* modulo data (kept in its result): only the ranks in bitmap get the lanes */
+#define INC_F_BCAST 0x80       /* modulo broadcast (mode_bcast.h): data from the root, sent on to the others at
+				* once; from the others header-only ACKs (NO_LANES); the completion (NO_LANES) */
 
 /* inc_hdr.op */
 #define INC_OP_SUM 0

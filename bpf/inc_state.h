@@ -36,6 +36,7 @@
 /* Index of the program for a hash job's PS packets (results, EVICTs) in the
  * dataplane's program array; modes index their own data programs. */
 #define INC_PROG_HASH_FROM_PS 3
+#define INC_PROG_BCAST 5       /* modulo jobs' broadcasts (INC_F_BCAST) */
 #define INC_MODE_KV 4          /* key-value aggregation (word count): see inc_proto.h */
 #define INC_MODE_PROGS 8       /* size of the program array */
 

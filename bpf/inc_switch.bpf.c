@@ -24,6 +24,7 @@
 #include "mode_modulo.h"
 #include "mode_hash.h"
 #include "mode_kv.h"
+#include "mode_bcast.h"
 
 int xdp_inc_ingress(struct xdp_md *ctx)
 {
@@ -76,6 +77,11 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	__u32 prog = job->mode;
 	if (job->mode == INC_MODE_HASH && h->type != INC_T_DATA)
 		prog = INC_PROG_HASH_FROM_PS;
+	if (h->flags & INC_F_BCAST) {
+		if (job->mode != INC_MODE_MODULO || !data)
+			return drop(job_id, INC_DROP_BAD_HDR); /* broadcasts are modulo jobs' */
+		prog = INC_PROG_BCAST;
+	}
 	mode_progs.call(ctx, prog);
 	return drop(job_id, INC_DROP_NO_JOB); /* no program for this mode */
 }
@@ -113,6 +119,17 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 	return modulo_data(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st);
 }
 
+int xdp_inc_bcast(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode(ctx, &pk, &job_id, &job, &st) || pk.h->type != INC_T_DATA || job->mode != INC_MODE_MODULO)
+		return XDP_DROP;
+	return modulo_bcast(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.end, job_id, job, st);
+}
+
 int xdp_inc_kv(struct xdp_md *ctx)
 {
 	struct inc_pkt pk;
@@ -145,6 +162,8 @@ int xdp_inc_egress(struct xdp_md *ctx)
 	if (!m)
 		return XDP_DROP; /* the job has nobody behind this port */
 
+	if ((h->flags & (INC_F_BCAST | INC_F_NO_LANES)) == INC_F_BCAST && h->rank == m->rank)
+		return XDP_DROP; /* the root's own broadcast data: it waits for the completion */
 	struct inc_stats *st = stats_of(h->job);
 	if (st)
 		st->results_mcast++;

@@ -172,8 +172,15 @@ class Communicator:
             m = ~m
         return _order_key(m).view(np.float32) if flip else m
 
-    def _share(self, lanes: np.ndarray, mine: bool) -> np.ndarray:
-        """Everyone gets `lanes` of the one rank with mine=True (sum with zeros)."""
+    def _share(self, lanes: np.ndarray, root: int) -> np.ndarray:
+        """Everyone gets root's `lanes`: sent once by the root and replicated by
+        the switch in modulo mode (Session.broadcast), else summed with the
+        others' zeros (hash and ps mode)."""
+        mine = self.rank == root
+        if not lanes.size:
+            return lanes.copy()
+        if self.s.bcast_capable():
+            return self._call(self.s.broadcast, lanes if mine else None, lanes.size, root)
         return self._raw(lanes if mine else np.zeros_like(lanes), wire.OP_SUM)
 
     # --- collectives ----------------------------------------------------------
@@ -191,7 +198,7 @@ class Communicator:
     def broadcast(self, x, root: int = 0):
         self._check_root(root)
         a = _Arg(x)
-        got = _unbits(self._share(_bits(a.a), self.rank == root), a.a.dtype, a.shape)
+        got = _unbits(self._share(_bits(a.a), root), a.a.dtype, a.shape)
         return a.inplace(got)
 
     def allgather(self, x):
@@ -222,7 +229,7 @@ class Communicator:
         self._check_root(root)
         a = _Arg(x)
         self._rows_per_rank(a.shape, "scatter", exact=True)
-        got = _unbits(self._share(_bits(a.a), self.rank == root), a.a.dtype, a.shape)
+        got = _unbits(self._share(_bits(a.a), root), a.a.dtype, a.shape)
         return a.new(got[self.rank].copy())
 
     def alltoall(self, x):

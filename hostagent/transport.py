@@ -16,9 +16,10 @@ from bpf import wire
 from . import batchio
 from .incd_link import TransportError, default_gateway
 from .member import Member
+from .bcast import BcastReceive, BcastRootIO, BcastRootXdpIO
 from .reduce_io import XdpIO
 from .reduction import WindowedReduce
-from .xdp_path import XdpPath, XdpUnavailable
+from .xdp_path import MAX_PKTS, XdpPath, XdpUnavailable
 
 # Below this, 4 agents sharing 2 cores time out on each other just by being
 # descheduled; losses are mostly repaired earlier by the fast retransmit.
@@ -316,6 +317,47 @@ class Session(Member):
             with self._lock:
                 self.in_reduce = False
                 self._maybe_passed(self.sent_upto)
+
+    def broadcast(self, values: np.ndarray | None, numel: int, root: int) -> np.ndarray:
+        """root's int32 vector of numel values on every rank, sent once by the
+        root and replicated by the switch (modulo mode; hostagent/bcast.py).
+        The root passes values, the others None. Every rank goes in pieces of
+        the same size (what the XDP receive path holds), whatever its path."""
+        if not self.bcast_capable():
+            raise TransportError("a switch broadcast needs a modulo job of two ranks or more")
+        mine = self.rank == root
+        if numel == 0:
+            return np.zeros(0, dtype=np.int32)
+        if mine:
+            values = np.ascontiguousarray(values, dtype=np.int32).ravel()
+            if values.size != numel:
+                raise TransportError(f"broadcast: the root has {values.size} values, not {numel}")
+        out = values if mine else np.empty(numel, dtype=np.int32)
+        step = MAX_PKTS * self.params.elems
+        with self._lock:
+            self.in_reduce = True
+        try:
+            for at in range(0, numel, step):
+                k = min(step, numel - at)
+                if mine:
+                    io = BcastRootIO if self.xdp is None else BcastRootXdpIO
+                    WindowedReduce(self, values[at:at + k], wire.OP_SUM, io=io).run_rows()
+                else:
+                    rows = BcastReceive(self, k, root).run()
+                    width = rows.shape[1]
+                    full, rest = divmod(k, width)
+                    out[at:at + full * width].reshape(full, width)[:] = rows[:full]
+                    if rest:
+                        out[at + full * width:at + k] = rows[full, :rest]
+            return out
+        finally:
+            with self._lock:
+                self.in_reduce = False
+                self._maybe_passed(self.sent_upto)
+
+    def bcast_capable(self) -> bool:
+        """Whether broadcast() can run: a modulo job of more than one rank."""
+        return self.params.mode == "modulo" and self.params.world > 1
 
     def done(self) -> None:
         """Tell incd this rank is finished (it frees the job once all are). A

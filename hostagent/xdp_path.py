@@ -20,7 +20,7 @@ import numpy as np
 import bpf
 
 MAX_PKTS = 8192          # packets of one reduction held at once (longer ones go in pieces)
-RX_GOT, RX_OVERFLOW = 1, 2  # rx_state bits, as HOST_RX_* in bpf/host_rx.bpf.c (test_host_rx.py checks them)
+RX_GOT, RX_OVERFLOW, RX_BARE = 1, 2, 4  # rx_state bits, as HOST_RX_* in bpf/host_rx.bpf.c (test_host_rx.py checks them)
 BPF_XDP = 37  # enum bpf_attach_type
 
 

@@ -82,6 +82,7 @@ class Dataplane:
                 wire.MODE_HASH: self.bpf.load_func(b"xdp_inc_hash", bcc.BPF.XDP),
                 wire.PROG_HASH_FROM_PS: self.bpf.load_func(b"xdp_inc_hash_from_ps", bcc.BPF.XDP),
                 wire.MODE_KV: self.bpf.load_func(b"xdp_inc_kv", bcc.BPF.XDP),
+                wire.PROG_BCAST: self.bpf.load_func(b"xdp_inc_bcast", bcc.BPF.XDP),
             }
             self.egress = self.bpf.load_func(
                 b"xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP

@@ -425,3 +425,74 @@ def test_lane_counts_across_chunk_boundaries(dp, lanes):
     # a retransmission gets the stored sum back, all lanes of it
     r = prog_test_run(dp.ingress.fd, inc(job, 1, 0, psn, x))
     assert np.array_equal(lanes_of(r.data), x + y)
+
+
+def test_broadcast_round_lifecycle(dp):
+    """INC_F_BCAST (bpf/mode_bcast.h): the root's data claims the slot and goes
+    on at once; header-only ACKs of the others release it; the last ACK leaves
+    as a header-only completion to everyone; resends and late ACKs are answered
+    with the completion; the next round reuses the slot."""
+    job, gen, root = 41, 3, 1
+    dp.set_job(job, offset=OFFSET, slots=SLOTS, gen=gen, world=3)
+    dp.reset_stats(job)
+    B, ACK = wire.F_BCAST, wire.F_BCAST | wire.F_NO_LANES
+    data = [7, -8, 2**31 - 1]
+    run = lambda pkt: prog_test_run(dp.ingress.fd, pkt)  # noqa: E731
+    P = 4
+
+    def completion(r, back):
+        h = hdr_of(r.data)
+        assert (h["type"], h["flags"], h["numel"], h["psn"]) == (wire.T_RESULT, ACK, 0, P)
+        assert len(r.data) == 42 + wire.HDR_LEN and sealed(r.data)
+        ip = IP(r.data[14:])
+        words = np.frombuffer(r.data[14:34], ">u2").astype(np.uint32).sum()
+        assert ip.len == 20 + 8 + wire.HDR_LEN and (words & 0xFFFF) + (words >> 16) == 0xFFFF  # IP csum valid
+        assert (ip.dst == W_IP) == back  # unicast back to the sender, or broadcast to be readdressed
+
+    b = flat(dp.read_stats(job))
+    r = run(inc(job, gen, 2, P, [], numel=0, flags=ACK))           # an ACK before the data: nothing to ack
+    assert r.verdict == XDP_DROP
+    r = run(inc(job, gen, root, P, data, flags=B))                  # the root's data: on to everyone at once
+    assert r.verdict == XDP_REDIRECT and lanes_of(r.data).tolist() == data and sealed(r.data)
+    assert (hdr_of(r.data)["type"], hdr_of(r.data)["flags"]) == (wire.T_RESULT, B)
+    s = dp.read_slot(OFFSET + P)
+    assert (s.state, s.count, s.bitmap, s.psn) == (wire.SLOT_PARTIAL, 1, 1 << root, P)
+    r = run(inc(job, gen, root, P, data, flags=B | wire.F_RETRANS))  # a resend while waiting: again to everyone
+    assert r.verdict == XDP_REDIRECT and lanes_of(r.data).tolist() == data
+    assert run(inc(job, gen, 0, P, [], numel=0, flags=ACK)).verdict == XDP_DROP      # rank 0's ACK: counted
+    assert run(inc(job, gen, 0, P, [], numel=0, flags=ACK)).verdict == XDP_DROP      # again: a duplicate
+    assert run(inc(job, gen, 2, P, [9], flags=B)).verdict == XDP_DROP                # data from a non-root
+    r = run(inc(job, gen, 2, P, [], numel=0, flags=ACK))                              # the last ACK completes
+    assert r.verdict == XDP_REDIRECT
+    completion(r, back=False)
+    s = dp.read_slot(OFFSET + P)
+    assert (s.state, s.count, s.bitmap) == (wire.SLOT_COMPLETE, 3, 0b111)
+    r = run(inc(job, gen, root, P, data, flags=B | wire.F_RETRANS))   # the root lost the completion
+    assert r.verdict == XDP_REDIRECT
+    completion(r, back=True)
+    r = run(inc(job, gen, 0, P, [], numel=0, flags=ACK | wire.F_RETRANS))  # so did rank 0
+    completion(r, back=True)
+    r = run(inc(job, gen, root, P + SLOTS, [5], flags=B))             # the next round claims the slot
+    assert r.verdict == XDP_REDIRECT and dp.read_slot(OFFSET + P).psn == P + SLOTS
+    assert run(inc(job, gen, 0, P, [], numel=0, flags=ACK)).verdict == XDP_DROP      # stale now
+    d = stat_delta(dp, job, b)
+    assert d.get("drops.stale", 0) + d.get("drops.ahead", 0) == 2  # the early ACK, the stale one
+    assert d["drops.dup"] == 2 and d["slots_completed"] == 1
+    assert d["retrans_answered"] == 2 and d["consumed"] == 2, d
+
+
+def test_broadcast_packets_are_checked(dp, hash_job):
+    """Only a broadcast's ACK may carry no lanes, and broadcasts are modulo jobs'."""
+    job, gen = 42, 1
+    dp.set_job(job, offset=OFFSET, slots=SLOTS, gen=gen, world=2)
+    dp.reset_stats(job)
+    ACK = wire.F_BCAST | wire.F_NO_LANES
+    run = lambda pkt: prog_test_run(dp.ingress.fd, pkt)  # noqa: E731
+    b = flat(dp.read_stats(job))
+    assert run(inc(job, gen, 0, 1, [], numel=0, flags=wire.F_BCAST)).verdict == XDP_DROP  # no lanes, no ACK flag
+    assert run(inc(job, gen, 0, 1, [1], flags=ACK)).verdict == XDP_DROP                  # an ACK with lanes
+    assert stat_delta(dp, job, b) == {"drops.bad_len": 2}
+    hjob, hgen = hash_job
+    hb = flat(dp.read_stats(hjob))
+    assert run(inc(hjob, hgen, 0, 1, [1], flags=wire.F_BCAST, slot=H_OFF)).verdict == XDP_DROP
+    assert stat_delta(dp, hjob, hb) == {"pkts_in": 1, "drops.bad_hdr": 1}

@@ -9,7 +9,7 @@ import pytest
 
 from bpf import wire
 from bpf.testrun import XDP_DROP, XDP_PASS, prog_test_run
-from hostagent.xdp_path import RX_GOT, RX_OVERFLOW
+from hostagent.xdp_path import RX_BARE, RX_GOT, RX_OVERFLOW
 
 SRC, DST = ("10.9.1.2", 40001), ("10.9.1.1", wire.PORT)
 SRC_MAC, DST_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
@@ -84,9 +84,32 @@ def test_rx_counts_a_result_without_lanes_and_copies_nothing(hm):
     inc[wire.HDR_DTYPE.fields["numel"][1]:wire.HDR_DTYPE.fields["numel"][1] + 2] = b"\0\0"
     frame = bytes(bare[:42]) + wire.seal_bytes(bytes(inc))
     assert prog_test_run(hm.rx_fn.fd, frame).verdict == XDP_DROP
-    assert hm.rx_state[2] == RX_GOT | (3 << 16) and int(hm.rx_ctl["landed"]) == 1
+    assert hm.rx_state[2] == RX_GOT | RX_BARE | (3 << 16) and int(hm.rx_ctl["landed"]) == 1
     assert np.all(hm.rx_vec[2, :ELEMS] == 77)
     # without the flag, a result with no lanes is not one of ours: passed on, not counted
     inc[wire.HDR_DTYPE.fields["flags"][1]] = 0
     assert prog_test_run(hm.rx_fn.fd, bytes(bare[:42]) + wire.seal_bytes(bytes(inc))).verdict == XDP_PASS
     assert int(hm.rx_ctl["landed"]) == 1
+
+
+def test_rx_a_broadcasts_lanes_and_its_completion_both_count(hm):
+    """A broadcast (INC_F_BCAST) brings a psn's lanes and later its header-only
+    completion: the state keeps both (GOT from the lanes, BARE from the
+    completion) in either order, and the lanes land."""
+    _rx_setup(hm)
+
+    def completion(psn):
+        f = bytearray(result_frame(psn, [0], flags=wire.F_BCAST | wire.F_NO_LANES))
+        inc = f[42:42 + wire.HDR_LEN]
+        inc[wire.HDR_DTYPE.fields["numel"][1]:wire.HDR_DTYPE.fields["numel"][1] + 2] = b"\0\0"
+        return bytes(f[:42]) + wire.seal_bytes(bytes(inc))
+
+    lanes = [9, 8, 7, 6, 5]
+    assert prog_test_run(hm.rx_fn.fd, result_frame(10, lanes, flags=wire.F_BCAST)).verdict == XDP_DROP
+    assert hm.rx_state[0] == RX_GOT | (3 << 16)
+    assert prog_test_run(hm.rx_fn.fd, completion(10)).verdict == XDP_DROP
+    assert hm.rx_state[0] == RX_GOT | RX_BARE | (3 << 16) and np.array_equal(hm.rx_vec[0, :ELEMS], lanes)
+    assert prog_test_run(hm.rx_fn.fd, completion(11)).verdict == XDP_DROP  # the other order
+    assert prog_test_run(hm.rx_fn.fd, result_frame(11, lanes[::-1], flags=wire.F_BCAST)).verdict == XDP_DROP
+    assert hm.rx_state[1] == RX_GOT | RX_BARE | (3 << 16) and np.array_equal(hm.rx_vec[1, :ELEMS], lanes[::-1])
+    assert int(hm.rx_ctl["landed"]) == 4

@@ -1,7 +1,8 @@
 """The Python API (hostagent.Communicator) in a real lab: every collective on
 every rank checked against numpy (tests/helpers/comm_worker.py), in modulo and
-hash mode, on both data paths, with roots other than 0, and under loss and
-reordering; bad input gives CommError, not a traceback or a hang."""
+hash mode, on both data paths, with 2 to 8 ranks and roots other than 0, and
+under loss and reordering; bad input gives CommError, not a traceback or a
+hang."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,8 @@ CASES = {  # name: (world, mode, datapath, lab faults)
     "hash-socket-3": (3, "hash", "socket", {}),
     "modulo-socket-4-loss-reorder": (4, "modulo", "socket", {"loss_pct": 2.0, "reorder_pct": 10.0}),
     "hash-xdp-4-loss": (4, "hash", "xdp", {"loss_pct": 2.0}),
+    "modulo-xdp-2-loss": (2, "modulo", "xdp", {"loss_pct": 2.0}),
+    "modulo-socket-8": (8, "modulo", "socket", {}),
 }
 
 
@@ -171,3 +174,47 @@ def test_the_switch_sends_each_rank_only_its_shard(root, datapath):
             assert rep["reduce"][1] == total[:3].tolist() and rep["reduce"][0] > 0.8 * full
         else:
             assert rep["reduce"][1] is None and rep["reduce"][0] < 0.1 * full, (r, rep)
+
+
+BCAST = """
+import json, sys
+import numpy as np
+from hostagent import Communicator
+
+def counter(name):
+    return int(open(f"/sys/class/net/eth0/statistics/{name}").read())
+
+job, rank, world, root = (int(a) for a in sys.argv[1:5])
+datapath = sys.argv[5]
+src = np.random.default_rng(11).integers(-2**31, 2**31, 600_000, dtype=np.int64).astype(np.int32)
+with Communicator(job, rank, world, datapath=datapath) as c:
+    x = src.copy() if rank == root else np.zeros_like(src)
+    c.barrier()
+    tx, rx = counter("tx_bytes"), counter("rx_bytes")
+    y = c.broadcast(x, root=root)
+    out = {"tx": counter("tx_bytes") - tx, "rx": counter("rx_bytes") - rx, "ok": bool(np.array_equal(y, src))}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("datapath", ["socket", "xdp"])
+def test_broadcast_root_sends_once_and_the_switch_replicates(root, datapath):
+    """Modulo mode: the root's host sends the vector once and receives only
+    header-only completions; every other host receives it once and sends
+    only header-only ACKs (instead of a vector of zeros each)."""
+    world, root_rank, nbytes = 4, 2, 600_000 * 4
+    with LabWithIncd("cb", workers=world) as lab:
+        procs = [lab.popen(f"h{r + 1}", [sys.executable, "-c", BCAST, "8", str(r), str(world), str(root_rank),
+                                         datapath], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(world)]
+        outs = [p.communicate(timeout=180) for p in procs]
+        fin = [j for j in lab.incd.status()["finished"] if j["job"] == 8][-1]["counters"]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    reps = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    print(datapath, "bytes per rank:", reps, "switch:", fin)
+    assert all(r["ok"] for r in reps), reps
+    for r, rep in enumerate(reps):
+        if r == root_rank:
+            assert nbytes <= rep["tx"] < 1.1 * nbytes and rep["rx"] < 0.05 * nbytes, rep
+        else:
+            assert nbytes <= rep["rx"] < 1.15 * nbytes and rep["tx"] < 0.05 * nbytes, (r, rep)
