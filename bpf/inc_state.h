@@ -102,6 +102,7 @@ struct inc_slot {
 	__u16 numel;
 	__u16 pad;
 	__u64 claimed_ns; /* hash mode: when this (job, psn) took the slot */
+	__u64 select;     /* hash mode: the ranks its result's lanes go to (INC_F_SELECT); 0: all */
 	__s32 lanes[INC_MAX_ELEMS];
 };
 

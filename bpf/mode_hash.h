@@ -46,6 +46,7 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 	int resend = h->flags & INC_F_RETRANS;
 	int verdict = V_DROP, reason = INC_DROP_DUP, collision = 0, reclaimed = 0, overflow = 0;
 	__u64 agg_bitmap = bit;
+	__u64 select = (h->flags & INC_F_SELECT) ? h->bitmap : 0; /* kept for the result (hash_from_ps) */
 	__u32 tot = lanes_sum_of_verified(hdr_words(h)); /* what the lanes add up to when it leaves */
 
 	bpf_spin_lock(&s->lock);
@@ -81,6 +82,7 @@ static __always_inline int hash_data(struct xdp_md *ctx, struct ethhdr *eth, str
 			reclaimed = s->state != INC_SLOT_EMPTY;
 			verdict = slot_claim(s, job_id, gen, psn, bit, h->op, n, now, payload, end, world)
 					  ? V_PS_AGG : V_CONSUMED;
+			s->select = select;
 		} else {
 			collision = s->state != INC_SLOT_EMPTY;
 			verdict = V_PS_PASS;
@@ -142,12 +144,13 @@ static __always_inline int hash_from_ps(struct xdp_md *ctx, struct ethhdr *eth, 
 		return drop(job_id, INC_DROP_BAD_SLOT);
 	int evict = h->type == INC_T_EVICT, hit = 0;
 	__u32 n = h->numel;
-	__u64 bitmap = 0;
-	__u32 tot = 0;
+	__u64 bitmap = 0, select = 0;
+	__u32 tot = 0, result_lanes = lanes_sum_of_verified(hdr_words(h));
 	bpf_spin_lock(&s->lock);
 	if (s->state != INC_SLOT_EMPTY && s->job == job_id && s->gen == job->gen && s->psn == h->psn) {
 		if (!evict) {
 			s->state = INC_SLOT_EMPTY;
+			select = s->select;
 			hit = 1;
 		} else if (s->state == INC_SLOT_PARTIAL && s->numel == n) {
 			tot = lanes_copy_out(s, payload, end, n);
@@ -161,6 +164,14 @@ static __always_inline int hash_from_ps(struct xdp_md *ctx, struct ethhdr *eth, 
 	if (!evict) {
 		if (st && hit)
 			st->releases++;
+		if (select) {
+			/* The workers asked for the lanes at some ranks only (a reduce,
+			 * a reduce_scatter): the egress program gives the others a bare
+			 * completion, as in modulo mode. */
+			h->flags |= INC_F_SELECT;
+			h->bitmap = select;
+			inc_csum_set(h, result_lanes);
+		}
 		return tx_ports.redirect_map(0, BPF_F_BROADCAST);
 	}
 	if (!hit)

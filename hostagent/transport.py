@@ -280,8 +280,11 @@ class Session(Member):
         """Per packet, the bitmap of the ranks that want its result's lanes
         (owners(first, stop): those of the elements first..stop-1), for the
         switch to give the others a completion without them; None where the
-        switch cannot (hash and ps mode: the PS sends the results)."""
-        if self.params.mode != "modulo":
+        switch cannot (ps mode: the PS sends the results to the workers). In
+        hash mode the switch keeps the mask in the psn's slot and applies it to
+        the PS's result on its way out; a psn the PS finished on its own (a
+        collision) comes back whole to everyone."""
+        if self.params.mode not in ("modulo", "hash"):
             return None
         E = self.params.elems
         return np.array([owners(i * E, (i + 1) * E) for i in range(npk)], dtype=np.uint64)

@@ -35,10 +35,10 @@ def dp(root):
 
 def inc(job, gen, rank, psn, vals, *, op=wire.OP_SUM, typ=wire.T_DATA, version=wire.VERSION,
         numel=None, cut=0, dport=wire.PORT, flags=0, slot=0, src=W_IP, flip_bit=None,
-        sport=W_PORT) -> bytes:
+        sport=W_PORT, bitmap=0) -> bytes:
     h = np.zeros(1, wire.HDR_DTYPE)
     vals = np.asarray(vals, dtype="<i4")
-    h[0] = (version, typ, flags, op, job, gen, psn, slot, rank, len(vals) if numel is None else numel, 0, 0)
+    h[0] = (version, typ, flags, op, job, gen, psn, slot, rank, len(vals) if numel is None else numel, 0, bitmap)
     payload = wire.seal_bytes(h.tobytes() + vals.tobytes())
     if flip_bit is not None:  # corrupted after sealing, as on a bad link
         b = bytearray(payload)
@@ -325,6 +325,29 @@ def test_hash_claim_add_collision_complete_ack(dp, hash_job):
     assert (flags, bitmap, lanes) == (wire.F_RETRANS, 0b010, [10, 20])
     assert dp.read_slot(S).state == 0                                              # resends never claim
     assert stat_delta(dp, job, b) == {"pkts_in": 1, "fallbacks": 1}
+
+
+def test_hash_result_goes_whole_only_to_the_ranks_the_workers_named(dp, hash_job):
+    """INC_F_SELECT in hash mode (a reduce to a root, a reduce_scatter): the
+    first contribution's mask stays in the slot, and the PS's result, which
+    knows nothing of it, leaves the switch with the flag and the mask for the
+    egress program to cut the lanes of the other ranks."""
+    job, gen = hash_job
+    S = H_OFF + 5
+    run = lambda pkt, **kw: prog_test_run(dp.ingress.fd, pkt, **kw)  # noqa: E731
+    sel = dict(flags=wire.F_SELECT, bitmap=0b100, slot=S)
+    assert run(inc(job, gen, 0, 9, [1, 2], **sel)).verdict == XDP_DROP
+    assert run(inc(job, gen, 1, 9, [1, 2], **sel)).verdict == XDP_DROP
+    flags, bitmap, _ = to_ps(run(inc(job, gen, 2, 9, [1, 2], **sel)))
+    assert (flags, bitmap) == (wire.F_AGGREGATE, 0b111)  # the PS sees no mask
+    r = run(inc(job, gen, 0, 9, [3, 6], typ=wire.T_RESULT, slot=S, src=PS_IP, bitmap=0b111), ingress_ifindex=1)
+    assert r.verdict == XDP_REDIRECT and sealed(r.data) and lanes_of(r.data).tolist() == [3, 6]
+    h = hdr_of(r.data)
+    assert (h["flags"] & wire.F_SELECT, h["bitmap"]) == (wire.F_SELECT, 0b100)
+    # a psn claimed without a mask: its result goes whole to everyone
+    assert run(inc(job, gen, 0, 10, [1], slot=S)).verdict == XDP_DROP
+    r = run(inc(job, gen, 0, 10, [3], typ=wire.T_RESULT, slot=S, src=PS_IP, bitmap=0b111), ingress_ifindex=1)
+    assert hdr_of(r.data)["flags"] & wire.F_SELECT == 0 and sealed(r.data)
 
 
 def test_hash_resend_evicts_partial(dp, hash_job):

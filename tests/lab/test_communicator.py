@@ -133,10 +133,10 @@ from hostagent import Communicator
 def rx():
     return int(open("/sys/class/net/eth0/statistics/rx_bytes").read())
 
-job, rank, world, datapath = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+job, rank, world, datapath, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 x = np.random.default_rng(rank).integers(-1000, 1000, world * 250_000).astype(np.int32)
 out = {}
-with Communicator(job, rank, world, datapath=datapath) as c:
+with Communicator(job, rank, world, datapath=datapath, mode=mode) as c:
     for name, fn in (("allreduce", lambda: c.allreduce(x)), ("reduce_scatter", lambda: c.reduce_scatter(x)),
                      ("reduce", lambda: c.reduce(x, root=1))):
         before = rx()
@@ -146,25 +146,31 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("datapath", ["socket", "xdp"])
-def test_the_switch_sends_each_rank_only_its_shard(root, datapath):
-    """reduce_scatter and reduce in modulo mode: the switch gives the lanes of a
-    psn only to the ranks that need them (its shard's owner, the root); the
-    others get a bare completion. Each host receives about 1/world of the
-    allreduce's bytes for reduce_scatter, and only the root the full sum for
-    reduce; the results are right (checked against numpy in comm_worker)."""
+@pytest.mark.parametrize("mode,datapath", [("modulo", "socket"), ("modulo", "xdp"), ("hash", "xdp")])
+def test_the_switch_sends_each_rank_only_its_shard(root, mode, datapath):
+    """reduce_scatter and reduce: the switch gives the lanes of a psn only to
+    the ranks that need them (its shard's owner, the root); the others get a
+    bare completion. In hash mode the switch keeps the workers' mask in the
+    slot and applies it to the PS's result. Each host receives about 1/world of
+    the allreduce's bytes for reduce_scatter, and only the root the full sum
+    for reduce; the results are right (checked against numpy in comm_worker)."""
     import numpy as np
 
     world = 4
-    with LabWithIncd("cs", workers=world) as lab:
-        procs = [lab.popen(f"h{r + 1}", [sys.executable, "-c", SHARDS, "7", str(r), str(world), datapath],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-        outs = [p.communicate(timeout=180) for p in procs]
+    with LabWithIncd("cs", workers=world, ps=mode == "hash") as lab:
+        ps = PSProcess(lab, 7, world, datapath=datapath) if mode == "hash" else None
+        try:
+            procs = [lab.popen(f"h{r + 1}", [sys.executable, "-c", SHARDS, "7", str(r), str(world), datapath, mode],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+            outs = [p.communicate(timeout=180) for p in procs]
+        finally:
+            if ps:
+                ps.kill()
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
     reps = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     xs = [np.random.default_rng(r).integers(-1000, 1000, world * 250_000).astype(np.int32) for r in range(world)]
     total = np.sum(xs, axis=0)
-    print(datapath, "rx bytes per rank:", [{k: v[0] for k, v in rep.items()} for rep in reps])
+    print(mode, datapath, "rx bytes per rank:", [{k: v[0] for k, v in rep.items()} for rep in reps])
     for r, rep in enumerate(reps):
         full = rep["allreduce"][0]
         assert rep["allreduce"][1] == total[:3].tolist()
