@@ -172,11 +172,8 @@ int xdp_inc_egress(struct xdp_md *ctx)
 		 * shard): it learns that the psn is complete, without the lanes. */
 		int cut = (int)((void *)c.end - (void *)(h + 1));
 		h->rank = m->rank;
-		h->numel = 0;
 		h->flags |= INC_F_NO_LANES;
-		inc_csum_set(h, 0);
-		ip->tot_len = htons(sizeof(*ip) + sizeof(*udp) + sizeof(*h));
-		udp->len = htons(sizeof(*udp) + sizeof(*h));
+		header_only(ip, udp, h);
 		readdress(eth, ip, udp, m);
 		if (cut > 0 && bpf_xdp_adjust_tail(ctx, -(cut & 0x3fff)))
 			return XDP_DROP;

@@ -93,10 +93,7 @@ static __always_inline int modulo_bcast(struct xdp_md *ctx, struct ethhdr *eth, 
 	/* The completion: the header alone. */
 	int cut = (int)(end - (void *)(h + 1));
 	h->flags = INC_F_BCAST | INC_F_NO_LANES;
-	h->numel = 0;
-	inc_csum_set(h, 0);
-	ip->tot_len = htons(sizeof(*ip) + sizeof(*udp) + sizeof(*h));
-	udp->len = htons(sizeof(*udp) + sizeof(*h));
+	header_only(ip, udp, h);
 	if (verdict == V_DONE_BACK) {
 		swap_addresses(eth, ip, udp);
 		ip->check = ipv4_csum(ip);

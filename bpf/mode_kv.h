@@ -28,14 +28,11 @@ static __always_inline int kv_ack(struct xdp_md *ctx, struct ethhdr *eth, struct
 {
 	h->type = INC_T_KV_ACK;
 	h->flags &= INC_F_RETRANS;
-	h->numel = 0;
 	h->slot = absorbed;
 	h->bitmap = 0;
-	inc_csum_set(h, 0);
+	header_only(ip, udp, h);
 	swap_addresses(eth, ip, udp);
-	ip->tot_len = htons(sizeof(*ip) + sizeof(*udp) + sizeof(*h));
 	ip->check = ipv4_csum(ip);
-	udp->len = htons(sizeof(*udp) + sizeof(*h));
 	udp->check = 0;
 	int keep = sizeof(*eth) + sizeof(*ip) + sizeof(*udp) + sizeof(*h);
 	int cut = (int)((long)ctx->data_end - (long)ctx->data) - keep;

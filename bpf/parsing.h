@@ -49,6 +49,20 @@ static __always_inline struct udphdr *parse_udp(struct cursor *c)
 	return udp;
 }
 
+/* The UDP header of an IPv4 (no options) UDP frame, cursor past it; 0 for
+ * anything else. The host programs' first step (host_rx, ps_fast). */
+static __always_inline struct udphdr *parse_ipv4_udp(struct cursor *c, struct ethhdr **eth,
+						     struct iphdr **ip)
+{
+	*eth = parse_eth(c);
+	if (!*eth || (*eth)->h_proto != bpf_htons(ETH_P_IP))
+		return 0;
+	*ip = parse_ipv4(c);
+	if (!*ip || (*ip)->ihl != 5 || (*ip)->protocol != IPPROTO_UDP)
+		return 0;
+	return parse_udp(c);
+}
+
 static __always_inline __u16 ipv4_csum(struct iphdr *ip)
 {
 	__u32 sum = 0;

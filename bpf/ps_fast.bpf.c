@@ -58,13 +58,9 @@ int ps_fast(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	struct cursor cur = {.pos = data, .end = end};
-	struct ethhdr *eth = parse_eth(&cur);
-	if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
-		return XDP_PASS;
-	struct iphdr *ip = parse_ipv4(&cur);
-	if (!ip || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
-		return XDP_PASS;
-	struct udphdr *udp = parse_udp(&cur);
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct udphdr *udp = parse_ipv4_udp(&cur, &eth, &ip);
 	if (!udp)
 		return XDP_PASS;
 	int zero = 0;

@@ -4,6 +4,17 @@
 
 #include "parsing.h"
 #include "inc_state.h"
+#include "csum_helpers.h"
+
+/* The INC part becomes its header alone, csum sealed (after every other
+ * header change); the caller trims the frame and fixes the IP checksum. */
+static __always_inline void header_only(struct iphdr *ip, struct udphdr *udp, struct inc_hdr *h)
+{
+	h->numel = 0;
+	inc_csum_set(h, 0);
+	ip->tot_len = htons(sizeof(*ip) + sizeof(*udp) + sizeof(*h));
+	udp->len = htons(sizeof(*udp) + sizeof(*h));
+}
 
 /* Readdress a packet to a host (member or PS) behind a switch port. */
 static __always_inline void readdress(struct ethhdr *eth, struct iphdr *ip, struct udphdr *udp,

@@ -18,7 +18,7 @@ import numpy as np
 import bpf
 from bpf import wire
 
-from .xdp_path import XdpUnavailable, _has_xdp, _xdp_link, mmap_array, route_to
+from .xdp_path import XdpUnavailable, _xdp_link, free_veth, mmap_array
 
 ROW_BYTES = 4096  # PS_ROW_BYTES in bpf/ps_fast.bpf.c
 
@@ -53,15 +53,7 @@ class PsFastPath:
         """Compiles and loads ps_fast (about a second: before the PS registers,
         so that no aggregate waits on it) and attaches it to the interface that
         leads to `toward` (the switch), or raises XdpUnavailable saying why."""
-        if os.geteuid() != 0:
-            raise XdpUnavailable("needs root (BPF programs, XDP attach)")
-        try:
-            import bcc  # noqa: F401  (only whether it is there)
-        except ImportError as e:
-            raise XdpUnavailable(f"bcc is not installed ({e})") from None
-        dev = route_to(toward)
-        if _has_xdp(dev):
-            raise XdpUnavailable(f"{dev} already runs an XDP program")
+        dev = free_veth(toward)
         try:
             fp = cls(ring)
         except Exception as e:

@@ -51,17 +51,15 @@ for any dtype. No send/recv, no PREMUL_SUM/PRODUCT/bitwise ops.
 import atexit
 import datetime
 import os
-import queue
 import secrets
-import sys
-import threading
 import weakref
 
 import torch
 import torch.distributed as dist
-from torch.futures import Future
 
-from .communicator import CommError, Communicator
+from .communicator import Communicator
+from .ddp_hook import IncHookState, inc_allreduce_hook, register_inc_hook  # noqa: F401  (the module's API)
+from .torch_worker import IncWork, Worker
 
 __all__ = ["IncProcessGroup", "create_inc_process_group", "inc_allreduce_hook",
            "IncHookState", "register_inc_hook", "BACKEND"]
@@ -72,102 +70,6 @@ MAX_REGISTER_TIMEOUT = 600.0  # incd refuses a longer registration wait
 REDUCIBLE = (torch.float32, torch.int32, torch.float16, torch.bfloat16)  # summed by the switch
 _OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg",
         dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
-
-
-def _unwrap(base: Future):
-    ok, value = base.value()
-    if not ok:
-        raise RuntimeError(value)
-    return value
-
-
-class _Worker:
-    """One thread that owns a Communicator and runs collectives in submission
-    order. Each collective completes a base future with (True, value) or
-    (False, message); what callers get is base.then(_unwrap).
-
-    Why not Future.set_exception: in Python it only stores the exception as
-    the future's *value* (raised by Python's wait()); C++ waiters such as DDP's
-    reducer would take it for a result (and crash). An exception raised in a
-    then() callback is a real error of the child future, in C++ too."""
-
-    def __init__(self, name: str, owns_comm: bool = True):
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self.comm: Communicator | None = None
-        self.owns_comm = owns_comm  # close it when stopping (the hook's belongs to the user)
-        self.error: str | None = None  # the first failure: the job is gone after it
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, fn, result=None) -> Future:
-        """fn(comm) on the worker; the base future gets (True, result) (fn's
-        value when result is None) or (False, why)."""
-        base: Future = Future()
-        if self.error is not None:
-            base.set_result((False, self.error))
-        else:
-            self.q.put((fn, result, base))
-        return base
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                if self.owns_comm and self.comm is not None:
-                    comm, self.comm = self.comm, None
-                    if _crashed:  # leave as a crash: the others fail now instead of timing out
-                        comm.__exit__(RuntimeError, None, None)
-                    else:
-                        comm.close()  # tells incd this rank is done (after a failure: harmless)
-                return
-            fn, result, base = item
-            if self.error is not None:
-                base.set_result((False, self.error))
-                continue
-            try:
-                value = fn(self.comm)
-            except Exception as e:  # CommError mostly; anything else must not kill the thread
-                what = str(e) if isinstance(e, CommError) else f"{type(e).__name__}: {e}"
-                self.error = f"inc: {what}"
-                base.set_result((False, self.error))
-            else:
-                base.set_result((True, value if result is None else result))
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Leave the job cleanly (incd is told this rank is done, so the others
-        are not failed) once what is queued has run."""
-        if self.thread.is_alive():
-            self.q.put(None)
-            self.thread.join(timeout)
-
-
-class _IncWork(dist.Work):
-    """A collective queued on the worker: wait() raises its error."""
-
-    def __init__(self, base: Future, result):
-        super().__init__()
-        self.base = base
-        self.fut = base.then(_unwrap)
-        self.res = result
-
-    def wait(self, timeout=None) -> bool:
-        ok, value = self.base.wait()
-        if not ok:
-            raise RuntimeError(value)  # the plain message; get_future()'s error says more
-        return True
-
-    def get_future(self) -> Future:
-        return self.fut
-
-    def is_completed(self) -> bool:
-        return self.base.done()
-
-    def is_success(self) -> bool:
-        return self.base.done() and self.base.value()[0]
-
-    def result(self):
-        self.wait()
-        return self.res
 
 
 def _env_float(name: str, default: float) -> float:
@@ -199,7 +101,7 @@ class IncProcessGroup(dist.ProcessGroup):
                   timeout=_env_float("INC_TIMEOUT", 10.0),
                   fail_timeout=_env_float("INC_FAIL_TIMEOUT", 2.0),
                   register_timeout=_env_float("INC_REGISTER_TIMEOUT", min(limit, MAX_REGISTER_TIMEOUT)))
-        self._worker = _Worker(f"inc-pg-job{self.job}")
+        self._worker = Worker(f"inc-pg-job{self.job}")
 
         def join(_):
             self._worker.comm = Communicator(self.job, rank, world, os.environ.get("INC_SWITCH") or None, **kw)
@@ -242,8 +144,8 @@ class IncProcessGroup(dist.ProcessGroup):
         return f"IncProcessGroup(job={self.job}, rank={self._rank}, world={self._world})"
 
     # -- plumbing --------------------------------------------------------------
-    def _run(self, fn, result) -> _IncWork:
-        return _IncWork(self._worker.submit(fn, result), result)
+    def _run(self, fn, result) -> IncWork:
+        return IncWork(self._worker.submit(fn, result), result)
 
     @staticmethod
     def _op(opts, dtype: torch.dtype) -> str:
@@ -504,19 +406,6 @@ def create_inc_process_group(store, rank: int, world: int, timeout) -> IncProces
     return IncProcessGroup(store, rank, world, timeout)
 
 
-_crashed = False  # an exception ended the main thread: don't tell incd we are done
-_prev_excepthook = sys.excepthook
-
-
-def _excepthook(*exc) -> None:
-    global _crashed
-    _crashed = True
-    _prev_excepthook(*exc)
-
-
-sys.excepthook = _excepthook
-
-
 @atexit.register
 def _leave_all() -> None:
     # A rank that exits without telling incd it is done fails the job for the
@@ -526,42 +415,3 @@ def _leave_all() -> None:
 
 
 dist.Backend.register_backend(BACKEND, create_inc_process_group, devices=["cpu"])
-
-
-# -- DDP comm hook for a process group that is not "inc" --------------------------
-class IncHookState:
-    """The hook's state: a Communicator used from one worker thread (don't use
-    the Communicator yourself while the model trains through it)."""
-
-    def __init__(self, comm: Communicator):
-        self.comm = comm
-        self.world = comm.world
-        self._worker = _Worker(f"inc-hook-job{comm.job}", owns_comm=False)
-        self._worker.comm = comm
-
-    def close(self) -> None:
-        """Stop the worker thread (the Communicator stays open: it is yours)."""
-        self._worker.stop()
-
-    def __getstate__(self):  # DDP pickles comm-hook state with the model only on request
-        raise TypeError("IncHookState cannot be pickled: it holds a live Communicator")
-
-
-def inc_allreduce_hook(state: IncHookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
-    """DDP comm hook: the bucket's gradients averaged over the ranks through
-    the switch (sum / world), in place."""
-    # (this module has no `from __future__ import annotations`: DDP compares the annotations)
-    buf = bucket.buffer()
-    return state._worker.submit(lambda comm: comm.allreduce(buf, "avg"), buf).then(_unwrap)
-
-
-def register_inc_hook(ddp_model, comm: Communicator) -> IncHookState:
-    """Send ddp_model's gradient buckets through comm instead of its process
-    group. comm.world must be the process group's size. Returns the state
-    (close() it when done with the model)."""
-    pg_size = ddp_model.process_group.size()
-    if comm.world != pg_size:
-        raise ValueError(f"the Communicator's world ({comm.world}) is not the process group's ({pg_size})")
-    state = IncHookState(comm)
-    ddp_model.register_comm_hook(state, inc_allreduce_hook)
-    return state

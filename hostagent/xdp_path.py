@@ -103,15 +103,7 @@ class XdpPath:
     def open(cls, doorbell: socket.socket, toward: str) -> "XdpPath":
         """Loads host_rx and attaches it to the interface that leads to
         `toward` (the switch), or raises XdpUnavailable saying why."""
-        if os.geteuid() != 0:
-            raise XdpUnavailable("needs root (BPF programs, XDP attach)")
-        try:
-            import bcc  # noqa: F401  (only whether it is there)
-        except ImportError as e:
-            raise XdpUnavailable(f"bcc is not installed ({e})") from None
-        dev = route_to(toward)
-        if _has_xdp(dev):
-            raise XdpUnavailable(f"{dev} already runs an XDP program (another agent on this host?)")
+        dev = free_veth(toward, " (another agent on this host?)")
         try:
             hm = HostMaps()
         except Exception as e:
@@ -161,6 +153,21 @@ class XdpPath:
         for name in ("rx_ctl", "rx_vec", "rx_state"):
             self.__dict__.pop(name, None)
         self.hm.close()
+
+
+def free_veth(toward: str, hint: str = "") -> str:
+    """The interface towards `toward` (the switch), if a host XDP program can
+    go there: root, bcc, and no XDP program on it yet; else XdpUnavailable."""
+    if os.geteuid() != 0:
+        raise XdpUnavailable("needs root (BPF programs, XDP attach)")
+    try:
+        import bcc  # noqa: F401  (only whether it is there)
+    except ImportError as e:
+        raise XdpUnavailable(f"bcc is not installed ({e})") from None
+    dev = route_to(toward)
+    if _has_xdp(dev):
+        raise XdpUnavailable(f"{dev} already runs an XDP program{hint}")
+    return dev
 
 
 def mmap_array(b, name: str, entries: int, value_size: int, dtype, maps: list) -> np.ndarray:
