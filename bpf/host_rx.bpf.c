@@ -83,6 +83,11 @@ int host_rx(struct xdp_md *ctx)
 	__u32 i = h->psn - c->psn0;
 	__u32 numel = h->numel;
 	if (i >= c->npk || i >= HOST_MAX_PKTS) {
+		/* A broadcast's data can come before this rank opened the
+		 * broadcast (the root does not wait for it): up to the socket,
+		 * where the agent keeps it (hostagent/bcast.py). */
+		if ((h->flags & (INC_F_BCAST | INC_F_NO_LANES)) == INC_F_BCAST)
+			return XDP_PASS;
 		__sync_fetch_and_add(&c->stray, 1);
 		return XDP_DROP;
 	}

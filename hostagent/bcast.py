@@ -82,6 +82,9 @@ class BcastReceive:
             self.path.begin(npk=npk, elems=p.elems, last_numel=int(self.want[-1]), job=p.job, psn0=self.psn0)
             self.seen = 0
             self.corrupt0 = 0
+        self.early_ids = None
+        self.kick = False  # early data landed by hand: look before waiting
+        self._take_early()
 
     def _ack(self, idx: np.ndarray, now: float, again: bool) -> None:
         rows = self.acks[idx]
@@ -136,9 +139,12 @@ class BcastReceive:
     def _poll_xdp(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What host_rx landed since the last look: new lanes, and completions."""
         path = self.path
-        if path.landed() <= self.seen:
+        if not self.kick and path.landed() <= self.seen:
             path.wait(self.s.rto, self.seen + 1)
+        self.kick = False
         self.seen = path.landed()
+        if self.s.early:  # passed up while this broadcast was being opened, kept by the drain
+            self._take_early()
         corrupt = int(path.rx_ctl["corrupt"])
         self.s.stats.corrupt += corrupt - self.corrupt0
         self.corrupt0 = corrupt
@@ -147,14 +153,10 @@ class BcastReceive:
         bare = (st & np.uint64(RX_BARE)).astype(bool)
         return np.flatnonzero(got & ~bare & ~self.have), _NONE, np.flatnonzero(bare & ~self.done)
 
-    def _poll_socket(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A received batch: new data (its lanes copied), data seen before, and
-        completions."""
-        s, rx = self.s, self.s._rx
-        k = rx.recv(s.rto)
-        if not k:
-            return _NONE, _NONE, _NONE
-        rows, lens = rx.buf[:k], rx.m.msgs["len"][:k].astype(np.int64)
+    def _classify(self, rows: np.ndarray, lens: np.ndarray):
+        """Per received datagram: its index in this broadcast, whether it is
+        this broadcast's data (whole and intact), whether its completion."""
+        s = self.s
         h = np.frombuffer(rows[:, :wire.HDR_LEN].tobytes(), dtype=wire.HDR_DTYPE)
         idx = (h["psn"].astype(np.int64) - self.psn0) & 0xFFFFFFFF
         ok = ((h["version"] == wire.VERSION) & (h["type"] == wire.T_RESULT) & (h["job"] == s.params.job)
@@ -166,13 +168,60 @@ class BcastReceive:
         numel = h["numel"].astype(np.int64)
         bare = (h["flags"] & wire.F_NO_LANES) != 0
         data = ok & ~bare & (numel == self.want[idx]) & (lens >= wire.HDR_LEN + 4 * numel)
+        return idx, data, ok & bare & (numel == 0), h
+
+    def _lanes_into(self, dest: np.ndarray, rows: np.ndarray, ids: np.ndarray, sel: np.ndarray) -> None:
+        for j, row in zip(ids, sel):
+            m = int(self.want[j])
+            dest[j, :m] = rows[row, wire.HDR_LEN:wire.HDR_LEN + 4 * m].view("<i4")
+
+    def _take_early(self) -> None:
+        """This broadcast's data that came before it was opened (Session.early):
+        landed as if it came now; data of later broadcasts stays kept."""
+        early = self.s.early
+        frames = [early.popleft() for _ in range(len(early))]
+        if not frames:
+            return
+        rows = np.zeros((len(frames), max(len(f) for f in frames)), dtype=np.uint8)
+        for i, f in enumerate(frames):
+            rows[i, :len(f)] = np.frombuffer(f, np.uint8)
+        lens = np.array([len(f) for f in frames], dtype=np.int64)
+        idx, data, _, h = self._classify(rows, lens)
+        ahead = ((h["psn"].astype(np.int64) - self.psn0) & 0xFFFFFFFF) - self.npk
+        for i in np.flatnonzero(~data & (ahead >= 0) & (ahead < 1 << 30)):
+            early.append(frames[i])  # a later broadcast's
+        sel = np.flatnonzero(data)
+        ids, first = np.unique(idx[sel], return_index=True)
+        sel = sel[first]
+        if self.path is None:
+            self._lanes_into(self.out, rows, ids, sel)
+            self.have[ids] = True
+            self.early_ids = ids
+        else:
+            empty = self.path.rx_state[ids] == 0  # host_rx may have landed a copy since
+            ids, sel = ids[empty], sel[empty]
+            self._lanes_into(self.path.rx_vec, rows, ids, sel)
+            gen = h["gen"][sel].astype(np.uint64)
+            self.path.rx_state[ids] = np.uint64(RX_GOT) | (gen << np.uint64(16))
+            self.kick = bool(ids.size)
+
+    def _poll_socket(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A received batch: new data (its lanes copied), data seen before, and
+        completions; first what came before the broadcast was opened."""
+        if self.early_ids is not None:
+            ids, self.early_ids = self.early_ids, None
+            return ids, _NONE, _NONE
+        s, rx = self.s, self.s._rx
+        k = rx.recv(s.rto)
+        if not k:
+            return _NONE, _NONE, _NONE
+        rows, lens = rx.buf[:k], rx.m.msgs["len"][:k].astype(np.int64)
+        idx, data, fin, _ = self._classify(rows, lens)
         sel = np.flatnonzero(data)
         ids, first = np.unique(idx[sel], return_index=True)
         fresh = ~self.have[ids]
-        for j, row in zip(ids[fresh], sel[first][fresh]):
-            m = int(self.want[j])
-            self.out[j, :m] = rows[row, wire.HDR_LEN:wire.HDR_LEN + 4 * m].view("<i4")
-        fin = np.unique(idx[ok & bare & (numel == 0)])
+        self._lanes_into(self.out, rows, ids[fresh], sel[first][fresh])
+        fin = np.unique(idx[fin])
         return ids[fresh], ids[~fresh], fin[~self.done[fin]]
 
 

@@ -64,6 +64,9 @@ class SocketIO:
         idx = (h["psn"].astype(np.int64) - self.psn0) & 0xFFFFFFFF
         ok = ((h["version"] == wire.VERSION) & (h["type"] == wire.T_RESULT) & (h["job"] == s.params.job)
               & (lens >= wire.HDR_LEN) & (idx < self.npk))
+        early = ~ok & ((h["flags"] & (wire.F_BCAST | wire.F_NO_LANES)) == wire.F_BCAST) & (h["type"] == wire.T_RESULT)
+        for i in np.flatnonzero(early):  # a broadcast this rank has not opened yet (bcast.py)
+            s.early.append(rows[i, :lens[i]].tobytes())
         intact = wire.csum_ok(rows, lens)  # changed on the way: as if lost
         s.stats.corrupt += int((ok & ~intact).sum())
         ok &= intact

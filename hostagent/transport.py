@@ -4,6 +4,7 @@ job's memory), and reduce(), whose windowed reliable loop is in reduction.py.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import socket
 import threading
@@ -14,9 +15,9 @@ import numpy as np
 from bpf import wire
 
 from . import batchio
+from .bcast import BcastReceive, BcastRootIO, BcastRootXdpIO
 from .incd_link import TransportError, default_gateway
 from .member import Member
-from .bcast import BcastReceive, BcastRootIO, BcastRootXdpIO
 from .reduce_io import XdpIO
 from .reduction import WindowedReduce
 from .xdp_path import MAX_PKTS, XdpPath, XdpUnavailable
@@ -139,6 +140,11 @@ class Session(Member):
         self.gso = batchio.gso_supported(self.udp)
         self._packet_bufs: dict = {}
         self._rx = batchio.Receiver(self.udp.fileno(), 256, wire.HDR_LEN + 4 * wire.MAX_ELEMS + 64)
+        # A broadcast's data that came before this rank opened the broadcast
+        # (bcast.py takes it from here); at most a window's worth can be early.
+        self.early: collections.deque = collections.deque(maxlen=4 * wire.MAX_WORKERS * 64)
+        if self.xdp is not None:
+            self.xdp.early = self.early
         self.stats = ReduceStats()
 
     # --- control connection after registration --------------------------------

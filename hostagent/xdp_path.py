@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 import bpf
+from bpf import wire
 
 MAX_PKTS = 8192          # packets of one reduction held at once (longer ones go in pieces)
 RX_GOT, RX_OVERFLOW, RX_BARE = 1, 2, 4  # rx_state bits, as HOST_RX_* in bpf/host_rx.bpf.c (test_host_rx.py checks them)
@@ -97,6 +98,7 @@ class XdpPath:
         self.poll = select.poll()
         self.poll.register(doorbell.fileno(), select.POLLIN)
         self._drain = bytearray(65536)
+        self.early = None  # where broadcast data that came too soon is kept (Session.early)
         self.link_fd = _xdp_link(hm.rx_fn.fd, socket.if_nametoindex(dev))
 
     @classmethod
@@ -139,9 +141,11 @@ class XdpPath:
             self.poll.poll(max(1, int(timeout_s * 1000)))
         while True:
             try:
-                self.doorbell.recv_into(self._drain, 0, socket.MSG_DONTWAIT)
+                n = self.doorbell.recv_into(self._drain, 0, socket.MSG_DONTWAIT)
             except OSError:  # EAGAIN: drained; an ICMP error from an earlier send: nothing to read
                 return
+            if self.early is not None and is_bcast_data(self._drain, n):
+                self.early.append(bytes(self._drain[:n]))
 
     def state(self) -> np.ndarray:
         return self.rx_state[:self.npk]
@@ -153,6 +157,15 @@ class XdpPath:
         for name in ("rx_ctl", "rx_vec", "rx_state"):
             self.__dict__.pop(name, None)
         self.hm.close()
+
+
+def is_bcast_data(buf, n: int) -> bool:
+    """Whether a datagram is a broadcast's data (a RESULT with INC_F_BCAST and lanes)."""
+    if n < wire.HDR_LEN:
+        return False
+    h = wire.parse_header(bytes(buf[:wire.HDR_LEN]))
+    return (h["type"] == wire.T_RESULT and
+            int(h["flags"]) & (wire.F_BCAST | wire.F_NO_LANES) == wire.F_BCAST)
 
 
 def free_veth(toward: str, hint: str = "") -> str:

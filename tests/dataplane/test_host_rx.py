@@ -113,3 +113,8 @@ def test_rx_a_broadcasts_lanes_and_its_completion_both_count(hm):
     assert prog_test_run(hm.rx_fn.fd, result_frame(11, lanes[::-1], flags=wire.F_BCAST)).verdict == XDP_DROP
     assert hm.rx_state[1] == RX_GOT | RX_BARE | (3 << 16) and np.array_equal(hm.rx_vec[1, :ELEMS], lanes[::-1])
     assert int(hm.rx_ctl["landed"]) == 4
+    # a broadcast's data past the reduction (this rank has not opened it yet) goes up
+    # to the socket for the agent to keep; any other result there is a stray
+    assert prog_test_run(hm.rx_fn.fd, result_frame(15, lanes, flags=wire.F_BCAST)).verdict == XDP_PASS
+    assert prog_test_run(hm.rx_fn.fd, result_frame(15, lanes)).verdict == XDP_DROP
+    assert int(hm.rx_ctl["stray"]) == 1 and int(hm.rx_ctl["landed"]) == 4
