@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up what they need and can be re-run.
-.PHONY: setup demo test test-unit bench bench-kv train-ddp clean
+.PHONY: setup demo test test-unit bench bench-collectives bench-kv train-ddp clean
 
 PY := .venv/bin/python
 
@@ -23,6 +23,11 @@ test-unit:
 bench: setup
 	@.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 	@$(PY) scripts/bench.py
+
+# Allreduce, broadcast, allgather, reduce_scatter through the switch against Gloo's.
+bench-collectives: setup
+	@.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+	@$(PY) scripts/collectives_bench.py
 
 # Word count through the switch vs switch aggregation off vs PySpark (installed on demand).
 bench-kv: setup
