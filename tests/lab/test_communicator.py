@@ -196,12 +196,16 @@ src = np.random.default_rng(11).integers(-2**31, 2**31, 600_000, dtype=np.int64)
 with Communicator(job, rank, world, datapath=datapath) as c:
     x = src.copy() if rank == root else np.zeros_like(src)
     c.barrier()
+    # counted from before a barrier: the root leaves it first and its data may arrive
+    # before this rank has left it (the broadcast keeps such data)
     tx, rx = counter("tx_bytes"), counter("rx_bytes")
+    c.barrier()
     y = c.broadcast(x, root=root)
     out = {"tx": counter("tx_bytes") - tx, "rx": counter("rx_bytes") - rx, "ok": bool(np.array_equal(y, src))}
     block = np.random.default_rng(rank).integers(-2**31, 2**31, 150_000, dtype=np.int64).astype(np.int32)
     c.barrier()
     tx, rx = counter("tx_bytes"), counter("rx_bytes")
+    c.barrier()
     g = c.allgather(block)
     want = [np.random.default_rng(r).integers(-2**31, 2**31, 150_000, dtype=np.int64).astype(np.int32)
             for r in range(world)]
