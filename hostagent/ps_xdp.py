@@ -18,7 +18,7 @@ import numpy as np
 import bpf
 from bpf import wire
 
-from .xdp_path import XdpUnavailable, _xdp_link, free_veth, mmap_array
+from .xdp_path import XdpUnavailable, _xdp_link, close_maps, free_veth, mmap_array
 
 ROW_BYTES = 4096  # PS_ROW_BYTES in bpf/ps_fast.bpf.c
 
@@ -84,15 +84,7 @@ class PsFastPath:
         if self.link_fd is not None:
             os.close(self.link_fd)  # detaches ps_fast
             self.link_fd = None
-        for name in ("ctl", "rows", "tag", "length"):
-            self.__dict__.pop(name, None)  # views first: an mmap with exports cannot close
-        for m in self.maps:
-            try:
-                m.close()
-            except BufferError:
-                pass
-        self.maps = []
-        self.b.cleanup()
+        close_maps(self, ("ctl", "rows", "tag", "length"))
 
 
 def result_row_view(fp: PsFastPath) -> np.ndarray:

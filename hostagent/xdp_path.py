@@ -71,15 +71,7 @@ class HostMaps:
         return mmap_array(self.b, name, entries, value_size, dtype, self.maps)
 
     def close(self) -> None:
-        for name in ("rx_ctl", "rx_vec", "rx_state"):
-            self.__dict__.pop(name, None)  # views first: an mmap with exports cannot close
-        for m in self.maps:
-            try:
-                m.close()
-            except BufferError:
-                pass
-        self.maps = []
-        self.b.cleanup()
+        close_maps(self, ("rx_ctl", "rx_vec", "rx_state"))
 
 
 class XdpPath:
@@ -181,6 +173,20 @@ def free_veth(toward: str, hint: str = "") -> str:
     if _has_xdp(dev):
         raise XdpUnavailable(f"{dev} already runs an XDP program{hint}")
     return dev
+
+
+def close_maps(obj, views: tuple) -> None:
+    """Drops obj's numpy views (an mmap with exports cannot close), closes its
+    mmaps (obj.maps) and its bcc module (obj.b)."""
+    for name in views:
+        obj.__dict__.pop(name, None)
+    for m in obj.maps:
+        try:
+            m.close()
+        except BufferError:
+            pass
+    obj.maps = []
+    obj.b.cleanup()
 
 
 def mmap_array(b, name: str, entries: int, value_size: int, dtype, maps: list) -> np.ndarray:
