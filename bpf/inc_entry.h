@@ -10,6 +10,10 @@
 #include "parsing.h"
 #include "csum_helpers.h"
 
+/* Where a jumbo frame's lanes start: Ethernet, IPv4 without options, UDP, INC. */
+#define JUMBO_LANES_AT (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) + \
+			sizeof(struct inc_hdr))
+
 enum verdict_kind {
 	V_CONSUMED,
 	V_MCAST,
@@ -47,10 +51,12 @@ struct inc_pkt {
 
 #define PARSE_OK 0
 #define PARSE_PASS (-1)
+#define PARSE_JUMBO (-2) /* a well-formed jumbo frame: its lanes are not in the linear part */
 #define PARSE_DROP(reason) (1 + (reason)) /* reason 0 must not read as OK */
 
-/* PARSE_OK for a well-formed INC packet, PARSE_PASS for anything that is not
- * INC traffic, else PARSE_DROP(reason). */
+/* PARSE_OK for a well-formed INC packet, PARSE_JUMBO for a well-formed jumbo
+ * frame (header checked, lanes not: pk->payload and pk->end are unset),
+ * PARSE_PASS for anything that is not INC traffic, else PARSE_DROP(reason). */
 static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 {
 	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
@@ -75,10 +81,20 @@ static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 	if ((void *)(h + 1) > c.end)
 		return PARSE_DROP(INC_DROP_BAD_HDR);
 	if (h->version != INC_VERSION || h->op > INC_OP_MAX ||
-	    h->type < INC_T_DATA || h->type > INC_T_KV)
+	    h->type < INC_T_DATA || h->type > INC_T_JRESULT || h->type == INC_T_KV_ACK)
 		return PARSE_DROP(INC_DROP_BAD_HDR);
 	pk->h = h; /* set early: length errors are charged to the job */
 	__u32 n = h->numel;
+	if (h->type >= INC_T_JUMBO) {
+		/* The whole frame (all its buffers) must hold the lanes. */
+		if (n == 0 || n > INC_JUMBO_ELEMS || h->op != INC_OP_SUM || h->flags & ~(INC_F_RETRANS | INC_F_OVERFLOW) ||
+		    bpf_xdp_get_buff_len(ctx) < JUMBO_LANES_AT + n * 4)
+			return PARSE_DROP(INC_DROP_BAD_LEN);
+		pk->eth = eth;
+		pk->ip = ip;
+		pk->udp = udp;
+		return PARSE_JUMBO;
+	}
 	__s32 *payload = (__s32 *)(h + 1);
 	/* Only a broadcast's ACK carries no lanes. */
 	int bare = h->type == INC_T_DATA &&
@@ -98,11 +114,12 @@ static __always_inline int parse_inc(struct xdp_md *ctx, struct inc_pkt *pk)
 	return PARSE_OK;
 }
 
-/* Re-derives what the dispatcher checked: tail calls keep no stack. */
-static __always_inline int enter_mode(struct xdp_md *ctx, struct inc_pkt *pk, __u32 *job_id,
-				      struct inc_job **job, struct inc_stats **st)
+/* Re-derives what the dispatcher checked: tail calls keep no stack. want is
+ * PARSE_OK, or PARSE_JUMBO for the jumbo program. */
+static __always_inline int enter_mode_as(struct xdp_md *ctx, struct inc_pkt *pk, __u32 *job_id,
+					 struct inc_job **job, struct inc_stats **st, int want)
 {
-	if (parse_inc(ctx, pk) != PARSE_OK)
+	if (parse_inc(ctx, pk) != want)
 		return -1;
 	*job_id = pk->h->job;
 	*job = jobs.lookup(job_id);
@@ -110,6 +127,12 @@ static __always_inline int enter_mode(struct xdp_md *ctx, struct inc_pkt *pk, __
 		return -1;
 	*st = stats_of(*job_id);
 	return 0;
+}
+
+static __always_inline int enter_mode(struct xdp_md *ctx, struct inc_pkt *pk, __u32 *job_id,
+				      struct inc_job **job, struct inc_stats **st)
+{
+	return enter_mode_as(ctx, pk, job_id, job, st, PARSE_OK);
 }
 
 #endif /* INC_ENTRY_H */

@@ -31,6 +31,8 @@
 /* Lanes per packet. 800 * 4 B + 32 B header + 42 B Eth/IP/UDP = 3274 B, under
  * the ~3.5 KiB that XDP sees linearly on veth. */
 #define INC_MAX_ELEMS 800
+#define INC_JUMBO_SUBS 20      /* slots (psns) one jumbo frame covers */
+#define INC_JUMBO_ELEMS (INC_JUMBO_SUBS * INC_MAX_ELEMS) /* 64 KB of lanes: a frame of 64074 B */
 #define INC_MAX_WORKERS 64     /* width of the slot bitmap */
 #define INC_MAX_JOBS 1024      /* job ids 1..INC_MAX_JOBS-1; 0 collects unattributable drops */
 
@@ -40,9 +42,13 @@
 #define INC_T_EVICT 3          /* hash mode, PS -> switch: hand me the partial of this psn */
 #define INC_T_KV 4             /* key-value mode, mapper -> switch (-> reducer): tuples */
 #define INC_T_KV_ACK 5         /* key-value mode, switch -> mapper: every tuple of psn absorbed */
+#define INC_T_JUMBO 6          /* modulo data in one jumbo frame: psns psn .. psn + INC_JUMBO_SUBS - 1,
+				* INC_MAX_ELEMS lanes each (docs/design.md, "Jumbo frames") */
+#define INC_T_JRESULT 7        /* a jumbo result on its chain: switch -> rank r -> switch -> rank r + 1 */
 
 /* inc_hdr.flags */
-#define INC_F_RETRANS 0x01     /* sender had sent this psn before */
+#define INC_F_RETRANS 0x01     /* sender had sent this psn before; on a jumbo result: the answer to a
+				* resend, for its sender only (the end of its chain) */
 #define INC_F_OVERFLOW 0x02    /* result: a lane overflowed int32 while summing */
 #define INC_F_COLLISION 0x04   /* hash mode, to the PS: the slot was held by another (job, psn) */
 #define INC_F_AGGREGATE 0x08   /* hash mode, to the PS: a switch aggregate of the ranks in bitmap */

@@ -38,7 +38,10 @@
 #define INC_PROG_HASH_FROM_PS 3
 #define INC_PROG_BCAST 5       /* modulo jobs' broadcasts (INC_F_BCAST) */
 #define INC_MODE_KV 4          /* key-value aggregation (word count): see inc_proto.h */
-#define INC_MODE_PROGS 8       /* size of the program array */
+#define INC_PROG_JUMBO 6       /* modulo jobs' jumbo frames (INC_T_JUMBO, INC_T_JRESULT) */
+#define INC_PROG_JUMBO_ADD 7   /* a jumbo frame into one of its slots, then the next */
+#define INC_PROG_JUMBO_OUT 8   /* a jumbo frame's result written and sent */
+#define INC_MODE_PROGS 16       /* size of the program array */
 
 /* Hash mode: a slot claimed longer ago than this by a (job, psn) that never
  * finished may be taken over; its contributors resend to the PS. */
@@ -100,9 +103,10 @@ struct inc_slot {
 	__u8 op;
 	__u8 overflow;
 	__u16 numel;
-	__u16 pad;
+	__u16 jdone;      /* jumbo, first slot of a frame: ranks done adding into all its slots */
 	__u64 claimed_ns; /* hash mode: when this (job, psn) took the slot */
-	__u64 select;     /* hash mode: the ranks its result's lanes go to (INC_F_SELECT); 0: all */
+	__u64 select;     /* hash mode: the ranks its result's lanes go to (INC_F_SELECT); 0: all.
+			   * Jumbo, first slot of a frame: the frame's numel */
 	__s32 lanes[INC_MAX_ELEMS];
 };
 
@@ -127,6 +131,7 @@ struct inc_stats {
 	__u64 kv_to_reducer;    /* key-value: packets sent on to the reducer with their leftovers */
 	__u64 kv_resent;        /* key-value: retransmissions of a psn already absorbed (re-acked or
 				 * replayed to the reducer, never added again) */
+	__u64 chained;          /* jumbo: results passed on to the next rank of their chain */
 	__u64 drops[INC_DROP__COUNT];
 };
 
@@ -182,6 +187,18 @@ struct kv_scratch {
 	__u32 left;
 	__u32 lsum;
 	__u64 mask[INC_KV_MASK_WORDS];
+};
+
+/* Jumbo frames: a frame's lanes, loaded once per packet, and where its
+ * programs are (one entry per CPU, indexed by the CPU id: a per-CPU map value
+ * is limited to 32 KB; a frame's tail calls all run on one CPU). */
+#ifndef INC_JUMBO_CPUS
+#define INC_JUMBO_CPUS 64
+#endif
+struct inc_jumbo_buf {
+	__u32 j;       /* the frame's next slot */
+	__s32 fate;    /* what its first slot decided (enum jumbo_first) */
+	__s32 lanes[INC_JUMBO_ELEMS];
 };
 
 #endif /* INC_STATE_H */

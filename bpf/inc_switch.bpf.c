@@ -3,8 +3,8 @@
  *
  * xdp_inc_ingress runs on every switch port: it admits INC packets (inc_entry.h)
  * and tail-calls its job's mode program, xdp_inc_modulo (mode_modulo.h),
- * xdp_inc_hash and xdp_inc_hash_from_ps (mode_hash.h) or xdp_inc_kv
- * (mode_kv.h). xdp_inc_egress, the devmap egress program, delivers broadcast
+ * xdp_inc_hash and xdp_inc_hash_from_ps (mode_hash.h), xdp_inc_kv
+ * (mode_kv.h) or xdp_inc_jumbo (mode_jumbo.h). xdp_inc_egress, the devmap egress program, delivers broadcast
  * results to each port's members. The wire format is inc_proto.h, the maps'
  * value structs inc_state.h, the maps inc_maps.h.
  *
@@ -25,6 +25,7 @@
 #include "mode_hash.h"
 #include "mode_kv.h"
 #include "mode_bcast.h"
+#include "mode_jumbo.h"
 
 int xdp_inc_ingress(struct xdp_md *ctx)
 {
@@ -37,11 +38,13 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 		struct inc_job *jj = jobs.lookup(&j);
 		return drop(jj && jj->mode ? j : 0, INC_DROP_BAD_LEN);
 	}
-	if (rc != PARSE_OK)
+	int jumbo = rc == PARSE_JUMBO;
+	if (rc != PARSE_OK && !jumbo)
 		return drop(0, rc - 1);
 	struct inc_hdr *h = pk.h;
 	__u32 job_id = h->job;
-	if (!inc_csum_ok(h, pk.payload, pk.end, h->numel)) {
+	/* A jumbo frame's lanes are checked as its program loads them. */
+	if (!jumbo && !inc_csum_ok(h, pk.payload, pk.end, h->numel)) {
 		/* nothing in it can be trusted, the job id included */
 		struct inc_job *jj = jobs.lookup(&job_id);
 		return drop(jj && jj->mode ? job_id : 0, INC_DROP_BAD_CSUM);
@@ -54,9 +57,12 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	int kv = job->mode == INC_MODE_KV;
 	if ((h->type == INC_T_KV) != kv)
 		return drop(0, INC_DROP_BAD_HDR); /* key-value packets for key-value jobs only */
-	if (!kv && h->type != INC_T_DATA && job->mode != INC_MODE_HASH)
+	if (jumbo && job->mode != INC_MODE_MODULO)
+		return drop(0, INC_DROP_BAD_HDR); /* jumbo frames are modulo jobs' */
+	if (!kv && !jumbo && h->type != INC_T_DATA && job->mode != INC_MODE_HASH)
 		return drop(0, INC_DROP_BAD_HDR); /* only a hash job's PS sends results in */
-	int data = h->type == INC_T_DATA || kv; /* from a rank (a mapper's flow id in KV) */
+	/* From a rank (a mapper's flow id in KV); a jumbo result on its chain too. */
+	int data = h->type == INC_T_DATA || kv || jumbo;
 	struct inc_stats *st = stats_of(job_id);
 	if (st)
 		st->pkts_in++;
@@ -77,7 +83,9 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	__u32 prog = job->mode;
 	if (job->mode == INC_MODE_HASH && h->type != INC_T_DATA)
 		prog = INC_PROG_HASH_FROM_PS;
-	if (h->flags & INC_F_BCAST) {
+	if (jumbo)
+		prog = INC_PROG_JUMBO;
+	else if (h->flags & INC_F_BCAST) {
 		if (job->mode != INC_MODE_MODULO || !data)
 			return drop(job_id, INC_DROP_BAD_HDR); /* broadcasts are modulo jobs' */
 		prog = INC_PROG_BCAST;
@@ -128,6 +136,43 @@ int xdp_inc_bcast(struct xdp_md *ctx)
 	if (enter_mode(ctx, &pk, &job_id, &job, &st) || pk.h->type != INC_T_DATA || job->mode != INC_MODE_MODULO)
 		return XDP_DROP;
 	return modulo_bcast(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.end, job_id, job, st);
+}
+
+int xdp_inc_jumbo(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode_as(ctx, &pk, &job_id, &job, &st, PARSE_JUMBO) || job->mode != INC_MODE_MODULO)
+		return XDP_DROP;
+	if (pk.h->type == INC_T_JRESULT)
+		return jumbo_chain(pk.eth, pk.ip, pk.udp, pk.h, job_id, job, st);
+	return jumbo_begin(ctx, pk.h, job_id, st);
+}
+
+int xdp_inc_jumbo_add(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode_as(ctx, &pk, &job_id, &job, &st, PARSE_JUMBO) || job->mode != INC_MODE_MODULO ||
+	    pk.h->type != INC_T_JUMBO)
+		return XDP_DROP;
+	return jumbo_step(ctx, pk.h, job_id, job, st);
+}
+
+int xdp_inc_jumbo_out(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode_as(ctx, &pk, &job_id, &job, &st, PARSE_JUMBO) || job->mode != INC_MODE_MODULO ||
+	    pk.h->type != INC_T_JUMBO)
+		return XDP_DROP;
+	return jumbo_out(ctx, &pk, job_id, job, st);
 }
 
 int xdp_inc_kv(struct xdp_md *ctx)

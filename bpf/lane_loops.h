@@ -42,6 +42,35 @@
 		}                                                                \
 	} while (0)
 
+/* Runs BODY for every lane k < n (n <= LIMIT) of an array in map memory
+ * (jumbo frames): a bounds check per eight lanes, then lane by lane for the
+ * rest. A check per lane would leave the
+ * verifier one pending branch per lane: more than it follows for 16 000. */
+#define FOR_LANES(n, LIMIT, BODY)                                         \
+	do {                                                              \
+		__u32 i_ = 0;                                             \
+		for (; i_ + 8 <= (LIMIT); i_ += 8) {                      \
+			if (i_ + 8 > (n))                                 \
+				break;                                    \
+			_Pragma("unroll") for (int t_ = 0; t_ < 8; t_++) { \
+				__u32 k = i_ + t_;                        \
+				BODY;                                     \
+			}                                                 \
+		}                                                         \
+		for (int t_ = 0; t_ < 8; t_++) {                          \
+			__u32 k = i_ + t_;                                \
+			if (k >= (n) || k >= (LIMIT))                     \
+				break;                                    \
+			BODY;                                             \
+		}                                                         \
+	} while (0)
+
+/* v, or 0 if it is above MAX (a constant), compared in the very register the
+ * helper gets: the compiler may otherwise test a copy or a shifted value,
+ * which leaves the verifier without the bound (a length for
+ * bpf_xdp_load_bytes/store_bytes). */
+#define BOUND_LEN(v, MAX) asm volatile("if %0 <= %1 goto +1; %0 = 0;" : "+r"(v) : "i"(MAX))
+
 /* Lane k's weight in the csum (csum_helpers.h). */
 #define LANE_W(k) ((__u32)(2 * (k) + INC_LANE_W0))
 

@@ -101,6 +101,7 @@ HDR_LEN = HDR_DTYPE.itemsize
 _NUMEL_AT = HDR_DTYPE.fields["numel"][1]
 _CSUM_AT = HDR_DTYPE.fields["csum"][1]
 IP_UDP_OVERHEAD = 20 + 8
+JUMBO_IP_BYTES = IP_UDP_OVERHEAD + HDR_LEN + 4 * JUMBO_ELEMS  # the MTU a jumbo frame needs
 
 
 def hash_slots(job: int, psns: np.ndarray, offset: int, size: int) -> np.ndarray:
@@ -139,12 +140,13 @@ def build_packets(values: np.ndarray, elems: int, *, job: int, gen: int, rank: i
 
 def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, rank: int, psn0: int,
                  op: int = OP_SUM, hash_region: tuple[int, int] | None = None,
-                 select: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 select: np.ndarray | None = None, jumbo: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """build_packets into a buffer of packet_dtype(elems) with exactly as many
     rows as the values need, every byte rewritten (a buffer can be reused).
     select (modulo mode): per packet, the bitmap of ranks that want its result's
-    lanes (INC_F_SELECT); the others get the result without them.
-    Returns (sizes, lane sums)."""
+    lanes (INC_F_SELECT); the others get the result without them. jumbo:
+    T_JUMBO frames, each covering JUMBO_SUBS psns (the buffer's elems is
+    JUMBO_ELEMS). Returns (sizes, lane sums)."""
     npk = len(buf)
     elems = buf.dtype["data"].shape[0]
     n = values.size
@@ -152,13 +154,13 @@ def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, ran
         raise ValueError(f"{n} values need {max(1, -(-n // elems))} packets of {elems}, the buffer has {npk}")
     hdr = buf["hdr"]
     hdr["version"] = VERSION
-    hdr["type"] = T_DATA
+    hdr["type"] = T_JUMBO if jumbo else T_DATA
     hdr["flags"] = 0
     hdr["op"] = op
     hdr["job"] = job
     hdr["gen"] = gen
     hdr["rank"] = rank
-    hdr["psn"] = (psn0 + np.arange(npk, dtype=np.uint64)) & 0xFFFFFFFF
+    hdr["psn"] = (psn0 + np.arange(npk, dtype=np.uint64) * (JUMBO_SUBS if jumbo else 1)) & 0xFFFFFFFF
     hdr["slot"] = hash_slots(job, hdr["psn"], *hash_region) if hash_region is not None else 0
     hdr["bitmap"] = 0
     if select is not None:

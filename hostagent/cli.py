@@ -96,7 +96,7 @@ def cmd_allreduce(a) -> int:
     with Session(a.job, a.rank, a.world, window=a.window, switch=a.switch,
                  register_timeout=a.register_timeout, progress_timeout=a.timeout,
                  shape=f"{x.size}x{x.dtype}", mode=a.mode, demand=demand, fail_timeout=a.fail_timeout,
-                 datapath=a.datapath, first_psn=a.first_psn) as s:
+                 datapath=a.datapath, first_psn=a.first_psn, frame=a.frame) as s:
         say(f"rank {a.rank}: data path {s.datapath} ({s.datapath_note})")
         comm = VectorAllreduce(s)
         times = []
@@ -136,7 +136,7 @@ def cmd_allreduce(a) -> int:
         "goodput_gbps": x.nbytes * 8 / med / 1e9, "retransmits": retx,
         "packets_per_iter": packets_per_iter, "pps": packets_per_iter / med,
         "elems_per_packet": params.elems, "window": params.window, "mode": a.mode, "resizes": resizes,
-        "datapath": datapath, "datapath_note": datapath_note, "corrupt": corrupt,
+        "datapath": datapath, "datapath_note": datapath_note, "corrupt": corrupt, "frame": params.frame,
         "verified": verified,
         "max_abs_err": max_err,
         "widened_to_int64": comm.widened,  # int32 sums that overflowed and were redone exactly
@@ -320,6 +320,11 @@ def parser() -> argparse.ArgumentParser:
                         "stack; needs root and a veth without another XDP program), socket "
                         "(UDP sockets, works anywhere; the default), auto (xdp where it can be "
                         "loaded, else socket). --json and incd status say which was used")
+    a.add_argument("--frame", choices=["std", "jumbo"], default="std",
+                   help="jumbo: vectors of 16000 lanes and more go in 64 KB frames of 20 slots each, the "
+                        "result passed from rank to rank (needs modulo mode, the XDP data path, an MTU of "
+                        f"{wire.JUMBO_IP_BYTES} on the hosts' and the switch's links, and every rank to say "
+                        "the same); std: 3.2 KB packets (the default)")
     # Tests start a job near the wire psn's wrap (2^32) with this.
     a.add_argument("--first-psn", type=int, default=0, help=argparse.SUPPRESS)
     a.add_argument("--mode", choices=["modulo", "hash", "ps"], default="modulo",

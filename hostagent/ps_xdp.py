@@ -17,6 +17,7 @@ import numpy as np
 
 import bpf
 from bpf import wire
+from bpf.xdp_load import load_xdp
 
 from .xdp_path import XdpUnavailable, _xdp_link, close_maps, free_veth, mmap_array
 
@@ -36,7 +37,7 @@ class PsFastPath:
         self.b = BPF(src_file=str(bpf.source("ps_fast.bpf.c")).encode(),
                      cflags=[f"-I{bpf.source_dir()}", f"-DPS_RING={ring}", "-w"])
         try:
-            self.fn = self.b.load_func(b"ps_fast", BPF.XDP)
+            self.fn = load_xdp(self.b, b"ps_fast")
             leaf = self.b[b"ps_ctl"].Leaf
             self.ctl = self._array("ps_ctl", 1, ct.sizeof(leaf), np.dtype(leaf))[0]
             self.rows = self._array("ps_rows", ring, ROW_BYTES, np.uint8).reshape(ring, ROW_BYTES)

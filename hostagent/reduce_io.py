@@ -3,8 +3,11 @@ the data socket: a run of new packets as UDP GSO datagrams (one pass through
 the UDP stack for up to 20 packets), resends one by one with sendmmsg.
 Results come back through the socket stack (SocketIO: recvmmsg, the portable
 path) or through the host's XDP program straight into an mmapped array
-(XdpIO, see xdp_path.py). WindowedReduce drives either through the same four
-calls: send, resend, receive, rows."""
+(XdpIO, see xdp_path.py); or, with jumbo frames, 64 KB datagrams of
+JUMBO_SUBS psns each out and the results into the XDP path's jumbo rows
+(JumboIO, bpf/mode_jumbo.h). WindowedReduce drives any of them through the
+same four calls: send, resend, receive, rows; `step` is how many psns one of
+their packets covers."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +21,13 @@ from .xdp_path import RX_GOT, RX_OVERFLOW
 class SocketIO:
     """Every packet built up front in one numpy buffer; results copied into
     `out` as they come."""
+
+    step = 1  # psns per packet
+
+    @classmethod
+    def packets(cls, params, n: int) -> int:
+        """Packets a vector of n values takes."""
+        return max(1, -(-n // params.elems))
 
     def __init__(self, s, values: np.ndarray, op: int, psn0: int, select: np.ndarray | None = None):
         p = s.params
@@ -136,3 +146,42 @@ class XdpIO(SocketIO):
 
     def rows(self) -> np.ndarray:
         return self.path.rx_vec[:self.npk, :self.E]  # a view: valid until the next reduce
+
+
+class JumboIO(XdpIO):
+    """Jumbo frames: one 64 KB datagram per JUMBO_SUBS psns (sendmmsg; UDP GSO
+    cannot cut them, nor need it), results in the path's rx_jumbo rows. The
+    job's ranks all send them (incd checks that they agreed)."""
+
+    step = wire.JUMBO_SUBS
+
+    @classmethod
+    def packets(cls, params, n: int) -> int:
+        return max(1, -(-n // wire.JUMBO_ELEMS))
+
+    def __init__(self, s, values: np.ndarray, op: int, psn0: int, select: np.ndarray | None = None):
+        p = s.params
+        if select is not None or op != wire.OP_SUM or p.elems != wire.MAX_ELEMS:
+            raise ValueError("jumbo frames carry sums of full slots for every rank only")
+        self.s, self.psn0, self.E, self.n = s, psn0, wire.JUMBO_ELEMS, values.size
+        self.npk = npk = self.packets(p, values.size)
+        self.buf, raw = s.packet_buffer(npk, self.E)
+        sizes, self.lsum = wire.fill_packets(self.buf, values, job=p.job, gen=p.gen, rank=s.rank, psn0=psn0,
+                                             op=op, jumbo=True)
+        self.msgs = batchio.Messages(raw, sizes.astype(np.uint64))
+        self.hdr_gen = self.buf["hdr"]["gen"]
+        self.want_numel = (sizes - wire.HDR_LEN) // 4
+        self.fd = s.udp.fileno()
+        self.gso = None
+        self.out = None
+        self.path = s.xdp
+        self.path.begin(npk=npk, elems=self.E, last_numel=int(self.want_numel[-1]), job=p.job, psn0=psn0,
+                        jumbo=True, chain_end=s.rank == p.world - 1)
+        self.corrupt0 = 0
+        self.seen = 0
+
+    def rows(self) -> np.ndarray:
+        """One row per slot (MAX_ELEMS lanes: a jumbo job's packet size), as
+        the other paths give them: fp32 scales are per slot's lanes."""
+        blocks = max(1, -(-self.n // wire.MAX_ELEMS))
+        return self.path.rx_jumbo[:self.npk].reshape(-1, wire.MAX_ELEMS)[:blocks]

@@ -55,11 +55,13 @@ class WindowedReduce:
         p = s.params
         values = np.ascontiguousarray(values, dtype=np.int32).ravel()
         self.n = values.size
-        self.psn0_abs = first_psn(s.next_psn, max(1, -(-values.size // p.elems)), p)
+        io = io or SocketIO
+        self.step = io.step  # psns per packet
+        self.psn0_abs = first_psn(s.next_psn, io.packets(p, values.size) * io.step, p)
         self.psn0 = self.psn0_abs & 0xFFFFFFFF
-        self.io = (io or SocketIO)(s, values, op, self.psn0, select)
+        self.io = io(s, values, op, self.psn0, select)
         self.npk = npk = self.io.npk
-        s.next_psn = self.psn0_abs + npk
+        s.next_psn = self.psn0_abs + npk * self.step
         self.sent_gen = np.full(npk, -1, dtype=np.int64)  # a resize changes the generation between psns
         self.W = p.window  # the job's window as last read under the lock (a resize may change it)
         self.got = np.zeros(npk, dtype=bool)
@@ -78,11 +80,11 @@ class WindowedReduce:
             now = time.monotonic()
             if s.failure is not None or s.ctl.lost_at is not None:
                 s._check_failed(now, self.last_progress,
-                                f"psn {self.psn0 + self.base}, {self.ngot}/{self.npk} packets done")
+                                f"psn {self.psn0 + self.base * self.step}, {self.ngot}/{self.npk} packets done")
             self.send_new(now)
             if s.resize is not None:
                 with s._lock:  # S may come after the last result below it
-                    s._maybe_passed(self.psn0_abs + self.base)
+                    s._maybe_passed(self.psn0_abs + self.base * self.step)
             ids, overflow = self.io.receive(s.rto, self)
             now = time.monotonic()
             if ids.size:
@@ -95,23 +97,24 @@ class WindowedReduce:
         return self.io.rows(), self.overflow
 
     def send_new(self, now: float) -> None:
-        """Sends what the window (and a resize's fence) allows now."""
-        s, nxt = self.s, self.nxt
+        """Sends what the window (and a resize's fence) allows now. The window
+        and cwnd count psns; a packet takes `step` of them."""
+        s, nxt, step = self.s, self.nxt, self.step
         # Under the lock: a resize proposal reports sent_upto as this rank's
         # fence, so nothing may be sent past it between reading and updating it.
         with s._lock:
             fence, W = s.fence, s.params.window
             self.W = W
-            limit = min(self.npk, self.base + max(1, min(int(s.cwnd), W)))
+            limit = min(self.npk, self.base + max(1, min(int(s.cwnd), W) // step))
             if fence is not None:
-                limit = min(limit, max(nxt, fence - self.psn0_abs))
+                limit = min(limit, max(nxt, (fence - self.psn0_abs) // step))
             if limit > nxt:
                 self.sent_gen[nxt:limit] = s.params.gen  # the generation when first sent
                 self.sent_at[nxt:limit] = now
                 self.sends[nxt:limit] = 1
                 self.io.send(nxt, limit, s.params.gen)
                 self.nxt = limit
-                s.sent_upto = self.psn0_abs + limit
+                s.sent_upto = self.psn0_abs + limit * step
 
     def resend(self, idx: np.ndarray, now: float) -> None:
         self.sent_at[idx] = now
@@ -131,7 +134,7 @@ class WindowedReduce:
         if clean.size:
             s._sample_rtt(now - float(self.sent_at[clean].mean()))
         self.last_progress = now
-        s.cwnd = min(float(self.W), s.cwnd + ids.size / max(s.cwnd, 1.0))
+        s.cwnd = min(float(self.W), s.cwnd + ids.size * self.step / max(s.cwnd, 1.0))
         base = self.base
         if base < self.npk and got[base]:
             rest = got[base:]
@@ -168,14 +171,14 @@ class WindowedReduce:
     def check_progress(self, now: float) -> None:
         s = self.s
         if now - self.last_progress > s.progress_timeout:
-            missing = s.missing_ranks(self.psn0 + self.base)
+            missing = s.missing_ranks(self.psn0 + self.base * self.step)
             if s.failure is not None:  # another rank gave up first, or incd failed the job: its reason
                 raise TransportError(s.failure)
             why = (" while incd was resizing the job's memory" if s.fence is not None and self.base == self.nxt
                    else f"; the switch has nothing from rank{'s' if len(missing) > 1 else ''} "
                         f"{', '.join(map(str, missing))} for it" if missing
                    else "; another rank may have stopped, or incd is gone")
-            msg = (f"job {s.params.job}: no result for psn {self.psn0 + self.base} in {s.progress_timeout:.1f}s "
+            msg = (f"job {s.params.job}: no result for psn {self.psn0 + self.base * self.step} in {s.progress_timeout:.1f}s "
                    f"({self.ngot}/{self.npk} packets done){why}")
             s.give_up(msg)  # the other ranks learn why from incd, not only that this one left
             raise TransportError(msg)

@@ -18,7 +18,7 @@ from . import batchio
 from .bcast import BcastReceive, BcastRootIO, BcastRootXdpIO
 from .incd_link import TransportError, default_gateway
 from .member import Member
-from .reduce_io import XdpIO
+from .reduce_io import JumboIO, XdpIO
 from .reduction import WindowedReduce
 from .xdp_path import MAX_PKTS, XdpPath, XdpUnavailable
 
@@ -42,10 +42,13 @@ class JobParams:
     ps: dict | None = None
     members: list | None = None
     token: str = ""  # this member's, for a rejoin after an incd restart
+    frame: str = "std"  # "jumbo": large vectors go in jumbo frames (JumboIO)
 
 
 MODES = ("modulo", "hash", "ps")
 DATAPATHS = ("auto", "xdp", "socket")
+FRAMES = ("std", "jumbo")
+JUMBO_PKTS = 512  # jumbo results the XDP path holds at once (32 MiB; longer reduces go in pieces)
 
 
 def data_socket() -> socket.socket:
@@ -67,7 +70,7 @@ def params_from(reply: dict) -> JobParams:
     return JobParams(reply["job"], reply["gen"], reply["world"], reply.get("window") or 0,
                      reply["elems"], reply["data_addr"], reply["data_port"], reply["mode"],
                      reply["offset"], reply["slots"], reply.get("ps"), reply.get("members"),
-                     str(reply.get("token") or ""))
+                     str(reply.get("token") or ""), reply.get("frame") or "std")
 
 
 @dataclass
@@ -92,11 +95,17 @@ class Session(Member):
                  switch: str | None = None, ctrl_port: int = wire.CTRL_PORT,
                  register_timeout: float = 30.0, progress_timeout: float = 10.0,
                  shape: str | None = None, mode: str = "modulo", demand: dict | None = None,
-                 fail_timeout: float = 2.0, datapath: str = "socket", first_psn: int = 0):
+                 fail_timeout: float = 2.0, datapath: str = "socket", first_psn: int = 0,
+                 frame: str = "std"):
         if mode not in MODES:
             raise TransportError(f"mode must be one of {MODES}")
         if datapath not in DATAPATHS:
             raise TransportError(f"datapath must be one of {DATAPATHS}")
+        if frame not in FRAMES:
+            raise TransportError(f"frame must be one of {FRAMES}")
+        if frame == "jumbo" and (mode != "modulo" or datapath == "socket"):
+            raise TransportError("--frame jumbo needs modulo mode and the XDP data path (--datapath xdp or auto): "
+                                 "its results travel from rank to rank through the hosts' XDP programs")
         super().__init__(job, fail_timeout)
         self.rank = rank
         self.progress_timeout = progress_timeout
@@ -106,16 +115,18 @@ class Session(Member):
         try:
             # Chosen before registering: loading the programs takes a second or
             # two, which the other ranks would otherwise wait for at the first psn.
-            self.datapath, self.datapath_note = self._choose_datapath(datapath, mode, switch)
+            self.datapath, self.datapath_note = self._choose_datapath(datapath, mode, switch, frame)
             reply = self.register(switch, ctrl_port, register_timeout, {
                 "job": job, "rank": rank, "world": world, "window": window,
                 "port": self.udp.getsockname()[1], "mode": mode, "timeout": register_timeout,
                 "shape": shape, "datapath": self.datapath, **(demand or {}),
+                **({"frame": frame} if frame != "std" else {}),
             })
             self.params = params_from(reply)
             if self.params.elems <= 0:
                 raise TransportError("switch ports' MTU too small for an INC packet")
             self.check_mtu(self.params.ps["addr"] if mode == "ps" else self.params.data_addr,
+                           wire.JUMBO_IP_BYTES if frame == "jumbo" else
                            wire.IP_UDP_OVERHEAD + wire.HDR_LEN + 4 * self.params.elems)
             if mode == "ps":  # the baseline: straight to the parameter server
                 self.udp.connect((self.params.ps["addr"], self.params.ps["port"]))
@@ -234,20 +245,22 @@ class Session(Member):
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rto = min(0.2, max(MIN_RTO, self.srtt + 4 * self.rttvar))
 
-    def packet_buffer(self, npk: int) -> tuple[np.ndarray, np.ndarray]:
-        """A packet buffer of npk rows for this job's packet size, and its bytes
-        as rows: kept for the next reduce of the same length, since a fresh
-        buffer of a large vector costs more in page faults than filling it."""
-        key = (npk, self.params.elems)
+    def packet_buffer(self, npk: int, elems: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A packet buffer of npk rows for this job's packet size (or elems
+        lanes), and its bytes as rows: kept for the next reduce of the same
+        length, since a fresh buffer of a large vector costs more in page
+        faults than filling it."""
+        key = (npk, elems or self.params.elems)
         if key not in self._packet_bufs:
             if len(self._packet_bufs) >= 4:
                 self._packet_bufs.pop(next(iter(self._packet_bufs)))
-            buf = np.empty(npk, dtype=wire.packet_dtype(self.params.elems))
+            buf = np.empty(npk, dtype=wire.packet_dtype(key[1]))
             self._packet_bufs[key] = (buf, buf.view(np.uint8).reshape(npk, -1))
         return self._packet_bufs[key]
 
-    def _choose_datapath(self, want: str, mode: str, switch: str | None) -> tuple[str, str]:
-        """("xdp" or "socket", why). auto: XDP where it can be loaded."""
+    def _choose_datapath(self, want: str, mode: str, switch: str | None, frame: str = "std") -> tuple[str, str]:
+        """("xdp" or "socket", why). auto: XDP where it can be loaded (jumbo
+        frames: XDP or an error)."""
         if want == "socket":
             return "socket", "asked for"
         if mode == "ps":
@@ -255,10 +268,11 @@ class Session(Member):
                 raise TransportError("--datapath xdp: ps mode sends to the parameter server, by sockets only")
             return "socket", "ps mode"
         try:
-            self.xdp = XdpPath.open(self.udp, switch or default_gateway() or "127.0.0.1")
+            self.xdp = XdpPath.open(self.udp, switch or default_gateway() or "127.0.0.1",
+                                    jumbo_pkts=JUMBO_PKTS if frame == "jumbo" else 0)
         except XdpUnavailable as e:
-            if want == "xdp":
-                raise TransportError(f"--datapath xdp: {e}") from None
+            if want == "xdp" or frame == "jumbo":
+                raise TransportError(f"--{'frame jumbo' if frame == 'jumbo' else 'datapath xdp'}: {e}") from None
             return "socket", str(e)
         return "xdp", f"host_rx on {self.xdp.dev}"
 
@@ -312,13 +326,16 @@ class Session(Member):
             # The XDP path holds a bounded number of packets: a longer vector
             # goes in pieces, one after the other (each piece copied out but
             # the last, whose buffer the next piece would overwrite).
-            step = self.xdp.max_pkts * self.params.elems
+            io, E, room = XdpIO, self.params.elems, self.xdp.max_pkts
+            if self.jumbo_for(values.size, op, select):
+                io, E, room = JumboIO, wire.JUMBO_ELEMS, self.xdp.jumbo_pkts
+            step = room * E
             starts = range(0, max(1, values.size), step)
             pieces, overflow = [], False
             for at in starts:
-                first = at // self.params.elems
-                part = None if select is None else select[first:first + self.xdp.max_pkts]
-                rows, o = WindowedReduce(self, values[at:at + step], op, io=XdpIO, select=part).run_rows()
+                first = at // E
+                part = None if select is None else select[first:first + room]
+                rows, o = WindowedReduce(self, values[at:at + step], op, io=io, select=part).run_rows()
                 pieces.append(rows if at == starts[-1] else rows.copy())
                 overflow |= o
             return pieces, overflow
@@ -326,6 +343,13 @@ class Session(Member):
             with self._lock:
                 self.in_reduce = False
                 self._maybe_passed(self.sent_upto)
+
+    def jumbo_for(self, n: int, op: int, select) -> bool:
+        """Whether a reduce of n values goes in jumbo frames: a jumbo job, a
+        sum for every rank, at least one full frame. Every rank decides the
+        same from the same call."""
+        return (self.params.frame == "jumbo" and self.xdp is not None and self.xdp.jumbo_pkts > 0
+                and op == wire.OP_SUM and select is None and n >= wire.JUMBO_ELEMS)
 
     def broadcast(self, values: np.ndarray | None, numel: int, root: int) -> np.ndarray:
         """root's int32 vector of numel values on every rank, sent once by the

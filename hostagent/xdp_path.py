@@ -19,6 +19,7 @@ import numpy as np
 
 import bpf
 from bpf import wire
+from bpf.xdp_load import load_xdp
 
 MAX_PKTS = 8192          # packets of one reduction held at once (longer ones go in pieces)
 RX_GOT, RX_OVERFLOW, RX_BARE = 1, 2, 4  # rx_state bits, as HOST_RX_* in bpf/host_rx.bpf.c (test_host_rx.py checks them)
@@ -49,20 +50,32 @@ class HostMaps:
     """bpf/host_rx.bpf.c loaded: the program's fd and numpy views over its
     mmapped maps (the layouts come from bcc's view of the C structs)."""
 
-    def __init__(self, max_pkts: int = MAX_PKTS):
+    def __init__(self, max_pkts: int = MAX_PKTS, jumbo_pkts: int = 0):
         from bcc import BPF
 
-        self.max_pkts = max_pkts
+        self.max_pkts, self.jumbo_pkts = max_pkts, jumbo_pkts
         self.b = BPF(src_file=str(bpf.source("host_rx.bpf.c")).encode(),
-                     cflags=[f"-I{bpf.source_dir()}", f"-DHOST_MAX_PKTS={max_pkts}", "-w"])
+                     cflags=[f"-I{bpf.source_dir()}", f"-DHOST_MAX_PKTS={max_pkts}",
+                             f"-DHOST_JUMBO_PKTS={max(1, jumbo_pkts)}", "-w"])
         self.maps: list[mmap.mmap] = []
         try:
-            self.rx_fn = self.b.load_func(b"host_rx", BPF.XDP)
+            self.rx_fn = load_xdp(self.b, b"host_rx")
             leaf = self.b[b"rx_ctl"].Leaf
             self.rx_ctl = self._array("rx_ctl", 1, ct.sizeof(leaf), np.dtype(leaf))[0]
             row = ct.sizeof(self.b[b"rx_vec"].Leaf)
             self.rx_vec = self._array("rx_vec", max_pkts, row, np.int32).reshape(max_pkts, -1)
             self.rx_state = self._array("rx_state", max_pkts, 8, np.uint64)
+            if jumbo_pkts:
+                row = ct.sizeof(self.b[b"rx_jumbo"].Leaf)
+                self.rx_jumbo = self._array("rx_jumbo", jumbo_pkts, row, np.int32).reshape(jumbo_pkts, -1)
+            # The bell ring buffer: poll() on its fd; consumed by moving the
+            # consumer position (page 0) to the producer's (page 1).
+            self.bell_fd = self.b[b"bell"].map_fd
+            self.bell_cons = mmap.mmap(self.bell_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                                       mmap.PROT_READ | mmap.PROT_WRITE)
+            self.bell_prod = mmap.mmap(self.bell_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ,
+                                       offset=mmap.PAGESIZE)
+            self.maps += [self.bell_cons, self.bell_prod]
         except BaseException:
             self.close()
             raise
@@ -71,35 +84,43 @@ class HostMaps:
         return mmap_array(self.b, name, entries, value_size, dtype, self.maps)
 
     def close(self) -> None:
-        close_maps(self, ("rx_ctl", "rx_vec", "rx_state"))
+        close_maps(self, ("rx_ctl", "rx_vec", "rx_state", "rx_jumbo"))
+
+    def hush_bell(self) -> None:
+        """Consumes every record of the bell (their content does not matter)."""
+        self.bell_cons[0:8] = self.bell_prod[0:8]
 
 
 class XdpPath:
     """Results of one rank's reductions. Per reduction: begin() opens its psn
     range; wait() sleeps until results landed or the timeout; state() shows
-    what landed; rx_vec holds the lanes."""
+    what landed; rx_vec holds the lanes (rx_jumbo those of jumbo results)."""
 
     def __init__(self, hm: HostMaps, dev: str, doorbell: socket.socket):
         self.hm, self.dev, self.doorbell = hm, dev, doorbell
         self.max_pkts = hm.max_pkts
         self.rx_ctl, self.rx_vec, self.rx_state = hm.rx_ctl, hm.rx_vec, hm.rx_state
+        self.jumbo_pkts = hm.jumbo_pkts
+        self.rx_jumbo = getattr(hm, "rx_jumbo", None)
         self.rx_ctl["dport"] = socket.htons(doorbell.getsockname()[1])
         self.rx_ctl["npk"] = 0
         self.elems = 0
         self.npk = 0
         self.poll = select.poll()
         self.poll.register(doorbell.fileno(), select.POLLIN)
+        self.poll.register(hm.bell_fd, select.POLLIN)
         self._drain = bytearray(65536)
         self.early = None  # where broadcast data that came too soon is kept (Session.early)
         self.link_fd = _xdp_link(hm.rx_fn.fd, socket.if_nametoindex(dev))
 
     @classmethod
-    def open(cls, doorbell: socket.socket, toward: str) -> "XdpPath":
+    def open(cls, doorbell: socket.socket, toward: str, jumbo_pkts: int = 0) -> "XdpPath":
         """Loads host_rx and attaches it to the interface that leads to
-        `toward` (the switch), or raises XdpUnavailable saying why."""
+        `toward` (the switch), or raises XdpUnavailable saying why.
+        jumbo_pkts: rows for jumbo results (64 KB each; 0: none)."""
         dev = free_veth(toward, " (another agent on this host?)")
         try:
-            hm = HostMaps()
+            hm = HostMaps(jumbo_pkts=jumbo_pkts)
         except Exception as e:
             raise XdpUnavailable(f"cannot load bpf/host_rx.bpf.c: {e}") from None
         try:
@@ -108,17 +129,21 @@ class XdpPath:
             hm.close()
             raise XdpUnavailable(f"cannot attach the host XDP program to {dev}: {e}") from None
 
-    def begin(self, *, npk: int, elems: int, last_numel: int, job: int, psn0: int) -> None:
+    def begin(self, *, npk: int, elems: int, last_numel: int, job: int, psn0: int, jumbo: bool = False,
+              chain_end: bool = False) -> None:
         """Opens a reduction of npk packets from psn0: results before it are
-        stale now, and nothing of an earlier reduction is left in the state."""
-        if npk > self.max_pkts:
-            raise ValueError(f"{npk} packets exceed the XDP path's {self.max_pkts}")
+        stale now, and nothing of an earlier reduction is left in the state.
+        jumbo: its results are jumbo frames (chain_end: this rank is the last
+        of their chain)."""
+        if npk > (self.jumbo_pkts if jumbo else self.max_pkts):
+            raise ValueError(f"{npk} packets exceed the XDP path's {self.jumbo_pkts if jumbo else self.max_pkts}")
         r = self.rx_ctl
         r["npk"] = 0  # closed while its state is cleared
         self.rx_state[:npk] = 0
         r["landed"] = r["corrupt"] = r["stray"] = 0
         r["wake_at"] = 1
         r["psn0"], r["job"], r["elems"], r["last_numel"] = psn0, job, elems, last_numel
+        r["jumbo"], r["chain_end"] = int(jumbo), int(chain_end)
         r["npk"] = npk
         self.npk, self.elems = npk, elems
 
@@ -131,6 +156,7 @@ class XdpPath:
         r["wake_at"] = wake_at
         if int(r["landed"]) < wake_at:  # read after writing wake_at: the bell cannot be missed
             self.poll.poll(max(1, int(timeout_s * 1000)))
+        self.hm.hush_bell()
         while True:
             try:
                 n = self.doorbell.recv_into(self._drain, 0, socket.MSG_DONTWAIT)

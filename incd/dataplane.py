@@ -20,6 +20,7 @@ import numpy as np
 import bpf
 from bpf import wire
 from bpf.bcc_unit import one_unit
+from bpf.xdp_load import load_xdp
 
 from .netinfo import xdp_prog_id
 
@@ -65,7 +66,8 @@ class Dataplane:
         self.pool_slots = pool_slots
         self.kv_cols = kv_cols
         self.kv_rows = wire.KV_MAX_TUPLES
-        cflags = [f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", f"-DINC_KV_COLS={kv_cols}", "-w"]
+        cflags = [f"-I{BPF_DIR}", f"-DINC_POOL_SLOTS={pool_slots}", f"-DINC_KV_COLS={kv_cols}",
+                  f"-DINC_JUMBO_CPUS={os.cpu_count() or 1}", "-w"]
         self.adopted = False
         if pin_dir is not None:
             ensure_bpffs()
@@ -76,17 +78,18 @@ class Dataplane:
         try:
             # one text: bcc rewrites map calls only in the text it is given (bpf/bcc_unit.py)
             self.bpf = bcc.BPF(text=one_unit(SWITCH_SRC.name).encode(), cflags=cflags)
-            self.ingress = self.bpf.load_func(b"xdp_inc_ingress", bcc.BPF.XDP)
+            self.ingress = load_xdp(self.bpf, b"xdp_inc_ingress")
             self.mode_fns = {
-                wire.MODE_MODULO: self.bpf.load_func(b"xdp_inc_modulo", bcc.BPF.XDP),
-                wire.MODE_HASH: self.bpf.load_func(b"xdp_inc_hash", bcc.BPF.XDP),
-                wire.PROG_HASH_FROM_PS: self.bpf.load_func(b"xdp_inc_hash_from_ps", bcc.BPF.XDP),
-                wire.MODE_KV: self.bpf.load_func(b"xdp_inc_kv", bcc.BPF.XDP),
-                wire.PROG_BCAST: self.bpf.load_func(b"xdp_inc_bcast", bcc.BPF.XDP),
+                wire.MODE_MODULO: load_xdp(self.bpf, b"xdp_inc_modulo"),
+                wire.MODE_HASH: load_xdp(self.bpf, b"xdp_inc_hash"),
+                wire.PROG_HASH_FROM_PS: load_xdp(self.bpf, b"xdp_inc_hash_from_ps"),
+                wire.MODE_KV: load_xdp(self.bpf, b"xdp_inc_kv"),
+                wire.PROG_BCAST: load_xdp(self.bpf, b"xdp_inc_bcast"),
+                wire.PROG_JUMBO: load_xdp(self.bpf, b"xdp_inc_jumbo"),
+                wire.PROG_JUMBO_ADD: load_xdp(self.bpf, b"xdp_inc_jumbo_add"),
+                wire.PROG_JUMBO_OUT: load_xdp(self.bpf, b"xdp_inc_jumbo_out"),
             }
-            self.egress = self.bpf.load_func(
-                b"xdp_inc_egress", bcc.BPF.XDP, attach_type=bcc.BPFAttachType.XDP_DEVMAP
-            )
+            self.egress = load_xdp(self.bpf, b"xdp_inc_egress", attach_type=bcc.BPFAttachType.XDP_DEVMAP)
         except Exception as e:  # bcc raises bare Exception on compile/verifier errors
             raise DataplaneError(f"cannot build the XDP program: {e}") from e
         modes = self.bpf[b"mode_progs"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bpf import wire
 
-from .memory import JobDemand
+from .memory import MIN_SLOTS, JobDemand
 from .netinfo import Path
 
 MODE_CODE = {"modulo": wire.MODE_MODULO, "hash": wire.MODE_HASH, "kv": wire.MODE_KV}  # "ps": nothing on the switch
@@ -68,6 +68,7 @@ class Job:
     window: int | None = None  # in effect; modulo: half the slots granted
     req_window: int | None = None  # asked for by the workers (modulo: wants 2x this)
     shape: str | None = None   # what the workers say they reduce, e.g. "1000xint32"; must agree
+    frame: str = "std"         # "jumbo": 64 KB frames over JUMBO_SUBS slots each; must agree
     deadline: float | None = None  # absolute (time.time()); None = best effort
     model_bytes: int = 0
     epochs: float = 1.0
@@ -130,8 +131,14 @@ class Job:
             out.append("ps")
         return out
 
+    @property
+    def min_slots(self) -> int:
+        """The smallest region the job can run in: a window of one packet (a
+        jumbo frame takes JUMBO_SUBS slots)."""
+        return 2 * wire.JUMBO_SUBS if self.frame == "jumbo" else MIN_SLOTS
+
     def demand(self) -> JobDemand:
-        return JobDemand(self.id, self.started, 2 * (self.req_window or 1), self.deadline,
+        return JobDemand(self.id, self.started, max(2 * (self.req_window or 1), self.min_slots), self.deadline,
                          self.model_bytes, self.epochs, self.compute_s,
                          tuple(sorted({m.addr for m in self.all_members()})))
 
@@ -139,7 +146,7 @@ class Job:
         return {
             "job": self.id, "state": self.state, "mode": self.mode, "gen": self.gen,
             "world": self.world, "window": self.window, "req_window": self.req_window,
-            "offset": self.offset, "slots": self.slots, "elems_per_packet": self.elems,
+            "offset": self.offset, "slots": self.slots, "elems_per_packet": self.elems, "frame": self.frame,
             "deadline_in_s": None if self.deadline is None else round(self.deadline - time.time(), 3),
             "model_bytes": self.model_bytes, "epochs": self.epochs, "compute_s": self.compute_s,
             "members": [m.public() for m in sorted(self.members.values(), key=lambda m: m.rank)],

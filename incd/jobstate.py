@@ -60,7 +60,7 @@ def dump(reg: Registry, fp: str) -> dict:
             continue
         jobs.append({
             "id": j.id, "world": j.world, "mode": j.mode, "window": j.window, "req_window": j.req_window,
-            "shape": j.shape, "deadline": j.deadline, "model_bytes": j.model_bytes, "epochs": j.epochs,
+            "shape": j.shape, "frame": j.frame, "deadline": j.deadline, "model_bytes": j.model_bytes, "epochs": j.epochs,
             "compute_s": j.compute_s, "gen": j.gen, "offset": j.offset, "slots": j.slots,
             "elems": j.elems, "started": j.started, "remaps_done": j.resizes_done,  # the file's old name
             "members": [_member(m) for m in j.members.values()],
@@ -108,7 +108,7 @@ def restore(reg: Registry, data: dict, grace_s: float) -> list[int]:
                   "gen", "offset", "slots", "elems", "started"):
             setattr(j, k, d[k])
         j.resizes_done = d["remaps_done"]
-        for k, default in (("req_cols", None), ("parts", None), ("tuples", 0), ("kv_drains", 0)):
+        for k, default in (("req_cols", None), ("parts", None), ("tuples", 0), ("kv_drains", 0), ("frame", "std")):
             setattr(j, k, d.get(k, default))
         for md in d["members"]:
             j.members[md["rank"]] = _unmember(md)

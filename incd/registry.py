@@ -134,9 +134,9 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
         if job is None:
             return None
         if r.role == "worker":
-            if job.req_window is not None and (job.req_window, job.shape) != (r.window, r.shape):
+            if job.req_window is not None and (job.req_window, job.shape, job.frame) != (r.window, r.shape, r.frame):
                 raise _differs(r.job, "being registered", ("window", job.req_window, r.window),
-                               ("data", job.shape, r.shape))
+                               ("data", job.shape, r.shape), ("frame", job.frame, r.frame))
             if job.req_window is not None and (job.req_cols, job.parts) != (r.cols, r.parts):
                 raise _differs(r.job, "being registered", ("cols", job.req_cols, r.cols),
                                ("parts", job.parts, r.parts))
@@ -155,7 +155,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
     def _join(self, job: Job, r: Request, peer: str, path: Path) -> None:
         if r.role == "worker":
             if job.req_window is None:
-                job.req_window, job.shape = r.window, r.shape
+                job.req_window, job.shape, job.frame = r.window, r.shape, r.frame
                 job.req_cols, job.parts = r.cols, r.parts
             if r.deadline_s is not None or r.model_bytes:
                 # the job's deadline and size, from whichever rank states them
@@ -209,6 +209,13 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
         return 0, 0
 
     def _activate(self, job: Job, size: int | None = None) -> None:
+        small = [m for m in job.all_members() if m.path.mtu < wire.JUMBO_IP_BYTES] if job.frame == "jumbo" else []
+        if small:
+            job.state = "ended"
+            job.error = (f"job {job.id}: jumbo frames need an MTU of {wire.JUMBO_IP_BYTES} on every member's switch "
+                         f"port; " + ", ".join(f"{m.ifname} has {m.path.mtu}" for m in small))
+            self.jobs.pop(job.id, None)
+            return
         try:
             job.offset, job.slots = self._region_for(job, size)
             # modulo: the window follows the memory granted; otherwise it is what was asked

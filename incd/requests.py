@@ -30,6 +30,7 @@ def short(v: object, n: int = 40) -> str:
 
 
 DATAPATHS = ("xdp", "socket")
+FRAMES = ("std", "jumbo")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Request:
     parts: int | None = None  # kv: subspaces
     datapath: str | None = None  # how the member's packets travel on its host (status only)
     job_token: str | None = None  # the job's secret: every member must bring the first one's
+    frame: str = "std"  # jumbo: 64 KB frames over 20 slots each (bpf/mode_jumbo.h); all members agree
 
 
 def check_version(req: dict) -> int:
@@ -108,6 +110,11 @@ def validate_register(req: dict) -> Request:
     datapath = req.get("datapath")
     if datapath not in (None, *DATAPATHS):
         raise RegistrationError(f"'datapath' must be one of {', '.join(DATAPATHS)}, got {short(datapath)}")
+    frame = req.get("frame", "std")
+    if frame not in FRAMES:
+        raise RegistrationError(f"'frame' must be one of {', '.join(FRAMES)}, got {short(frame)}")
+    if frame == "jumbo" and mode != "modulo":
+        raise RegistrationError(f"jumbo frames are for modulo jobs, not {mode} mode")
     job_token = req.get("job_token")
     if job_token is not None and (not isinstance(job_token, str) or not 8 <= len(job_token) <= 256):
         raise RegistrationError("'job_token' must be a string of 8 to 256 characters")
@@ -125,7 +132,7 @@ def validate_register(req: dict) -> Request:
                    model_bytes=int(real("model_bytes", 0, 10**13, 0)),
                    epochs=float(real("epochs", 0.001, 10**7, 1.0)),
                    compute_s=float(real("compute_s", 0, 10**5, 0.0)), cols=cols, parts=parts,
-                   datapath=datapath, job_token=job_token)
+                   datapath=datapath, job_token=job_token, frame=frame)
 
 
 def resolve_path(netinfo, peer: str, port_ifindexes: set[int]) -> Path:

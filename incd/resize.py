@@ -18,7 +18,6 @@ import time
 
 from .allocator import AllocError
 from .jobs import MODE_CODE, Job, Resize
-from .memory import MIN_SLOTS
 
 RESIZE_MAX_AGE_S = 5.0  # a resize not done by then is called off
 
@@ -38,16 +37,16 @@ class Resizing:
         # Shrink first: that frees memory for the rest once the resize is done.
         for j in mod:
             want = targets.get(j.id, 0)
-            if j.state == "active" and j.resize is None and MIN_SLOTS <= want < j.slots:
+            if j.state == "active" and j.resize is None and j.min_slots <= want < j.slots:
                 self._start_resize(j, want)
         for j in mod:
             want = targets.get(j.id, 0)
-            if j.state == "queued" and want >= MIN_SLOTS:
+            if j.state == "queued" and want >= j.min_slots:
                 if self.alloc.largest_free() < want <= self.alloc.free_slots() and self._compact(mod):
                     continue  # fragmented: a job is moving down; this one starts when it is done
                 size = min(want, self.alloc.largest_free())
                 size -= size % 2
-                if size >= MIN_SLOTS:
+                if size >= j.min_slots:
                     self._activate(j, size)
             elif (j.state == "active" and j.resize is None and want > j.slots
                   and self.alloc.fits_if_moved(j.offset, want) and not any(x.state == "queued" for x in mod)):

@@ -60,7 +60,7 @@ def joined_reply(job, rank: int) -> dict:
     return {
         "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
         "window": job.window, "offset": job.offset, "slots": job.slots,
-        "elems": job.elems, "data_addr": member.path.switch_addr,
+        "elems": job.elems, "frame": job.frame, "data_addr": member.path.switch_addr,
         "data_port": wire.PORT, "mode": job.mode,
         "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
         "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}

@@ -8,15 +8,17 @@ from .agents import AgentRunError, PSProcess, run_allreduce
 
 
 def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: int, args,
-             datapath: str = "socket") -> dict:
+             datapath: str = "socket", extra: tuple = ()) -> dict:
     """`concurrent` jobs of `world` ranks each, all at once; hash/ps jobs get their own PS.
-    args carries dtype, iters and timeout (the scripts' argparse namespace)."""
+    args carries dtype, iters and timeout (the scripts' argparse namespace);
+    extra: more inc-agent arguments."""
     results, errors, pss, ps_paths = {}, [], [], set()
 
     def job_thread(job):
         try:
             results[job] = run_allreduce(lab, job=job, world=world, numel=numel, dtype=args.dtype,
-                                         iters=args.iters, extra=["--verify", "--mode", mode, "--datapath", datapath],
+                                         iters=args.iters,
+                                         extra=["--verify", "--mode", mode, "--datapath", datapath, *extra],
                                          timeout=args.timeout)
         except (AgentRunError, RuntimeError) as e:
             errors.append(str(e))
@@ -51,6 +53,7 @@ def one_size(lab, *, mode: str, world: int, numel: int, concurrent: int, job0: i
         "verified": all(r["verified"] for j in jobs for r in results[j]),
         "elems_per_packet": results[jobs[0]][0]["elems_per_packet"],
         "datapaths": sorted({r["datapath"] for j in jobs for r in results[j]}),
+        "frames": sorted({r.get("frame", "std") for j in jobs for r in results[j]}),
         "ps_datapaths": sorted(ps_paths),
         "pps_per_agent": min(r["pps"] for j in jobs for r in results[j]),
     }

@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"number of worker hosts h1..hN (1-{plan.MAX_WORKERS})")
     up.add_argument("--ps", action="store_true", help="add a parameter-server host 'ps'")
     up.add_argument("--mtu", type=int, default=plan.MTU_DEFAULT, metavar="M",
-                    help=f"MTU of every link, {plan.MTU_MIN}-{plan.MTU_MAX} "
-                         f"(default: %(default)s; XDP sees only ~3.5 KiB)")
+                    help=f"MTU of every link, {plan.MTU_MIN}-{plan.MTU_MAX} (default: %(default)s; "
+                         f"inc-agent --frame jumbo needs {plan.MTU_JUMBO})")
     up.add_argument("--rate", metavar="R",
                     help="rate limit per link and direction, tc syntax: 500mbit, 1gbit")
     up.add_argument("--loss", type=_pct, default=0.0, metavar="PCT",

@@ -14,8 +14,10 @@ from .errors import LabConfigError
 # names, so "inc" must never be a prefix of another lab's namespaces.
 NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,24}$")
 
-# XDP on the switch ports sees only the linear part of a frame (~3.5 KiB).
-MTU_MIN, MTU_MAX, MTU_DEFAULT = 576, 3498, 3400
+# The XDP programs take multi-buffer frames (bpf/xdp_load.py), so a link may
+# carry up to IPv4's largest packet; jumbo frames need MTU_JUMBO.
+MTU_MIN, MTU_MAX, MTU_DEFAULT = 576, 65535, 3400
+MTU_JUMBO = 65535
 MAX_WORKERS = 99  # 10.77.{i}.0/24 with i = 100 kept for the PS
 PS_INDEX = 100
 PREFIX_LEN = 24

@@ -50,8 +50,7 @@ class Lab:
         if isinstance(mtu, bool) or not isinstance(mtu, int) \
                 or not plan.MTU_MIN <= mtu <= plan.MTU_MAX:
             raise LabConfigError(
-                f"mtu must be between {plan.MTU_MIN} and {plan.MTU_MAX} (got {mtu!r}): "
-                "XDP on the switch ports sees only ~3.5 KiB of a frame")
+                f"mtu must be between {plan.MTU_MIN} and {plan.MTU_MAX} (got {mtu!r})")
         self.name, self.workers, self.ps, self.mtu = name, workers, bool(ps), mtu
         self.impair = Impairments(loss_pct, reorder_pct,
                                   None if rate is None else str(rate).strip().lower(), delay_ms,

@@ -7,7 +7,9 @@ runs on it: INA modulo and hash through the XDP switch, each with the
 agents' socket data path and with their XDP receive path (-xdp; hash-xdp's
 PS answers complete aggregates with its XDP fast path too), the
 user-space parameter server (--mode ps), and Gloo's ring allreduce
-(torch.distributed, CPU). fp32, all INA results verified. Prints a table with each system's median
+(torch.distributed, CPU); modulo-jumbo: the XDP path with 64 KB jumbo
+frames (the lab then runs at MTU 65535, Gloo included). fp32, all INA
+results verified. Prints a table with each system's median
 time and its ratio to Gloo, saves JSON and PNG plots (time vs size per system;
 ratio to Gloo). Progress goes to stderr.
 """
@@ -25,13 +27,17 @@ from incd.process import IncdProcess
 from netns_lab.agents import AgentRunError
 from netns_lab.allreduce_bench import one_size
 from netns_lab.benchkit import human, log, parse_size, pyplot, save_json
+from netns_lab.plan import MTU_DEFAULT, MTU_JUMBO
 from netns_lab.topology import Lab
 
 ROOT = Path(__file__).resolve().parent.parent  # gloo_rank.py beside this file, results/
 # An INA system is a mode and the agents' data path: "modulo" sends and receives
 # through sockets, "modulo-xdp" receives through the host XDP program ("hash-xdp":
 # the PS's fast path as well).
-SYSTEMS = ("modulo", "modulo-xdp", "hash", "hash-xdp", "ps", "gloo")
+SYSTEMS = ("modulo", "modulo-xdp", "modulo-jumbo", "hash", "hash-xdp", "ps", "gloo")
+# modulo-jumbo: the XDP path with 64 KB jumbo frames (bpf/mode_jumbo.h), a window
+# of 16 frames; it needs every link's MTU at plan.MTU_JUMBO (--mtu).
+JUMBO_ARGS = ("--frame", "jumbo", "--window", str(16 * 20))
 
 
 def run_gloo(lab: Lab, world: int, sizes: list[int], iters: int, port: int) -> dict[int, float]:
@@ -59,7 +65,8 @@ def run(args) -> dict:
     job = 500
     for regime in regimes:
         rate = None if regime == "unshaped" else regime
-        lab = Lab(f"incb{regimes.index(regime)}", workers=max(worlds), ps=True, rate=rate)
+        args.mtu = args.mtu or (MTU_JUMBO if "modulo-jumbo" in systems else MTU_DEFAULT)
+        lab = Lab(f"incb{regimes.index(regime)}", workers=max(worlds), ps=True, rate=rate, mtu=args.mtu)
         incd = IncdProcess(lab.name + "-incd", lab=lab.name)
         try:
             log(f"regime {regime}: lab with {max(worlds)} workers + ps")
@@ -79,10 +86,12 @@ def run(args) -> dict:
                     for size in sizes:
                         t0 = time.time()
                         mode, _, dp = system.partition("-")
+                        jumbo = dp == "jumbo"
+                        dp = "xdp" if jumbo else dp
                         r = one_size(lab, mode=mode, world=world, numel=max(1, size // 4), concurrent=1,
-                                     job0=job, args=args, datapath=dp or "socket")
-                        if r["datapaths"] != [dp or "socket"]:
-                            raise RuntimeError(f"{system}: the agents used {r['datapaths']}")
+                                     job0=job, args=args, datapath=dp or "socket", extra=JUMBO_ARGS if jumbo else ())
+                        if r["datapaths"] != [dp or "socket"] or r["frames"] != ["jumbo" if jumbo else "std"]:
+                            raise RuntimeError(f"{system}: the agents used {r['datapaths']} {r['frames']}")
                         if mode == "hash" and r["ps_datapaths"] != [dp or "socket"]:
                             raise RuntimeError(f"{system}: the PS used {r['ps_datapaths']}")
                         job += 1
@@ -100,7 +109,7 @@ def run(args) -> dict:
         r["vs_gloo"] = r["median_s"] / g if g else None
     return {"what": "allreduce: INA vs parameter server vs Gloo", "dtype": "float32", "iters": args.iters,
             "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+            "mtu": args.mtu, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
 
 
 def table(res: dict) -> str:
@@ -154,6 +163,8 @@ def main() -> int:
     ap.add_argument("--workers", default="2,4")
     ap.add_argument("--sizes", default="1KiB,64KiB,1MiB,16MiB,64MiB")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--mtu", type=int, default=0,
+                    help=f"every link's MTU (default {MTU_DEFAULT}, or {MTU_JUMBO} when modulo-jumbo runs)")
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=900.0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench.json"))

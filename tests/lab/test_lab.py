@@ -263,7 +263,7 @@ def test_context_manager_downs_on_exception():
 
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "workers must be between 1 and 99"),
-    (["--workers", "2", "--mtu", "9000"], "mtu must be between 576 and 3498"),
+    (["--workers", "2", "--mtu", "70000"], "mtu must be between 576 and 65535"),
     (["--workers", "2", "--rate", "fast"], "invalid rate"),
     (["--workers", "2", "--loss", "150"], "between 0 and 100"),
     (["--workers", "x"], "invalid int value"),

@@ -1,0 +1,87 @@
+"""Jumbo frames end to end (inc-agent --frame jumbo, bpf/mode_jumbo.h): real
+namespaces at MTU 65535, incd, agents on the XDP path. Results exact (int32)
+and within the stated bound (fp32), clean and under loss, duplication,
+corruption and reordering; the switch's counters show a jumbo frame per 20
+psns and results passed along the chain instead of broadcast; bad set-ups
+refused with a reason."""
+from __future__ import annotations
+
+import pytest
+
+from bpf import wire
+from netns_lab import impair
+from netns_lab.agents import AgentRunError, run_allreduce
+from netns_lab.harness import LabWithIncd
+from netns_lab.plan import MTU_JUMBO
+
+WORLD = 4
+JUMBO = ["--datapath", "xdp", "--frame", "jumbo", "--window", "160"]
+
+
+def finished(lab, job):
+    return [j for j in lab.incd.status()["finished"] if j["job"] == job][-1]
+
+
+def test_jumbo_allreduce_is_exact_and_its_results_travel_the_chain(root):
+    n = 3 * wire.JUMBO_ELEMS + 777  # three full frames and a short one
+    with LabWithIncd("jb", workers=WORLD, mtu=MTU_JUMBO) as lab:
+        res = run_allreduce(lab, job=3, world=WORLD, numel=n, dtype="int32", iters=3,
+                            extra=["--verify", *JUMBO], timeout=120)
+        assert all(r["verified"] and r["frame"] == "jumbo" and r["datapath"] == "xdp" for r in res), res
+        assert all(r["packets_per_iter"] == 4 for r in res), res  # 4 frames, not 62 packets
+        j = finished(lab, 3)
+        c = j["counters"]
+        frames = 4 * 3  # per rank: 4 frames x 3 iterations
+        # Each frame's result went to rank 0 and along the chain to ranks 1..3;
+        # nothing was cloned by the devmap broadcast.
+        assert c["results_mcast"] == 0, c
+        assert c["chained"] >= frames * (WORLD - 1), c
+        assert c["slots_completed"] >= frames * wire.JUMBO_SUBS - 3 * 19, c  # the short frame takes 1 slot
+        assert c["consumed"] >= WORLD * frames, c
+        assert j["frame"] == "jumbo"
+        # fp32 through the same frames: within the quantization bound (--verify)
+        res = run_allreduce(lab, job=4, world=WORLD, numel=2 * wire.JUMBO_ELEMS, dtype="float32", iters=2,
+                            extra=["--verify", *JUMBO], timeout=120)
+        assert all(r["verified"] and r["frame"] == "jumbo" for r in res), res
+
+
+FAULTS = {"loss5": {"loss_pct": 5.0}, "dup5": {"dup_pct": 5.0}, "corrupt5": {"corrupt_pct": 5.0},
+          "reorder20": {"reorder_pct": 20.0}}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_jumbo_allreduce_stays_exact_under_faults(root, fault):
+    """The lab's faults hit the frames on their way up (the results travel
+    from XDP program to XDP program and pass no tc; what the programs do with
+    damaged frames is tested under BPF_PROG_TEST_RUN, test_jumbo.py)."""
+    with LabWithIncd("jf", workers=WORLD, mtu=MTU_JUMBO, **FAULTS[fault]) as lab:
+        res = run_allreduce(lab, job=5, world=WORLD, numel=40 * wire.JUMBO_ELEMS, dtype="int32", iters=3,
+                            extra=["--verify", "--seed", "5", *JUMBO], timeout=150)
+        assert all(r["verified"] and r["frame"] == "jumbo" for r in res), res
+        c = finished(lab, 5)["counters"]
+        hit = {k: sum(v[d][k] for v in impair.read_counters(lab.state).values() for d in v)
+               for k in impair.COUNTERS}
+        print(fault, "impair", hit, "switch", c, "retx", [r["retransmits"] for r in res])
+        if fault == "loss5":
+            assert hit["lost"] > 0 and sum(r["retransmits"] for r in res) > 0
+            assert c["retrans_answered"] + c["drops"]["dup"] > 0, c
+        elif fault == "dup5":
+            assert hit["dup"] > 0 and c["drops"]["dup"] + c["retrans_answered"] > 0, c
+        elif fault == "corrupt5":
+            assert hit["corrupt"] > 0 and c["drops"]["bad_csum"] > 0, c
+        else:
+            assert hit["reorder"] > 0
+
+
+def test_jumbo_set_ups_that_cannot_work_are_refused_with_the_reason(root):
+    with LabWithIncd("jr", workers=2) as lab:  # the default MTU
+        with pytest.raises(AgentRunError, match=f"MTU.*{wire.JUMBO_IP_BYTES}|{wire.JUMBO_IP_BYTES}.*MTU"):
+            run_allreduce(lab, job=6, world=2, numel=100, dtype="int32", extra=JUMBO, timeout=60)
+        with pytest.raises(AgentRunError, match="--frame jumbo needs modulo mode and the XDP data path"):
+            run_allreduce(lab, job=7, world=1, numel=100, dtype="int32",
+                          extra=["--frame", "jumbo", "--datapath", "socket"], timeout=60)
+    with LabWithIncd("jr", workers=2, mtu=MTU_JUMBO) as lab:
+        # Ranks that disagree: the second is told which field differs.
+        with pytest.raises(AgentRunError, match="frame"):
+            run_allreduce(lab, job=8, world=2, numel=100, dtype="int32", extra=["--datapath", "xdp"],
+                          per_rank={1: ["--frame", "jumbo"]}, timeout=60)
