@@ -150,9 +150,27 @@ def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, ran
     npk = len(buf)
     elems = buf.dtype["data"].shape[0]
     n = values.size
+    numel = fill_headers(buf["hdr"], n, elems, job=job, gen=gen, rank=rank, psn0=psn0, op=op,
+                         hash_region=hash_region, select=select, jumbo=jumbo)
+    data = buf["data"]  # strided: one row per packet
+    full = (npk - 1) * elems
+    data[:npk - 1] = values[:full].reshape(npk - 1, elems)
+    data[npk - 1, :n - full] = values[full:]
+    data[npk - 1, max(0, n - full):] = 0
+    lsum = lane_sums(buf)
+    seal(buf, slice(None), lsum)
+    return HDR_LEN + numel.astype(np.int64) * 4, lsum
+
+
+def fill_headers(hdr: np.ndarray, n: int, elems: int, *, job: int, gen: int, rank: int, psn0: int,
+                 op: int = OP_SUM, hash_region: tuple[int, int] | None = None,
+                 select: np.ndarray | None = None, jumbo: bool = False) -> np.ndarray:
+    """The headers (HDR_DTYPE rows, csum not set) of the packets of n values,
+    elems a packet (fill_packets says what the rest means). Returns each
+    packet's numel."""
+    npk = len(hdr)
     if npk != max(1, -(-n // elems)):
         raise ValueError(f"{n} values need {max(1, -(-n // elems))} packets of {elems}, the buffer has {npk}")
-    hdr = buf["hdr"]
     hdr["version"] = VERSION
     hdr["type"] = T_JUMBO if jumbo else T_DATA
     hdr["flags"] = 0
@@ -169,14 +187,7 @@ def fill_packets(buf: np.ndarray, values: np.ndarray, *, job: int, gen: int, ran
     numel = np.full(npk, elems, dtype=np.uint16)
     numel[-1] = n - elems * (npk - 1) if n else 1
     hdr["numel"] = numel
-    data = buf["data"]  # strided: one row per packet
-    full = (npk - 1) * elems
-    data[:npk - 1] = values[:full].reshape(npk - 1, elems)
-    data[npk - 1, :n - full] = values[full:]
-    data[npk - 1, max(0, n - full):] = 0
-    lsum = lane_sums(buf)
-    seal(buf, slice(None), lsum)
-    return HDR_LEN + numel.astype(np.int64) * 4, lsum
+    return numel
 
 
 # The csum (bpf/csum_helpers.h): word j of a packet (header, then lanes) weighs
@@ -200,6 +211,28 @@ def lane_sums(buf: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", data, _WEIGHTS[HDR_LEN // 4:HDR_LEN // 4 + data.shape[1]]).astype(np.uint64)
 
 
+def vector_lane_sums(values: np.ndarray, elems: int, chunk: int = 16) -> np.ndarray:
+    """lane_sums() of the packets of a contiguous int32 vector, elems lanes a
+    packet (the last may be short), without building the packets: a multiply
+    and a sum over a few packets at a time, which stay in cache."""
+    v = values.view("<u4")
+    npk = max(1, -(-v.size // elems))
+    out = np.zeros(npk, dtype=np.uint64)
+    w = _WEIGHTS[HDR_LEN // 4:HDR_LEN // 4 + elems]
+    full = v.size // elems
+    rows = v[:full * elems].reshape(full, elems)
+    tmp = np.empty((min(chunk, max(full, 1)), elems), dtype=np.uint32)
+    for at in range(0, full, chunk):
+        part = rows[at:at + chunk]
+        t = tmp[:len(part)]
+        np.multiply(part, w, out=t)
+        out[at:at + len(part)] = t.sum(axis=1, dtype=np.uint32)
+    rest = v[full * elems:]
+    if rest.size:
+        out[full] = int(np.dot(rest, w[:rest.size]).astype(np.uint32))
+    return out
+
+
 def _hdr_sums(hdr_words: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", hdr_words, _HDR_WEIGHTS)
 
@@ -207,7 +240,11 @@ def _hdr_sums(hdr_words: np.ndarray) -> np.ndarray:
 def seal(buf: np.ndarray, idx, lanes: np.ndarray) -> None:
     """Sets inc_hdr.csum of packets buf[idx] (after any header change) from
     their lanes' sums (lane_sums), as the switch checks it."""
-    hdr = buf["hdr"]
+    seal_headers(buf["hdr"], idx, lanes)
+
+
+def seal_headers(hdr: np.ndarray, idx, lanes: np.ndarray) -> None:
+    """seal() for headers kept apart from their lanes (HDR_DTYPE rows)."""
     hdr["csum"][idx] = 0
     words = np.ascontiguousarray(hdr[idx]).view("<u4").reshape(-1, HDR_LEN // 4)
     with np.errstate(over="ignore"):

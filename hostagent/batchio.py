@@ -53,6 +53,26 @@ class Messages:
         return np.ascontiguousarray(self.msgs[idx])
 
 
+class HeaderAndLanes(Messages):
+    """One mmsghdr per packet with two iovecs: its header (a row of hdr) and
+    its lanes, read in place from values (contiguous int32): the kernel copies
+    the vector once, into the datagrams, and nobody before. hdr and values must
+    outlive this."""
+
+    def __init__(self, hdr: np.ndarray, values: np.ndarray, elems: int, numel: np.ndarray):
+        n = len(hdr)
+        at = np.arange(n, dtype=np.uint64)
+        self.rows = (hdr, values)
+        self.iov = np.zeros(2 * n, IOVEC)
+        self.iov["base"][0::2] = hdr.ctypes.data + at * hdr.strides[0]
+        self.iov["len"][0::2] = hdr.dtype.itemsize
+        self.iov["base"][1::2] = values.ctypes.data + at * (4 * elems)
+        self.iov["len"][1::2] = numel.astype(np.uint64) * 4
+        self.msgs = np.zeros(n, MMSGHDR)
+        self.msgs["iov"] = self.iov.ctypes.data + at * (2 * IOVEC.itemsize)
+        self.msgs["iovlen"] = 2
+
+
 def _wait_writable(fd: int) -> None:
     p = select.poll()
     p.register(fd, select.POLLOUT)

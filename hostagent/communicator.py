@@ -121,7 +121,8 @@ class Communicator:
 
     def __init__(self, job: int | None = None, rank: int | None = None, world: int | None = None,
                  switch: str | None = None, *, mode: str = "modulo", datapath: str = "auto", window: int = 64,
-                 timeout: float = 10.0, fail_timeout: float = 2.0, register_timeout: float = 30.0):
+                 timeout: float = 10.0, fail_timeout: float = 2.0, register_timeout: float = 30.0,
+                 frame: str = "std"):
         self.job = _setting(job, "INC_JOB", "job id")
         self.rank = _setting(rank, "RANK", "rank")
         self.world = _setting(world, "WORLD_SIZE", "world size")
@@ -131,7 +132,7 @@ class Communicator:
         try:
             self.s = Session(self.job, self.rank, self.world, window=window, switch=switch,
                              register_timeout=register_timeout, progress_timeout=timeout, mode=mode,
-                             fail_timeout=fail_timeout, datapath=datapath)
+                             fail_timeout=fail_timeout, datapath=datapath, frame=frame)
         except TransportError as e:
             raise CommError(str(e)) from None
         self.datapath = self.s.datapath

@@ -8,7 +8,9 @@ error of one summed element is at most N * 0.5 / scale.
 
 The scale is a power of two, so scaling is exact in float32 (np.ldexp) and the
 work stays in float32, block by block through a 2-D view: no float64
-temporaries and no per-element scale array.
+temporaries and no per-element scale array. Quantizing goes a chunk of blocks
+at a time, so that its passes (scale, round, range check, cast) find the chunk
+in cache instead of streaming the whole vector from memory four times.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 
 # Exponent reported for an all-zero block: below any finite float32 (2^-149).
 ZERO_EXP = -160
+CHUNK_BLOCKS = 1024  # blocks quantized at a time (3.2 MB of float32 at 800 a block)
 
 
 class QuantizeError(ValueError):
@@ -70,14 +73,21 @@ def _ldexp_blocks(x: np.ndarray, k: np.ndarray, block: int, out: np.ndarray) -> 
 
 def quantize(x: np.ndarray, e_max: np.ndarray, world: int, block: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32).ravel()
-    f = np.empty(x.size, dtype=np.float32)
-    _ldexp_blocks(x, scale_exponents(e_max, world), block, f)
-    np.rint(f, out=f)
+    k = scale_exponents(e_max, world)
+    q = np.empty(x.size, dtype=np.int32)
     limit = np.float32(2.0 ** (30 - headroom_bits(world)))
-    if f.size and (f.max() > limit or f.min() < -limit):
-        # Only possible if e_max is not the max over all workers' exponents.
-        raise QuantizeError("value exceeds the shared exponent; workers disagree on the scale")
-    return f.astype(np.int32)
+    step = block * CHUNK_BLOCKS
+    f = np.empty(min(step, x.size), dtype=np.float32)
+    for at in range(0, x.size, step):
+        xs = x[at:at + step]
+        fs = f[:xs.size]
+        _ldexp_blocks(xs, k[at // block:], block, fs)
+        np.rint(fs, out=fs)
+        if fs.max() > limit or fs.min() < -limit:
+            # Only possible if e_max is not the max over all workers' exponents.
+            raise QuantizeError("value exceeds the shared exponent; workers disagree on the scale")
+        np.copyto(q[at:at + xs.size], fs, casting="unsafe")
+    return q
 
 
 def dequantize(q: np.ndarray, e_max: np.ndarray, world: int, block: int) -> np.ndarray:
@@ -96,11 +106,14 @@ def dequantize_rows(pieces: list[np.ndarray], e_max: np.ndarray, world: int, n: 
     out = np.empty(sum(p.shape[0] * p.shape[1] for p in pieces), dtype=np.float32)
     at = blk = 0
     for p in pieces:
-        rows, width = p.shape
-        o = out[at:at + rows * width].reshape(rows, width)
-        np.copyto(o, p, casting="unsafe")  # int32 -> float32, rounded once
-        np.ldexp(o, k[blk:blk + rows, None], out=o)
-        at, blk = at + rows * width, blk + rows
+        width = p.shape[1]
+        for c in range(0, p.shape[0], CHUNK_BLOCKS):  # cast and scale while the chunk is in cache
+            part = p[c:c + CHUNK_BLOCKS]
+            rows = part.shape[0]
+            o = out[at:at + rows * width].reshape(rows, width)
+            np.copyto(o, part, casting="unsafe")  # int32 -> float32, rounded once
+            np.ldexp(o, k[blk:blk + rows, None], out=o)
+            at, blk = at + rows * width, blk + rows
     return out[:n]
 
 

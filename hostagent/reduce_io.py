@@ -163,22 +163,37 @@ class JumboIO(XdpIO):
         p = s.params
         if select is not None or op != wire.OP_SUM or p.elems != wire.MAX_ELEMS:
             raise ValueError("jumbo frames carry sums of full slots for every rank only")
-        self.s, self.psn0, self.E, self.n = s, psn0, wire.JUMBO_ELEMS, values.size
+        E = wire.JUMBO_ELEMS
+        self.s, self.psn0, self.E, self.n = s, psn0, E, values.size
         self.npk = npk = self.packets(p, values.size)
-        self.buf, raw = s.packet_buffer(npk, self.E)
-        sizes, self.lsum = wire.fill_packets(self.buf, values, job=p.job, gen=p.gen, rank=s.rank, psn0=psn0,
-                                             op=op, jumbo=True)
-        self.msgs = batchio.Messages(raw, sizes.astype(np.uint64))
-        self.hdr_gen = self.buf["hdr"]["gen"]
-        self.want_numel = (sizes - wire.HDR_LEN) // 4
+        # Headers apart, lanes sent from the vector itself (HeaderAndLanes): no copy.
+        self.values = values
+        self.hdr = np.zeros(npk, dtype=wire.HDR_DTYPE)
+        numel = wire.fill_headers(self.hdr, values.size, E, job=p.job, gen=p.gen, rank=s.rank, psn0=psn0,
+                                  op=op, jumbo=True)
+        self.lsum = wire.vector_lane_sums(values, E)
+        wire.seal_headers(self.hdr, slice(None), self.lsum)
+        self.msgs = batchio.HeaderAndLanes(self.hdr, values, E, numel)
+        self.hdr_gen = self.hdr["gen"]
+        self.want_numel = numel.astype(np.int64)
         self.fd = s.udp.fileno()
         self.gso = None
         self.out = None
         self.path = s.xdp
-        self.path.begin(npk=npk, elems=self.E, last_numel=int(self.want_numel[-1]), job=p.job, psn0=psn0,
+        self.path.begin(npk=npk, elems=E, last_numel=int(numel[-1]), job=p.job, psn0=psn0,
                         jumbo=True, chain_end=s.rank == p.world - 1)
         self.corrupt0 = 0
         self.seen = 0
+
+    def send(self, start: int, stop: int, gen: int) -> None:
+        self.hdr_gen[start:stop] = gen
+        wire.seal_headers(self.hdr, slice(start, stop), self.lsum)
+        batchio.send_msgs(self.fd, self.msgs.msgs, start, stop - start)
+
+    def resend(self, idx: np.ndarray, gens: np.ndarray) -> None:
+        self.hdr["flags"][idx] |= wire.F_RETRANS
+        wire.seal_headers(self.hdr, idx, self.lsum)
+        batchio.send_msgs(self.fd, self.msgs.subset(idx))
 
     def rows(self) -> np.ndarray:
         """One row per slot (MAX_ELEMS lanes: a jumbo job's packet size), as

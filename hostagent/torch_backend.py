@@ -39,6 +39,8 @@ Settings (environment, read when a group is made):
   INC_REGISTER_TIMEOUT   s to wait for the other ranks (default: the group's
                          timeout, at most 600, incd's limit)
   INC_WINDOW             packets in flight (default 64)
+  INC_FRAME              std|jumbo (default std): jumbo sends large sums in
+                         64 KB frames (XDP path, modulo mode, MTU 65535 links)
 
 Reductions: SUM, AVG, MAX, MIN. The switch adds float32, int32 (exact),
 float16 and bfloat16 (through float32); fp32 sums are within the quantization
@@ -98,6 +100,7 @@ class IncProcessGroup(dist.ProcessGroup):
         limit = timeout.total_seconds() if timeout is not None else 30.0
         kw = dict(datapath=os.environ.get("INC_DATAPATH") or "auto",
                   window=int(os.environ.get("INC_WINDOW") or 64),
+                  frame=os.environ.get("INC_FRAME") or "std",
                   timeout=_env_float("INC_TIMEOUT", 10.0),
                   fail_timeout=_env_float("INC_FAIL_TIMEOUT", 2.0),
                   register_timeout=_env_float("INC_REGISTER_TIMEOUT", min(limit, MAX_REGISTER_TIMEOUT)))

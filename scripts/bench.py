@@ -88,8 +88,10 @@ def run(args) -> dict:
                         mode, _, dp = system.partition("-")
                         jumbo = dp == "jumbo"
                         dp = "xdp" if jumbo else dp
+                        # Each timed iteration after a barrier, as gloo_rank.py's.
                         r = one_size(lab, mode=mode, world=world, numel=max(1, size // 4), concurrent=1,
-                                     job0=job, args=args, datapath=dp or "socket", extra=JUMBO_ARGS if jumbo else ())
+                                     job0=job, args=args, datapath=dp or "socket",
+                                     extra=("--barrier", *(JUMBO_ARGS if jumbo else ())))
                         if r["datapaths"] != [dp or "socket"] or r["frames"] != ["jumbo" if jumbo else "std"]:
                             raise RuntimeError(f"{system}: the agents used {r['datapaths']} {r['frames']}")
                         if mode == "hash" and r["ps_datapaths"] != [dp or "socket"]:
