@@ -157,8 +157,7 @@ int xdp_inc_jumbo_add(struct xdp_md *ctx)
 	__u32 job_id;
 	struct inc_job *job;
 	struct inc_stats *st;
-	if (enter_mode_as(ctx, &pk, &job_id, &job, &st, PARSE_JUMBO) || job->mode != INC_MODE_MODULO ||
-	    pk.h->type != INC_T_JUMBO)
+	if (enter_jumbo_data(ctx, &pk, &job_id, &job, &st))
 		return XDP_DROP;
 	return jumbo_step(ctx, pk.h, job_id, job, st);
 }
@@ -169,8 +168,7 @@ int xdp_inc_jumbo_out(struct xdp_md *ctx)
 	__u32 job_id;
 	struct inc_job *job;
 	struct inc_stats *st;
-	if (enter_mode_as(ctx, &pk, &job_id, &job, &st, PARSE_JUMBO) || job->mode != INC_MODE_MODULO ||
-	    pk.h->type != INC_T_JUMBO)
+	if (enter_jumbo_data(ctx, &pk, &job_id, &job, &st))
 		return XDP_DROP;
 	return jumbo_out(ctx, &pk, job_id, job, st);
 }

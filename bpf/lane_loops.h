@@ -134,11 +134,9 @@ static __always_inline __u32 lanes_copy_out(struct inc_slot *s, __s32 *p, void *
 	return lanes_weighted(wa, wb, n);
 }
 
-/* Starts a round in s with its first contribution. Returns 1 if that
- * completes it (a one-worker job). Called with s->lock held. */
-static __always_inline int slot_claim(struct inc_slot *s, __u32 job_id, __u16 gen, __u32 psn,
-				      __u64 bit, __u8 op, __u32 n, __u64 now, __s32 *payload,
-				      void *end, __u8 world)
+/* A round's bookkeeping, taken by its first contribution (lanes apart). */
+static __always_inline void slot_start(struct inc_slot *s, __u32 job_id, __u16 gen, __u32 psn, __u64 bit,
+				       __u8 op, __u32 n, __u64 now)
 {
 	s->job = job_id;
 	s->gen = gen;
@@ -149,6 +147,15 @@ static __always_inline int slot_claim(struct inc_slot *s, __u32 job_id, __u16 ge
 	s->numel = n;
 	s->overflow = 0;
 	s->claimed_ns = now;
+}
+
+/* Starts a round in s with its first contribution. Returns 1 if that
+ * completes it (a one-worker job). Called with s->lock held. */
+static __always_inline int slot_claim(struct inc_slot *s, __u32 job_id, __u16 gen, __u32 psn,
+				      __u64 bit, __u8 op, __u32 n, __u64 now, __s32 *payload,
+				      void *end, __u8 world)
+{
+	slot_start(s, job_id, gen, psn, bit, op, n, now);
 	lanes_claim(s, payload, end, n);
 	s->state = world <= 1 ? INC_SLOT_COMPLETE : INC_SLOT_PARTIAL;
 	return world <= 1;

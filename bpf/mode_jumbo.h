@@ -64,17 +64,10 @@ static __always_inline int jumbo_slot(struct inc_slot *s, __u32 j, __u32 job_id,
 	int owned = s->job == job_id && s->gen == gen && s->state != INC_SLOT_EMPTY;
 	int newer = (__s32)(sp - s->psn) > 0;
 	if (!owned || (newer && s->state == INC_SLOT_COMPLETE)) {
-		s->job = job_id;
-		s->gen = gen;
-		s->psn = sp;
-		s->bitmap = bit;
-		s->count = 1;
-		s->op = INC_OP_SUM;
-		s->numel = len;
+		slot_start(s, job_id, gen, sp, bit, INC_OP_SUM, len, now);
 		s->overflow = jumbo_add(s, b, j * INC_MAX_ELEMS, len, 1);
 		s->jdone = 0;
 		s->select = n;
-		s->claimed_ns = now;
 		s->state = world <= 1 ? INC_SLOT_COMPLETE : INC_SLOT_PARTIAL;
 		return J_CLAIM;
 	}
@@ -155,6 +148,14 @@ static __always_inline int jumbo_send_to(struct ethhdr *eth, struct iphdr *ip, s
 	h->csum = csum_after_rank(h->csum, h->rank, dst);
 	h->rank = dst;
 	return bpf_redirect(m->ifindex, 0);
+}
+
+/* enter_mode for the programs that take a contribution on (add, out). */
+static __always_inline int enter_jumbo_data(struct xdp_md *ctx, struct inc_pkt *pk, __u32 *job_id,
+					    struct inc_job **job, struct inc_stats **st)
+{
+	return enter_mode_as(ctx, pk, job_id, job, st, PARSE_JUMBO) || (*job)->mode != INC_MODE_MODULO ||
+	       pk->h->type != INC_T_JUMBO;
 }
 
 static __always_inline struct inc_jumbo_buf *jumbo_buf_here(void)

@@ -7,11 +7,9 @@ each rank gets a device in a namespace of this test, and the runs
 happen in a thread that entered it."""
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import subprocess
-import threading
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from scapy.packet import Raw
 
 from bpf import wire
 from bpf.testrun import XDP_DROP, XDP_REDIRECT, prog_test_run
+from helpers.control import in_netns
 
 WORLD = 3
 SLOTS = 2 * 2 * wire.JUMBO_SUBS  # a window of two frames
@@ -28,7 +27,6 @@ OFFSET = 8
 SW_MAC, SW_IP = "02:00:00:00:00:fe", "10.78.0.254"
 PORT = 40000
 E = wire.JUMBO_ELEMS
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def addr(rank: int) -> str:
@@ -44,34 +42,10 @@ def ports(root):
         for r in range(WORLD):
             subprocess.run(["ip", "-n", ns, "link", "add", f"d{r}", "type", "veth", "peer", "name", f"e{r}"],
                            check=True)  # this kernel has no dummy devices
-        idx = [int(open_in(ns, lambda r=r: socket.if_nametoindex(f"d{r}"))) for r in range(WORLD)]
+        idx = [int(in_netns(ns, lambda r=r: socket.if_nametoindex(f"d{r}"))) for r in range(WORLD)]
         yield ns, idx
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
-
-
-def open_in(ns: str, fn):
-    """fn() run by a thread inside netns ns (a namespace switch is per thread)."""
-    out: dict = {}
-
-    def go():
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, 0x40000000) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns}")
-            finally:
-                os.close(fd)
-            out["v"] = fn()
-        except BaseException as e:
-            out["e"] = e
-
-    t = threading.Thread(target=go)
-    t.start()
-    t.join()
-    if "e" in out:
-        raise out["e"]
-    return out["v"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +86,7 @@ def frame(job, gen, rank, psn, vals, *, typ=wire.T_JUMBO, flags=0, flip_bit=None
 
 def run(dp, ports, rank, pkt):
     ns, idx = ports
-    return open_in(ns, lambda: prog_test_run(dp.ingress.fd, pkt, ingress_ifindex=idx[rank]))
+    return in_netns(ns, lambda: prog_test_run(dp.ingress.fd, pkt, ingress_ifindex=idx[rank]))
 
 
 def lanes(out: bytes) -> np.ndarray:

@@ -13,13 +13,12 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def socket_in(netns: str, kind: int = socket.SOCK_STREAM, bind_port: int | None = None) -> socket.socket:
-    """A socket (TCP by default) in a lab namespace, made by a thread that enters
-    it (a namespace switch is per thread, so the test process itself stays put);
-    bound to bind_port if given."""
+def in_netns(netns: str, fn):
+    """fn() run by a thread that enters namespace netns (a namespace switch is
+    per thread, so the test process itself stays put); its result or error."""
     out: dict = {}
 
-    def make():
+    def run():
         try:
             fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
             try:
@@ -27,20 +26,28 @@ def socket_in(netns: str, kind: int = socket.SOCK_STREAM, bind_port: int | None 
                     raise OSError(ctypes.get_errno(), f"setns {netns}")
             finally:
                 os.close(fd)
-            sock = socket.socket(socket.AF_INET, kind)
-            if bind_port is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                sock.bind(("0.0.0.0", bind_port))
-            out["sock"] = sock
+            out["value"] = fn()
         except BaseException as e:
             out["error"] = e
 
-    t = threading.Thread(target=make)
+    t = threading.Thread(target=run)
     t.start()
     t.join()
     if "error" in out:
         raise out["error"]
-    return out["sock"]
+    return out["value"]
+
+
+def socket_in(netns: str, kind: int = socket.SOCK_STREAM, bind_port: int | None = None) -> socket.socket:
+    """A socket (TCP by default) in a lab namespace, bound to bind_port if given."""
+    def make():
+        sock = socket.socket(socket.AF_INET, kind)
+        if bind_port is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.bind(("0.0.0.0", bind_port))
+        return sock
+
+    return in_netns(netns, make)
 
 
 class Ctl:
