@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from netns_lab.benchkit import log, pyplot, save_json
+from netns_lab.plan import MTU_DEFAULT, MTU_JUMBO
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,9 +232,13 @@ def run(args) -> dict:
         if args.epochs:
             cfg["data"] = str(Path(tmp) / "digits.npz")
             result["digits_split"] = digits_file(Path(cfg["data"]), args.seed)
-        log(f"lab: {args.workers} workers, incd on the switch (INC_DATAPATH={args.datapath})")
+        log(f"lab: {args.workers} workers, incd on the switch (INC_DATAPATH={args.datapath}, "
+            f"INC_FRAME={args.frame})")
         os.environ["INC_DATAPATH"] = args.datapath
-        with LabWithIncd("ddp", workers=args.workers) as lab:
+        os.environ["INC_FRAME"] = args.frame
+        if args.frame == "jumbo":  # 16 frames in flight; the links at the MTU the frames need
+            os.environ["INC_WINDOW"] = str(16 * 20)
+        with LabWithIncd("ddp", workers=args.workers, mtu=MTU_JUMBO if args.frame == "jumbo" else MTU_DEFAULT) as lab:
             reports = {}
             for i, backend in enumerate(BACKENDS):
                 t0 = time.time()
@@ -242,6 +247,7 @@ def run(args) -> dict:
                 reports[backend] = run_backend(lab, backend, cfg, 29700 + i, args.timeout)
                 log(f"{backend}: done in {time.time() - t0:.1f} s")
     result["datapath"] = reports["inc"].get("datapath")
+    result["frame"] = args.frame
     if args.epochs:
         import numpy as np
 
@@ -373,6 +379,8 @@ def main() -> int:
     p.add_argument("--tbatch", type=int, default=64, help="throughput batch per rank (default %(default)s)")
     p.add_argument("--datapath", choices=["auto", "xdp", "socket"], default="auto",
                    help="the inc ranks' data path (INC_DATAPATH; default %(default)s)")
+    p.add_argument("--frame", choices=["std", "jumbo"], default="std",
+                   help="the inc ranks' frames (INC_FRAME); jumbo runs the lab, Gloo included, at MTU 65535")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per backend before giving up")
     p.add_argument("--out", default=str(ROOT / "results" / "train_ddp.json"), help="JSON output file")
     p.add_argument("--fig-dir", default=str(ROOT / "docs" / "figures"), help="where the PNGs go")
