@@ -3,12 +3,20 @@ namespaces at MTU 65535, incd, agents on the XDP path. Results exact (int32)
 and within the stated bound (fp32), clean and under loss, duplication,
 corruption and reordering; the switch's counters show a jumbo frame per 20
 psns and results passed along the chain instead of broadcast; bad set-ups
-refused with a reason."""
+refused with a reason; an int32 sum that overflows comes back exact; incd
+killed mid-job and restarted, the job finishes exactly."""
 from __future__ import annotations
 
+import json
+import time
+
+import numpy as np
 import pytest
 
 from bpf import wire
+from helpers.agents import Agent, assert_reclaimed
+from helpers.allreduce import allreduce_files
+from incd import daemon
 from netns_lab import impair
 from netns_lab.agents import AgentRunError, run_allreduce
 from netns_lab.harness import LabWithIncd
@@ -22,27 +30,91 @@ def finished(lab, job):
     return [j for j in lab.incd.status()["finished"] if j["job"] == job][-1]
 
 
-def test_jumbo_allreduce_is_exact_and_its_results_travel_the_chain(root):
-    n = 3 * wire.JUMBO_ELEMS + 777  # three full frames and a short one
+@pytest.fixture(scope="module")
+def jlab(root):
     with LabWithIncd("jb", workers=WORLD, mtu=MTU_JUMBO) as lab:
-        res = run_allreduce(lab, job=3, world=WORLD, numel=n, dtype="int32", iters=3,
-                            extra=["--verify", *JUMBO], timeout=120)
-        assert all(r["verified"] and r["frame"] == "jumbo" and r["datapath"] == "xdp" for r in res), res
-        assert all(r["packets_per_iter"] == 4 for r in res), res  # 4 frames, not 62 packets
-        j = finished(lab, 3)
-        c = j["counters"]
-        frames = 4 * 3  # per rank: 4 frames x 3 iterations
-        # Each frame's result went to rank 0 and along the chain to ranks 1..3;
-        # nothing was cloned by the devmap broadcast.
-        assert c["results_mcast"] == 0, c
-        assert c["chained"] >= frames * (WORLD - 1), c
-        assert c["slots_completed"] >= frames * wire.JUMBO_SUBS - 3 * 19, c  # the short frame takes 1 slot
-        assert c["consumed"] >= WORLD * frames, c
-        assert j["frame"] == "jumbo"
-        # fp32 through the same frames: within the quantization bound (--verify)
-        res = run_allreduce(lab, job=4, world=WORLD, numel=2 * wire.JUMBO_ELEMS, dtype="float32", iters=2,
-                            extra=["--verify", *JUMBO], timeout=120)
-        assert all(r["verified"] and r["frame"] == "jumbo" for r in res), res
+        yield lab
+
+
+def test_jumbo_allreduce_is_exact_and_its_results_travel_the_chain(jlab):
+    n = 3 * wire.JUMBO_ELEMS + 777  # three full frames and a short one
+    res = run_allreduce(jlab, job=3, world=WORLD, numel=n, dtype="int32", iters=3,
+                        extra=["--verify", *JUMBO], timeout=120)
+    assert all(r["verified"] and r["frame"] == "jumbo" and r["datapath"] == "xdp" for r in res), res
+    assert all(r["packets_per_iter"] == 4 for r in res), res  # 4 frames, not 62 packets
+    j = finished(jlab, 3)
+    c = j["counters"]
+    frames = 4 * 3  # per rank: 4 frames x 3 iterations
+    # Each frame's result went to rank 0 and along the chain to ranks 1..3;
+    # nothing was cloned by the devmap broadcast.
+    assert c["results_mcast"] == 0, c
+    assert c["chained"] >= frames * (WORLD - 1), c
+    assert c["slots_completed"] >= frames * wire.JUMBO_SUBS - 3 * 19, c  # the short frame takes 1 slot
+    assert c["consumed"] >= WORLD * frames, c
+    assert j["frame"] == "jumbo"
+    # fp32 through the same frames: within the quantization bound (--verify)
+    res = run_allreduce(jlab, job=4, world=WORLD, numel=2 * wire.JUMBO_ELEMS, dtype="float32", iters=2,
+                        extra=["--verify", *JUMBO], timeout=120)
+    assert all(r["verified"] and r["frame"] == "jumbo" for r in res), res
+
+
+def test_an_overflowing_int32_sum_comes_back_exact(jlab, tmp_path):
+    """The jumbo result's overflow flag: every rank redoes the sum in halves
+    (themselves jumbo frames) and returns int64."""
+    rng = np.random.default_rng(9)
+    n = 2 * wire.JUMBO_ELEMS + 123
+    xs = [rng.integers(2**29, 2**31 - 1, n, dtype=np.int32) for _ in range(WORLD)]
+    xs[1][::3] = -(2**31)  # and large negative lanes
+    xs[3][::5] = -(2**31)
+    outs, res = allreduce_files(jlab, tmp_path, 9, xs, extra=JUMBO)
+    expect = np.sum(np.stack(xs).astype(np.int64), axis=0)
+    assert (expect > 2**31 - 1).any() and (expect < -(2**31)).any()
+    assert all(y.dtype == np.int64 and np.array_equal(y, expect) for y in outs)
+    assert all(r["widened_to_int64"] == 1 and r["frame"] == "jumbo" for r in res), res
+
+
+def test_killed_incd_is_restarted_and_the_jumbo_job_finishes(jlab):
+    """The switch keeps aggregating jumbo frames while incd is down (pinned maps
+    and programs); the restarted incd takes the job back, frame included."""
+    job, iters = 10, 3000
+    ws = [Agent(jlab, f"h{r + 1}", "allreduce", "--job", str(job), "--rank", str(r), "--world", str(WORLD),
+                "--numel", str(25 * wire.JUMBO_ELEMS), "--dtype", "int32", "--iters", str(iters), "--verify",
+                "--json", *JUMBO) for r in range(WORLD)]
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert all(a.proc.poll() is None for a in ws), [a.stderr()[-300:] for a in ws]
+            jobs = [j for j in jlab.incd.status().get("jobs", []) if j["job"] == job]
+            if jobs and jobs[0]["state"] == "active" and jobs[0]["counters"]["slots_completed"] > 5000:
+                before = jobs[0]
+                break
+            assert time.time() < deadline, "the job did not start"
+            time.sleep(0.1)
+        jlab.incd.kill()
+        assert daemon.recoverable(jlab.incd.instance)
+        jlab.incd.start()
+        deadline = time.time() + 60
+        while True:
+            jobs = [j for j in jlab.incd.status().get("jobs", []) if j["job"] == job]
+            if jobs and all(m["alive"] for m in jobs[0]["members"]):
+                after = jobs[0]
+                break
+            assert time.time() < deadline, "the members did not rejoin"
+            time.sleep(0.1)
+        assert (after["offset"], after["slots"], after["gen"], after["frame"]) == \
+            (before["offset"], before["slots"], before["gen"], "jumbo")
+        assert all(a.proc.poll() is None for a in ws), "the job ended before incd was back; raise iters"
+        res = []
+        for a in ws:
+            out, _ = a.proc.communicate(timeout=240)
+            assert a.proc.returncode == 0, a.stderr()[-800:]
+            res.append(json.loads(out.strip().splitlines()[-1]))
+        assert all(r["verified"] and r["rejoins"] == 1 and r["frame"] == "jumbo" for r in res), res
+        rec = assert_reclaimed(jlab, job)
+        assert rec["counters"]["slots_completed"] == iters * 25 * wire.JUMBO_SUBS
+    finally:
+        for a in ws:
+            a.kill()
 
 
 FAULTS = {"loss5": {"loss_pct": 5.0}, "dup5": {"dup_pct": 5.0}, "corrupt5": {"corrupt_pct": 5.0},
