@@ -245,16 +245,15 @@ class Session(Member):
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rto = min(0.2, max(MIN_RTO, self.srtt + 4 * self.rttvar))
 
-    def packet_buffer(self, npk: int, elems: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """A packet buffer of npk rows for this job's packet size (or elems
-        lanes), and its bytes as rows: kept for the next reduce of the same
-        length, since a fresh buffer of a large vector costs more in page
-        faults than filling it."""
-        key = (npk, elems or self.params.elems)
+    def packet_buffer(self, npk: int) -> tuple[np.ndarray, np.ndarray]:
+        """A packet buffer of npk rows for this job's packet size, and its bytes
+        as rows: kept for the next reduce of the same length, since a fresh
+        buffer of a large vector costs more in page faults than filling it."""
+        key = (npk, self.params.elems)
         if key not in self._packet_bufs:
             if len(self._packet_bufs) >= 4:
                 self._packet_bufs.pop(next(iter(self._packet_bufs)))
-            buf = np.empty(npk, dtype=wire.packet_dtype(key[1]))
+            buf = np.empty(npk, dtype=wire.packet_dtype(self.params.elems))
             self._packet_bufs[key] = (buf, buf.view(np.uint8).reshape(npk, -1))
         return self._packet_bufs[key]
 
