@@ -117,6 +117,39 @@ def test_killed_incd_is_restarted_and_the_jumbo_job_finishes(jlab):
             a.kill()
 
 
+def test_a_jumbo_job_resized_live_stays_exact_and_keeps_a_frames_window(root):
+    """EDF shrinks a running jumbo job for a deadline job and grows it back:
+    every iteration exact, and the region never below two frames' slots."""
+    with LabWithIncd("jm", workers=WORLD, mtu=MTU_JUMBO,
+                     incd_args=["--pool-slots", "160", "--policy", "edf"]) as lab:
+        big = [Agent(lab, f"h{r + 1}", "allreduce", "--job", "3", "--rank", str(r), "--world", "2",
+                     "--numel", str(13 * wire.JUMBO_ELEMS), "--dtype", "int32", "--iters", "400", "--verify",
+                     "--json", "--quiet", "--datapath", "xdp", "--frame", "jumbo", "--window", "80")
+               for r in range(2)]
+        try:
+            deadline = time.time() + 60
+            while not any(j["job"] == 3 and j["slots"] == 160 for j in lab.incd.status()["jobs"]):
+                assert time.time() < deadline and all(a.proc.poll() is None for a in big), \
+                    [a.stderr()[-300:] for a in big]
+                time.sleep(0.1)
+            res = run_allreduce(lab, job=4, world=2, numel=200000, dtype="int32", iters=30,
+                                extra=["--verify", "--window", "32", "--deadline", "30", "--model-bytes", "50000000",
+                                       "--epochs", "5", "--compute-s", "0.1"], hosts=["h3", "h4"], timeout=120)
+            assert all(r["verified"] for r in res)
+            live = [j for j in lab.incd.status()["jobs"] if j["job"] == 3]
+            assert live and live[0]["resizes"] >= 1, "the jumbo job should have been shrunk, and still run"
+            assert live[0]["slots"] >= 2 * wire.JUMBO_SUBS
+            outs = []
+            for a in big:
+                out, _ = a.proc.communicate(timeout=180)
+                assert a.proc.returncode == 0, a.stderr()[-800:]
+                outs.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            for a in big:
+                a.kill()
+        assert all(o["verified"] and o["resizes"] >= 1 and o["frame"] == "jumbo" for o in outs), outs
+
+
 def test_jumbo_allreduce_stays_exact_under_faults(root):
     """Loss, duplication, corruption and reordering at once on every link. They
     hit the frames on their way up (the results travel from XDP program to XDP

@@ -41,3 +41,26 @@ def test_the_members_datapath_is_kept(datapath):
 def test_an_unknown_datapath_is_refused(bad):
     with pytest.raises(RegistrationError, match="'datapath' must be one of xdp, socket"):
         validate_register(dict(BASE, datapath=bad))
+
+
+def test_the_frame_is_kept_std_by_default_and_checked():
+    assert validate_register(dict(BASE)).frame == "std"
+    assert validate_register(dict(BASE, frame="jumbo")).frame == "jumbo"
+    for bad in ("huge", "", 1, None):
+        with pytest.raises(RegistrationError, match="'frame' must be one of std, jumbo"):
+            validate_register(dict(BASE, frame=bad))
+    with pytest.raises(RegistrationError, match="jumbo frames are for modulo jobs, not hash mode"):
+        validate_register(dict(BASE, frame="jumbo", mode="hash"))
+
+
+def test_a_jumbo_job_asks_for_and_keeps_a_frames_window():
+    """Two frames' slots at least (a window of one frame), however small a
+    window its members asked for; the resize policy never goes below it."""
+    from bpf import wire
+    from incd.jobs import Job
+    from incd.memory import MIN_SLOTS
+
+    j = Job(3, 2, "modulo", req_window=1, frame="jumbo")
+    assert j.min_slots == 2 * wire.JUMBO_SUBS and j.demand().want_slots == 2 * wire.JUMBO_SUBS
+    std = Job(4, 2, "modulo", req_window=1)
+    assert std.min_slots == MIN_SLOTS and std.demand().want_slots == 2
