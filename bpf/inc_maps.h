@@ -40,7 +40,9 @@ INC_TABLE("prog", u32, u32, mode_progs, INC_MODE_PROGS);
  * so never pinned. */
 BPF_TABLE("percpu_array", int, struct kv_scratch, kv_scratch, 1);
 
-/* A jumbo frame's lanes, per CPU (struct inc_jumbo_buf); never pinned. */
-BPF_TABLE("array", int, struct inc_jumbo_buf, jumbo_buf, INC_JUMBO_CPUS);
+/* A jumbo frame's lanes, per CPU (struct inc_jumbo_buf). It lives across the
+ * frame's tail calls, and a restarted incd replaces mode_progs' entries while
+ * frames are in flight, so old and new programs must share it: pinned too. */
+INC_TABLE("array", int, struct inc_jumbo_buf, jumbo_buf, INC_JUMBO_CPUS);
 
 #endif /* INC_MAPS_H */

@@ -27,7 +27,7 @@ from .netinfo import xdp_prog_id
 BPF_DIR = bpf.source_dir()
 SWITCH_SRC = bpf.source("inc_switch.bpf.c")
 MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports", "mode_progs",
-             "kv_pool", "kv_flows")
+             "kv_pool", "kv_flows", "jumbo_buf")
 KV_AGG_DTYPE = np.dtype([("key", "<u8"), ("value", "<i8")])  # struct inc_kv_agg (checked at load)
 XDP_FLAGS_DRV_MODE = 1 << 2
 

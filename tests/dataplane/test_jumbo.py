@@ -202,3 +202,48 @@ def test_jumbo_frames_are_for_modulo_jobs_and_their_members(dp, ports, job):
     s = stats(dp, j)
     assert (s["drops.bad_source"], s["drops.bad_len"]) == (1, 1), s
     dp.clear_job(hj)
+
+
+def test_a_frame_whose_tail_calls_cross_into_a_restarted_incds_programs_is_added_exactly(root, ports):
+    """A restarted incd loads its programs again and puts them into the pinned
+    tail-call table while frames are in flight: one frame can start in the
+    old xdp_inc_jumbo and go on in the new xdp_inc_jumbo_add. The lanes it
+    loaded must be where the new programs read them (jumbo_buf is pinned with
+    the other maps), or the slots take another frame's lanes and the round
+    never completes."""
+    import ctypes as ct
+    from pathlib import Path
+
+    from incd.dataplane import Dataplane
+
+    pin = Path(f"/sys/fs/bpf/inc-tjumbo-{os.getpid()}")
+    old = new = None
+    try:
+        old = Dataplane(pool_slots=OFFSET + SLOTS + 8, pin_dir=pin)
+        new = Dataplane(pool_slots=OFFSET + SLOTS + 8, pin_dir=pin)  # what a restarted incd does
+        assert new.adopted
+        modes = new.bpf[b"mode_progs"]
+        # The table mid-update: the frame's first program is the old load's, the rest the new's.
+        modes[ct.c_int(wire.PROG_JUMBO)] = ct.c_int(old.mode_fns[wire.PROG_JUMBO].fd)
+        modes[ct.c_int(wire.PROG_JUMBO_ADD)] = ct.c_int(new.mode_fns[wire.PROG_JUMBO_ADD].fd)
+        modes[ct.c_int(wire.PROG_JUMBO_OUT)] = ct.c_int(old.mode_fns[wire.PROG_JUMBO_OUT].fd)
+        j, gen = 7, 1
+        _, idx = ports
+        new.set_job(j, offset=OFFSET, slots=SLOTS, gen=gen, world=WORLD)
+        for r in range(WORLD):
+            new.set_member(j, mac=bytes([2, 0, 0, 0, 1, r]), port_mac=bytes([2, 0, 0, 0, 2, r]),
+                           addr=socket.inet_aton(addr(r)), switch_addr=socket.inet_aton(SW_IP), port=PORT + r,
+                           rank=r, ifindex=idx[r])
+        new.clear_slots(OFFSET, SLOTS, j)
+        vals = [data(40 + r) for r in range(WORLD)]
+        for r in range(WORLD - 1):
+            assert run(old, ports, r, frame(j, gen, r, 0, vals[r])).verdict == XDP_DROP
+        r = run(new, ports, WORLD - 1, frame(j, gen, WORLD - 1, 0, vals[WORLD - 1]))
+        assert r.verdict == XDP_REDIRECT, stats(new, j)
+        assert np.array_equal(lanes(r.data), sum(v.astype(np.int64) for v in vals).astype(np.int32))
+        assert sealed(r.data) and hdr(r.data)["rank"] == 0
+    finally:
+        for d in (new, old):
+            if d is not None:
+                d.close()  # the first close unpins; the second finds nothing left
+        assert not pin.exists()
