@@ -24,6 +24,8 @@ enum verdict_kind {
 	V_PS_PARTIAL,   /* hash: a partial aggregate evicted by a resend, to the PS */
 	V_DONE,         /* broadcast: the header-only completion, to everyone */
 	V_DONE_BACK,    /* broadcast: the completion, back to the sender only */
+	V_UP,           /* a leaf: its rack's partial, to the spine */
+	V_UP_AGAIN,     /* a leaf: the partial again, for a rank that resent */
 };
 
 static __always_inline struct inc_stats *stats_of(__u32 job)

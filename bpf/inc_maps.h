@@ -24,6 +24,7 @@ INC_TABLE("array", int, struct inc_job, jobs, INC_MAX_JOBS);
 INC_TABLE("array", int, struct inc_slot, pool, INC_POOL_SLOTS);
 INC_TABLE("hash", struct inc_member_key, struct inc_member, members, INC_MAX_JOBS * 4);
 INC_TABLE("array", int, struct inc_member, job_ps, INC_MAX_JOBS); /* hash mode: the job's PS (ifindex 0 = none) */
+INC_TABLE("array", int, struct inc_member, job_up, INC_MAX_JOBS); /* a leaf: the job's spine (rank: this leaf's) */
 INC_TABLE("array", int, struct inc_source, sources, INC_MAX_JOBS * INC_MAX_WORKERS);
 INC_TABLE("percpu_array", int, struct inc_stats, stats, INC_MAX_JOBS);
 /* Key-value mode: two copies (epochs) of a rows x columns aggregator array, and

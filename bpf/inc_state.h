@@ -41,6 +41,9 @@
 #define INC_PROG_JUMBO 6       /* modulo jobs' jumbo frames (INC_T_JUMBO, INC_T_JRESULT) */
 #define INC_PROG_JUMBO_ADD 7   /* a jumbo frame into one of its slots, then the next */
 #define INC_PROG_JUMBO_OUT 8   /* a jumbo frame's result written and sent */
+#define INC_PROG_DOWN 9        /* a leaf: the spine's result for its rack's partial (mode_tier.h) */
+#define INC_PROG_LEAF 10       /* modulo data on a leaf of the job (mode_modulo.h, mode_tier.h) */
+#define INC_PROG_SPINE 11      /* modulo data (the leaves' partials) on the job's spine */
 #define INC_MODE_PROGS 16       /* size of the program array */
 
 /* Hash mode: a slot claimed longer ago than this by a (job, psn) that never
@@ -51,6 +54,12 @@
 #define INC_SLOT_EMPTY 0
 #define INC_SLOT_PARTIAL 1
 #define INC_SLOT_COMPLETE 2
+#define INC_SLOT_UP 3          /* a leaf: its rack's partial went up to the spine; the result has not come back */
+
+/* inc_job.tier: where this switch sits on the job's path (docs/design.md, "Two tiers") */
+#define INC_TIER_ONE 0         /* the job's only switch */
+#define INC_TIER_LEAF 1        /* sums its rack's ranks, sends the partial up (job_up), replicates the result */
+#define INC_TIER_SPINE 2       /* its "ranks" are the leaves */
 
 /* Job table, indexed by job id. Written by incd only. */
 struct inc_job {
@@ -60,8 +69,11 @@ struct inc_job {
 	__u8 mode;     /* 0 = no such job */
 	__u8 world;
 	__u8 epoch;    /* key-value: which copy of the aggregator array is active (0/1) */
-	__u8 pad;
+	__u8 tier;     /* INC_TIER_*; modulo jobs only */
 	__u16 parts;   /* key-value: subspaces the columns are cut into; flow f uses part f % parts */
+	__u8 local;    /* a leaf: the job's ranks behind it (a slot is complete here with these) */
+	__u8 pad;
+	__u16 pad2;
 };
 
 /* Where and how to deliver a job's results on one switch port (devmap egress). */
@@ -132,6 +144,9 @@ struct inc_stats {
 	__u64 kv_resent;        /* key-value: retransmissions of a psn already absorbed (re-acked or
 				 * replayed to the reducer, never added again) */
 	__u64 chained;          /* jumbo: results passed on to the next rank of their chain */
+	__u64 up_sent;          /* a leaf: its rack's partials sent up to the spine */
+	__u64 up_resent;        /* a leaf: partials sent up again for a rank that resent */
+	__u64 down_received;    /* a leaf: results from the spine, replicated to the rack */
 	__u64 drops[INC_DROP__COUNT];
 };
 

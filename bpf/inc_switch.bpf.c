@@ -4,7 +4,7 @@
  * xdp_inc_ingress runs on every switch port: it admits INC packets (inc_entry.h)
  * and tail-calls its job's mode program, xdp_inc_modulo (mode_modulo.h),
  * xdp_inc_hash and xdp_inc_hash_from_ps (mode_hash.h), xdp_inc_kv
- * (mode_kv.h) or xdp_inc_jumbo (mode_jumbo.h). xdp_inc_egress, the devmap egress program, delivers broadcast
+ * (mode_kv.h), xdp_inc_jumbo (mode_jumbo.h) or, on a leaf, xdp_inc_down (mode_tier.h). xdp_inc_egress, the devmap egress program, delivers broadcast
  * results to each port's members. The wire format is inc_proto.h, the maps'
  * value structs inc_state.h, the maps inc_maps.h.
  *
@@ -57,10 +57,12 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	int kv = job->mode == INC_MODE_KV;
 	if ((h->type == INC_T_KV) != kv)
 		return drop(0, INC_DROP_BAD_HDR); /* key-value packets for key-value jobs only */
-	if (jumbo && job->mode != INC_MODE_MODULO)
-		return drop(0, INC_DROP_BAD_HDR); /* jumbo frames are modulo jobs' */
+	if (job->tier == INC_TIER_LEAF && h->type == INC_T_RESULT && !jumbo)
+		return tier_enter_down(ctx, &pk, job_id, job);
+	if (jumbo && (job->mode != INC_MODE_MODULO || job->tier != INC_TIER_ONE))
+		return drop(0, INC_DROP_BAD_HDR); /* jumbo frames are single-switch modulo jobs' */
 	if (!kv && !jumbo && h->type != INC_T_DATA && job->mode != INC_MODE_HASH)
-		return drop(0, INC_DROP_BAD_HDR); /* only a hash job's PS sends results in */
+		return drop(0, INC_DROP_BAD_HDR); /* only a hash job's PS (or a leaf's spine) sends results in */
 	/* From a rank (a mapper's flow id in KV); a jumbo result on its chain too. */
 	int data = h->type == INC_T_DATA || kv || jumbo;
 	struct inc_stats *st = stats_of(job_id);
@@ -83,11 +85,13 @@ int xdp_inc_ingress(struct xdp_md *ctx)
 	__u32 prog = job->mode;
 	if (job->mode == INC_MODE_HASH && h->type != INC_T_DATA)
 		prog = INC_PROG_HASH_FROM_PS;
+	if (job->tier != INC_TIER_ONE && job->mode == INC_MODE_MODULO)
+		prog = job->tier == INC_TIER_LEAF ? INC_PROG_LEAF : INC_PROG_SPINE;
 	if (jumbo)
 		prog = INC_PROG_JUMBO;
 	else if (h->flags & INC_F_BCAST) {
-		if (job->mode != INC_MODE_MODULO || !data)
-			return drop(job_id, INC_DROP_BAD_HDR); /* broadcasts are modulo jobs' */
+		if (job->mode != INC_MODE_MODULO || !data || job->tier != INC_TIER_ONE)
+			return drop(job_id, INC_DROP_BAD_HDR); /* broadcasts are single-switch modulo jobs' */
 		prog = INC_PROG_BCAST;
 	}
 	mode_progs.call(ctx, prog);
@@ -124,7 +128,40 @@ int xdp_inc_modulo(struct xdp_md *ctx)
 	struct inc_stats *st;
 	if (enter_mode(ctx, &pk, &job_id, &job, &st))
 		return XDP_DROP;
-	return modulo_data(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st);
+	return modulo_data(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st, INC_TIER_ONE);
+}
+
+int xdp_inc_leaf(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode(ctx, &pk, &job_id, &job, &st) || job->tier != INC_TIER_LEAF)
+		return XDP_DROP;
+	return modulo_data(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st, INC_TIER_LEAF);
+}
+
+int xdp_inc_spine(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode(ctx, &pk, &job_id, &job, &st) || job->tier != INC_TIER_SPINE)
+		return XDP_DROP;
+	return modulo_data(ctx, pk.eth, pk.ip, pk.udp, pk.h, pk.payload, pk.end, job_id, job, st, INC_TIER_SPINE);
+}
+
+int xdp_inc_down(struct xdp_md *ctx)
+{
+	struct inc_pkt pk;
+	__u32 job_id;
+	struct inc_job *job;
+	struct inc_stats *st;
+	if (enter_mode(ctx, &pk, &job_id, &job, &st) || pk.h->type != INC_T_RESULT || job->tier != INC_TIER_LEAF)
+		return XDP_DROP;
+	return tier_down(ctx, &pk, job_id, job, st);
 }
 
 int xdp_inc_bcast(struct xdp_md *ctx)
@@ -210,7 +247,10 @@ int xdp_inc_egress(struct xdp_md *ctx)
 	struct inc_stats *st = stats_of(h->job);
 	if (st)
 		st->results_mcast++;
-	if ((h->flags & INC_F_SELECT) && h->type == INC_T_RESULT && !((h->bitmap >> (m->rank & 63)) & 1)) {
+	__u32 jid = h->job;
+	struct inc_job *job = jobs.lookup(&jid);
+	int spine = job && job->tier == INC_TIER_SPINE; /* its members are leaves: the bitmap names ranks below them */
+	if (!spine && (h->flags & INC_F_SELECT) && h->type == INC_T_RESULT && !((h->bitmap >> (m->rank & 63)) & 1)) {
 		/* Not one of the ranks the senders named (reduce to a root, a rank's
 		 * shard): it learns that the psn is complete, without the lanes. */
 		int cut = (int)((void *)c.end - (void *)(h + 1));

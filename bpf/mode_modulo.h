@@ -12,12 +12,16 @@
 #include "inc_entry.h"
 #include "lane_loops.h"
 #include "rewrite_helpers.h"
+#include "mode_tier.h"
 
-/* A data packet of a modulo job, admitted and re-entered (enter_mode). */
+/* A data packet of a modulo job, admitted and re-entered (enter_mode).
+ * tier (INC_TIER_*) is a constant of each program that calls this: the
+ * verifier walks every code path after the lane loops once per loop exit, so
+ * one program per tier keeps each within its limit. */
 static __always_inline int modulo_data(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
 				       struct udphdr *udp, struct inc_hdr *h, __s32 *payload,
 				       void *end, __u32 job_id, struct inc_job *job,
-				       struct inc_stats *st)
+				       struct inc_stats *st, const int tier)
 {
 	struct cursor c = { .pos = payload, .end = end };
 	__u32 n = h->numel;
@@ -29,7 +33,7 @@ static __always_inline int modulo_data(struct xdp_md *ctx, struct ethhdr *eth, s
 		return drop(job_id, INC_DROP_NO_JOB);
 
 	__u64 bit = 1ULL << rank;
-	__u8 world = job->world;
+	__u8 world = tier == INC_TIER_LEAF ? job->local : job->world; /* contributions that complete the slot here */
 	__u16 gen = job->gen;
 	__u64 now = bpf_ktime_get_ns();
 	int verdict = V_DROP, reason = INC_DROP_STALE, overflow = 0;
@@ -48,11 +52,13 @@ static __always_inline int modulo_data(struct xdp_md *ctx, struct ethhdr *eth, s
 		if (s->numel != n || s->op != h->op) {
 			reason = INC_DROP_BAD_LEN;
 		} else if (s->bitmap & bit) {
-			if (s->state == INC_SLOT_COMPLETE) {
-				/* Its result was lost: answer from the stored sum. */
+			if (s->state == INC_SLOT_COMPLETE || (tier == INC_TIER_LEAF && s->state == INC_SLOT_UP)) {
+				/* Its result was lost: answer from the stored sum. On a
+				 * leaf still waiting for the spine, the rack's partial or
+				 * the spine's result was lost: the partial goes up again. */
 				tot = lanes_copy_out(s, payload, c.end, n);
 				overflow = s->overflow;
-				verdict = V_RETX;
+				verdict = tier == INC_TIER_LEAF && s->state == INC_SLOT_UP ? V_UP_AGAIN : V_RETX;
 			} else {
 				reason = INC_DROP_DUP;
 			}
@@ -65,6 +71,14 @@ static __always_inline int modulo_data(struct xdp_md *ctx, struct ethhdr *eth, s
 	} else {
 		reason = newer ? INC_DROP_AHEAD : INC_DROP_STALE;
 	}
+	if (tier == INC_TIER_SPINE && (h->flags & INC_F_OVERFLOW) && verdict != V_DROP && verdict != V_RETX)
+		s->overflow = 1; /* a leaf's partial that overflowed already */
+	if (tier == INC_TIER_SPINE && verdict == V_MCAST)
+		overflow = s->overflow;
+	if (tier == INC_TIER_LEAF && verdict == V_MCAST) {
+		s->state = INC_SLOT_UP; /* complete once the spine's result is back (mode_tier.h) */
+		verdict = V_UP;
+	}
 	bpf_spin_unlock(&s->lock);
 
 	if (verdict == V_DROP)
@@ -74,6 +88,8 @@ static __always_inline int modulo_data(struct xdp_md *ctx, struct ethhdr *eth, s
 			st->consumed++;
 		return XDP_DROP;
 	}
+	if (tier == INC_TIER_LEAF && (verdict == V_UP || verdict == V_UP_AGAIN))
+		return tier_up(eth, ip, udp, h, job_id, tot, overflow, verdict == V_UP, st);
 
 	h->type = INC_T_RESULT;
 	h->flags = (h->flags & INC_F_SELECT) | (overflow ? INC_F_OVERFLOW : 0);

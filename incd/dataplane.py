@@ -27,7 +27,7 @@ from .netinfo import xdp_prog_id
 BPF_DIR = bpf.source_dir()
 SWITCH_SRC = bpf.source("inc_switch.bpf.c")
 MAP_NAMES = ("jobs", "pool", "members", "job_ps", "sources", "stats", "tx_ports", "mode_progs",
-             "kv_pool", "kv_flows", "jumbo_buf")
+             "kv_pool", "kv_flows", "jumbo_buf", "job_up")
 KV_AGG_DTYPE = np.dtype([("key", "<u8"), ("value", "<i8")])  # struct inc_kv_agg (checked at load)
 XDP_FLAGS_DRV_MODE = 1 << 2
 
@@ -88,6 +88,9 @@ class Dataplane:
                 wire.PROG_JUMBO: load_xdp(self.bpf, b"xdp_inc_jumbo"),
                 wire.PROG_JUMBO_ADD: load_xdp(self.bpf, b"xdp_inc_jumbo_add"),
                 wire.PROG_JUMBO_OUT: load_xdp(self.bpf, b"xdp_inc_jumbo_out"),
+                wire.PROG_DOWN: load_xdp(self.bpf, b"xdp_inc_down"),
+                wire.PROG_LEAF: load_xdp(self.bpf, b"xdp_inc_leaf"),
+                wire.PROG_SPINE: load_xdp(self.bpf, b"xdp_inc_spine"),
             }
             self.egress = load_xdp(self.bpf, b"xdp_inc_egress", attach_type=bcc.BPFAttachType.XDP_DEVMAP)
         except Exception as e:  # bcc raises bare Exception on compile/verifier errors
@@ -97,6 +100,7 @@ class Dataplane:
             modes[ct.c_int(mode)] = ct.c_int(fn.fd)
         self.jobs = self.bpf[b"jobs"]
         self.job_ps = self.bpf[b"job_ps"]
+        self.job_up = self.bpf[b"job_up"]
         self.pool = self.bpf[b"pool"]
         self.members = self.bpf[b"members"]
         self.sources = self.bpf[b"sources"]
@@ -142,9 +146,12 @@ class Dataplane:
 
     # --- jobs ---------------------------------------------------------------
     def set_job(self, job: int, *, offset: int, slots: int, gen: int, world: int,
-                mode: int = wire.MODE_MODULO) -> None:
+                mode: int = wire.MODE_MODULO, tier: int = wire.TIER_ONE, local: int = 0) -> None:
+        """tier: this switch's place on the job's path (wire.TIER_*); a leaf
+        completes a slot with its `local` ranks and sends the sum up (set_up)."""
         v = self.jobs.Leaf()
         v.offset, v.slots, v.gen, v.mode, v.world = offset, slots, gen, mode, world
+        v.tier, v.local = tier, local
         self.jobs[ct.c_int(job)] = v
 
     def clear_job(self, job: int) -> None:
@@ -187,6 +194,14 @@ class Dataplane:
 
     def clear_ps(self, job: int) -> None:
         self.job_ps[ct.c_int(job)] = self.job_ps.Leaf()
+
+    def set_up(self, job: int, **fields) -> None:
+        """A leaf: where the job's partials go (the spine's port and address;
+        rank: this leaf's rank among the spine's)."""
+        self.job_up[ct.c_int(job)] = self._member_value(self.job_up.Leaf, **fields)
+
+    def clear_up(self, job: int) -> None:
+        self.job_up[ct.c_int(job)] = self.job_up.Leaf()
 
     def del_member(self, job: int, ifindex: int) -> None:
         k = self.members.Key()
