@@ -23,7 +23,10 @@ host namespaces {name}-h1..hN (and {name}-ps), each host joined to the switch
 by a veth pair (switch side pI / pps, host side eth0). Host i is 10.77.i.2/24
 with gateway 10.77.i.1 on the switch (the PS uses i = 100). The lab state is
 written to /run/inc-lab/{name}.json, which incd reads to find the switch ports.
-Needs root."""
+With --racks R >= 2 the lab has two tiers: leaf switches {name}-leaf1..leafR
+(the hosts split rack by rack), a spine {name}-spine, and between each leaf and
+the spine a middle namespace {name}-ls{k} with a bridge where the spine link's
+faults act (see `inc-lab up --help`). Needs root."""
 
 UP_EPILOG = """\
 impairments (applied at the host end of every link; this kernel has no netem,
@@ -48,10 +51,28 @@ so they are tc BPF programs, HTB and IFB devices, see netns_lab/impair.py):
             device for switch->host, because XDP_REDIRECT skips switch qdiscs);
             not together with --delay/--jitter
 
+racks (two tiers):
+  --racks R       R leaf switches {name}-leaf1..leafR (1 <= R <= 8, R <= workers)
+                  and a spine {name}-spine; host i hangs off its rack's leaf on
+                  port pI as before. Racks are filled in order: N // R hosts
+                  each, the first N % R racks one more; the PS is in rack 1.
+                  Leaf k reaches the spine through a bridge in {name}-ls{k}
+                  (leaf 'up' 10.76.k.2 -- a | br0 | b -- spine 'lK' 10.76.k.1),
+                  the state's switch_netns is the spine's. R = 1 (default) is
+                  the one-switch lab {name}-sw.
+  --spine-rate    shapes every leaf-spine link, both directions (HTB on the
+                  bridge port b, an IFB for its ingress)
+  --spine-loss    random IPv4 UDP loss on every leaf-spine link, each direction
+                  (no --spine-delay: the delay line's primers would pass the
+                  bridge as copies of the packets)
+  The host faults above still act at the host end of the host links.
+
 examples:
   inc-lab up --workers 4 --ps
   inc-lab --name t1 up --workers 2 --loss 1 --rate 1gbit
   inc-lab --name t2 up --workers 4 --ps --dup 2 --corrupt 1 --delay 1 --jitter 0.5
+  inc-lab --name t3 up --racks 2 --workers 4 --spine-rate 1gbit --spine-loss 1
+  inc-lab --name t3 exec leaf1 -- ip -4 route
   inc-lab exec h1 -- ip -4 addr
   inc-lab exec sw -- tc -s qdisc
   inc-lab down"""
@@ -127,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="added one-way delay of IPv4 packets per link and direction")
     up.add_argument("--jitter", type=_ms, metavar="MS",
                     help="delay varies uniformly by +-MS per packet (reorders)")
+    up.add_argument("--racks", type=int, default=1, metavar="R",
+                    help=f"racks: R leaf switches and a spine, 1-{plan.MAX_RACKS}, at most the "
+                         "number of workers (default: %(default)s, one switch)")
+    up.add_argument("--spine-rate", metavar="R",
+                    help="rate limit of each leaf-spine link and direction, tc syntax "
+                         "(--racks >= 2)")
+    up.add_argument("--spine-loss", type=_pct, default=0.0, metavar="PCT",
+                    help="random IPv4 UDP loss per leaf-spine link and direction, percent "
+                         "(--racks >= 2)")
     up.add_argument("--json", action="store_true", help="print the lab state as JSON")
 
     down = sub.add_parser("down", parents=[name_opt], help="remove the lab",
@@ -142,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exec", parents=[name_opt], help="run a command in a host",
                         usage=f"{PROG} [--name NAME] exec HOST -- CMD [ARG ...]",
                         description="Run CMD inside HOST's namespace (HOST: h1..hN, ps, or sw "
-                                    "for the switch) with this environment and terminal; "
-                                    "exits with CMD's exit code.")
-    ex.add_argument("host", metavar="HOST", help="h1..hN, ps, or sw (the switch)")
+                                    "for the switch; with racks also leaf1..leafR, spine, and "
+                                    "ls1..lsR for the spine links' bridges) with this "
+                                    "environment and terminal; exits with CMD's exit code.")
+    ex.add_argument("host", metavar="HOST",
+                    help="h1..hN, ps, or sw (the switch; with racks the spine), leafK, spine, lsK")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
                     help="command and its arguments, after --")
     return p
@@ -153,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_up(args) -> int:
     lab = Lab(args.name, workers=args.workers, ps=args.ps, mtu=args.mtu, rate=args.rate,
               loss_pct=args.loss, reorder_pct=args.reorder, delay_ms=args.delay,
-              dup_pct=args.dup, corrupt_pct=args.corrupt, jitter_ms=args.jitter)
+              dup_pct=args.dup, corrupt_pct=args.corrupt, jitter_ms=args.jitter,
+              racks=args.racks, spine_rate=args.spine_rate, spine_loss_pct=args.spine_loss)
     lab.up()
     if args.json:
         print(json.dumps(lab.state, indent=2))
@@ -162,11 +195,43 @@ def cmd_up(args) -> int:
     print(f"lab {lab.name!r} is up: switch netns {st['switch_netns']}, MTU {st['mtu']}")
     for h in st["hosts"]:
         print(f"  {h['name']:<4} {h['netns']:<12} {h['ifname']} {h['addr']}/{h['prefix']:<3} "
-              f"gw {h['gateway']:<11} switch port {h['switch_port']:<4} {h['role']}")
+              f"gw {h['gateway']:<11} switch port {_port(h, st):<4} {h['role']}")
+    if st.get("racks", 1) > 1:
+        print(tree(st))
     print(f"impairments: {lab.impair.describe()}")
     print(f"state: {state_path(lab.name)}")
     print(f"run commands with: {PROG} --name {lab.name} exec h1 -- CMD")
     return 0
+
+
+def _port(h: dict, st: dict) -> str:
+    """A host's switch port, "leafK:pI" in a lab with racks."""
+    return h["switch_port"] if st.get("racks", 1) == 1 else f"{h['switch']}:{h['switch_port']}"
+
+
+def spine_faults(st: dict) -> str:
+    """The spine links' faults in a few words: "1gbit, loss 1%" or "unimpaired"."""
+    imp = st.get("spine_impair") or {}
+    parts = [imp["rate"]] if imp.get("rate") else []
+    if imp.get("loss_pct"):
+        parts.append(f"loss {imp['loss_pct']:g}%")
+    if imp.get("delay_ms"):
+        parts.append(f"delay {imp['delay_ms']:g} ms")
+    return ", ".join(parts) or "unimpaired"
+
+
+def tree(st: dict) -> str:
+    """A lab with racks as one line:
+    "  spine: l1 -> leaf1 (h1 h2), l2 -> leaf2 (h3 h4); spine links 1gbit, loss 1%"."""
+    sws = plan.switches_of(st)
+    spine = next(s for s in sws if s["role"] == "spine")
+    leaves = {s["uplink"]["peer_port"]: s for s in sws if s["uplink"]}
+    parts = []
+    for port in spine["ports"]:
+        leaf = leaves[port]
+        names = " ".join(h["name"] for h in st["hosts"] if h.get("switch") == leaf["name"])
+        parts.append(f"{port} -> {leaf['name']} ({names})")
+    return f"  {spine['name']}: {', '.join(parts)}; spine links {spine_faults(st)}"
 
 
 def cmd_down(args) -> int:
@@ -229,8 +294,14 @@ def cmd_status(args) -> int:
         for h in st["hosts"]:
             flag = "" if h["netns"] not in s["missing_netns"] else "  (namespace missing)"
             print(f"  {h['name']:<4} {h['netns']:<12} {h['addr']}/{h['prefix']} "
-                  f"port {h['switch_port']} {h['role']}{flag}")
-        if st["switch_netns"] in s["missing_netns"]:
+                  f"port {_port(h, st)} {h['role']}{flag}")
+        if st.get("racks", 1) > 1:
+            print(tree(st))
+            hosts_ns = {h["netns"] for h in st["hosts"]}
+            fabric_missing = [ns for ns in s["missing_netns"] if ns not in hosts_ns]
+            if fabric_missing:
+                print(f"  switch namespaces missing: {' '.join(fabric_missing)}")
+        elif st["switch_netns"] in s["missing_netns"]:
             print(f"  switch namespace {st['switch_netns']} missing")
         print("impairments: " + Lab.load(args.name).impair.describe())
         if counters:

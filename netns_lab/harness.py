@@ -18,8 +18,10 @@ def uniq(prefix: str) -> str:
 class LabWithIncd:
     """A lab plus an incd instance on its switch; both removed on exit, also on failure."""
 
-    def __init__(self, prefix: str = "l", workers: int = 4, ps: bool = False, incd_args=(), **impair):
-        self.lab = Lab(uniq(prefix), workers=workers, ps=ps, **impair)
+    def __init__(self, prefix: str = "l", workers: int = 4, ps: bool = False, incd_args=(),
+                 racks: int = 1, **impair):
+        """`impair`: Lab's fault keywords, the spine's (spine_rate, spine_loss_pct) included."""
+        self.lab = Lab(uniq(prefix), workers=workers, ps=ps, racks=racks, **impair)
         self.incd_args = list(incd_args)
 
     def __enter__(self) -> Lab:

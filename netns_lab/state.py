@@ -7,6 +7,27 @@ Format (keys and order are fixed; "hosts" lists h1..hN, then ps if present):
                 "prefix": 24, "gateway": "10.77.1.1", "switch_port": "p1", "role": "worker"},
                ...]}
 
+Every host entry ends with "rack": k and "switch": "sw" (or "leaf{k}"), and
+after "hosts" come the racks and the switches:
+     "racks": 1,
+     "switches": [{"name": "sw", "netns": "inc-sw", "role": "single", "rack": 1,
+                   "ports": ["p1", "p2"], "uplink": null}],
+     "spine_impair": null}
+
+With racks R >= 2, "switch_netns" is the spine's, the hosts are split rack by
+rack and "switches" lists leaf1..leafR, then the spine:
+     {"name": "leaf1", "netns": "inc-leaf1", "role": "leaf", "rack": 1,
+      "ports": ["p1", "p2"],            (host-facing ports; the uplink separately)
+      "uplink": {"port": "up", "addr": "10.76.1.2", "peer_addr": "10.76.1.1",
+                 "peer_port": "l1", "mid_netns": "inc-ls1"}},
+     ...
+     {"name": "spine", "netns": "inc-spine", "role": "spine", "rack": 0,
+      "ports": ["l1", "l2"], "uplink": null}
+"spine_impair" is then the spine links' faults, in the format of "impair"
+(applied in each mid_netns on bridge port "b", both directions).
+A state without "racks"/"switches" (written before racks existed) is a
+one-rack lab.
+
 "impair" has the four keys above always, and after them "dup_pct",
 "corrupt_pct" and "jitter_ms" when those impairments are set (so files of
 labs without them read as before); impair.Impairments.from_state() reads both.

@@ -7,6 +7,14 @@
     {name}-h{i}        host i: eth0 10.77.{i}.2/24, default route via 10.77.{i}.1
     {name}-ps          parameter server (optional), i = 100
 
+With racks=R >= 2 the hosts are split rack by rack (contiguous, the PS in
+rack 1) over leaf switches {name}-leaf1..leafR, each joined to {name}-spine
+through a bridge in {name}-ls{k} (see fabric.py):
+
+    {name}-leaf{k}     p{i} for the rack's hosts, up 10.76.{k}.2/24, default via the spine
+    {name}-ls{k}       bridge br0 with ports a (leaf) and b (spine; spine faults here)
+    {name}-spine       l{k} 10.76.{k}.1/24, routes 10.77.{i}.0/24 via 10.76.{k}.2
+
 The lab is described by its state file (see state.py); incd reads it to find
 the switch ports, and Lab.load() attaches to a lab some other process made.
 """
@@ -18,7 +26,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from . import impair, nsutil, plan
+from . import fabric, impair, nsutil, plan
 from . import state as statefile
 from .errors import LabConfigError, LabError
 from .impair import Impairments
@@ -42,7 +50,8 @@ class Lab:
                  mtu: int = plan.MTU_DEFAULT, rate: str | None = None,
                  loss_pct: float = 0.0, reorder_pct: float = 0.0,
                  delay_ms: float | None = None, dup_pct: float = 0.0,
-                 corrupt_pct: float = 0.0, jitter_ms: float | None = None):
+                 corrupt_pct: float = 0.0, jitter_ms: float | None = None, *,
+                 racks: int = 1, spine_rate: str | None = None, spine_loss_pct: float = 0.0):
         plan.validate_name(name)
         if isinstance(workers, bool) or not isinstance(workers, int) \
                 or not 1 <= workers <= plan.MAX_WORKERS:
@@ -51,16 +60,23 @@ class Lab:
                 or not plan.MTU_MIN <= mtu <= plan.MTU_MAX:
             raise LabConfigError(
                 f"mtu must be between {plan.MTU_MIN} and {plan.MTU_MAX} (got {mtu!r})")
+        plan.validate_racks(racks, workers)
         self.name, self.workers, self.ps, self.mtu = name, workers, bool(ps), mtu
+        self.racks = racks
         self.impair = Impairments(loss_pct, reorder_pct,
                                   None if rate is None else str(rate).strip().lower(), delay_ms,
                                   dup_pct, corrupt_pct, jitter_ms)
+        self.spine_impair = _spine_impairments(racks, spine_rate, spine_loss_pct)
+        hosts = plan.hosts(name, workers, self.ps, racks)
         self._state = {
             "name": name,
-            "switch_netns": plan.switch_netns(name),
+            "switch_netns": plan.switch_netns(name, racks),
             "mtu": mtu,
             "impair": self.impair.as_state(),
-            "hosts": plan.hosts(name, workers, self.ps),
+            "hosts": hosts,
+            "racks": racks,
+            "switches": plan.switches(name, hosts, racks),
+            "spine_impair": None if self.spine_impair is None else self.spine_impair.as_state(),
         }
         self._procs: list[subprocess.Popen] = []
 
@@ -75,17 +91,32 @@ class Lab:
     def hosts(self) -> list[str]:
         return [h["name"] for h in self._state["hosts"]]
 
+    @property
+    def switches(self) -> list[dict]:
+        """The state's switch entries: "sw" alone, or leaf1..leafR and "spine"."""
+        return plan.switches_of(self._state)
+
     def host(self, host: str) -> dict:
         for h in self._state["hosts"]:
             if h["name"] == host:
                 return h
+        sws = self.switches
+        names = [plan.SWITCH] if len(sws) == 1 else [
+            *(s["name"] for s in sws), *(plan.mid_name(s["rack"]) for s in sws if s["uplink"])]
         raise LabError(f"unknown host {host!r}; lab {self.name!r} has: "
-                       + ", ".join([plan.SWITCH, *self.hosts]))
+                       + ", ".join([*names, *self.hosts]))
 
     def netns(self, host: str) -> str:
-        """Namespace of a host ("h1", "ps") or of the switch ("sw")."""
+        """Namespace of a host ("h1", "ps"), of a switch ("sw": the switch, or
+        the spine of a lab with racks; "leaf1", "spine") or of the middle
+        namespace of leaf k's spine link ("ls1")."""
         if host in (plan.SWITCH, "switch"):
             return self._state["switch_netns"]
+        for sw in self.switches:
+            if sw["name"] == host:
+                return sw["netns"]
+            if sw["uplink"] and plan.mid_name(sw["rack"]) == host:
+                return sw["uplink"]["mid_netns"]
         return self.host(host)["netns"]
 
     def addr(self, host: str) -> str:
@@ -114,14 +145,20 @@ class Lab:
             raise LabError(f"lab {self.name!r} already exists; run "
                            f"`inc-lab --name {self.name} down` first")
         progs = impair.Programs(self.impair)  # compile errors surface before anything exists
+        spine_progs = None
         try:
-            self._build(progs)
+            if self.spine_impair is not None:
+                # compiled with the spine's own fault rates
+                spine_progs = impair.Programs(self.spine_impair)
+            self._build(progs, spine_progs)
             statefile.write(self._state)
         except BaseException:
             teardown(self.name)
             raise
         finally:
             progs.close()
+            if spine_progs is not None:
+                spine_progs.close()
         return self
 
     def down(self) -> list[str]:
@@ -148,33 +185,48 @@ class Lab:
         if st is None:
             raise LabError(f"lab {name!r} is not up (no {state_path(name)})")
         imp = Impairments.from_state(st.get("impair", {}))
+        spine = st.get("spine_impair")
+        spine = Impairments.from_state(spine) if spine else Impairments()
         lab = cls(name, workers=sum(h["role"] == "worker" for h in st["hosts"]),
                   ps=any(h["role"] == "ps" for h in st["hosts"]), mtu=st["mtu"],
                   rate=imp.rate, loss_pct=imp.loss_pct, reorder_pct=imp.reorder_pct,
                   delay_ms=imp.delay_ms, dup_pct=imp.dup_pct, corrupt_pct=imp.corrupt_pct,
-                  jitter_ms=imp.jitter_ms)
+                  jitter_ms=imp.jitter_ms, racks=st.get("racks", 1), spine_rate=spine.rate,
+                  spine_loss_pct=spine.loss_pct)
         lab._state = st
         return lab
 
     # -- construction -----------------------------------------------------
 
-    def _build(self, progs: impair.Programs) -> None:
-        sw, hosts, mtu = self._state["switch_netns"], self._state["hosts"], self.mtu
-        for ns in [sw, *(h["netns"] for h in hosts)]:
+    def _build(self, progs: impair.Programs, spine_progs: impair.Programs | None) -> None:
+        hosts, mtu = self._state["hosts"], self.mtu
+        switches = self.switches
+        routers = [s["netns"] for s in switches]
+        mids = [s["uplink"]["mid_netns"] for s in switches if s["uplink"]]
+        for ns in [*routers, *mids, *(h["netns"] for h in hosts)]:
             nsutil.create(ns)
             # before any veth exists, so new interfaces inherit the defaults
-            nsutil.sysctl(ns, _NO_IPV6 | (_ROUTER if ns == sw else {}))
+            nsutil.sysctl(ns, _NO_IPV6 | (_ROUTER if ns in routers else {}))
 
-        with nsutil.iproute(sw) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            for h in hosts:
-                # created from the switch side with the peer placed straight
-                # into the host namespace: no lab name ever appears in the root ns
-                ipr.link("add", ifname=h["switch_port"], kind="veth", mtu=mtu,
-                         peer={"ifname": h["ifname"], "net_ns_fd": h["netns"], "mtu": mtu})
-                idx = ipr.link_lookup(ifname=h["switch_port"])[0]
-                ipr.addr("add", index=idx, address=h["gateway"], prefixlen=h["prefix"])
-                ipr.link("set", index=idx, state="up")
+        for sw in switches:
+            mine = [h for h in hosts if h["switch_port"] in sw["ports"]] \
+                if sw["role"] != "spine" else []
+            with nsutil.iproute(sw["netns"]) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                for h in mine:
+                    # created from the switch side with the peer placed straight
+                    # into the host namespace: no lab name ever appears in the root ns
+                    ipr.link("add", ifname=h["switch_port"], kind="veth", mtu=mtu,
+                             peer={"ifname": h["ifname"], "net_ns_fd": h["netns"], "mtu": mtu})
+                    idx = ipr.link_lookup(ifname=h["switch_port"])[0]
+                    ipr.addr("add", index=idx, address=h["gateway"], prefixlen=h["prefix"])
+                    ipr.link("set", index=idx, state="up")
+
+        for sw in switches:
+            if sw["uplink"]:
+                fabric.build_uplink(sw, self._state["switch_netns"],
+                                    [h for h in hosts if h["switch_port"] in sw["ports"]],
+                                    mtu, self.spine_impair, spine_progs)
 
         for h in hosts:
             ns, dev = h["netns"], h["ifname"]
@@ -191,7 +243,7 @@ class Lab:
             # checksum, so XDP must rewrite it (0 is valid for IPv4 UDP) on
             # anything it redirects, or receivers count UdpInCsumErrors.
             nsutil.check(ns, ["ethtool", "-K", dev, "gro", "on"], f"enable GRO on {dev}")
-            nsutil.check(sw, ["ethtool", "-K", h["switch_port"], "gro", "on"],
+            nsutil.check(self.netns(h["switch"]), ["ethtool", "-K", h["switch_port"], "gro", "on"],
                          f"enable GRO on {h['switch_port']}")
             impair.apply(ns, dev, mtu, self.impair, progs)
         self._wait_running()
@@ -200,7 +252,7 @@ class Lab:
         # One end of each veth gets its carrier from an event the kernel's
         # linkwatch handles up to a second later; until then its qdisc is the
         # noop qdisc and drops everything. Wait, so the lab works when up() returns.
-        where = {self._state["switch_netns"]: [h["switch_port"] for h in self._state["hosts"]]}
+        where = fabric.wait_list(self._state)
         for h in self._state["hosts"]:
             where[h["netns"]] = [h["ifname"]]
         deadline = time.monotonic() + timeout
@@ -214,6 +266,26 @@ class Lab:
                     if time.monotonic() > deadline:
                         raise LabError(f"links did not come up in {ns}: {', '.join(down)}")
                     time.sleep(0.05)
+
+
+def _spine_impairments(racks: int, rate, loss_pct) -> Impairments | None:
+    """The spine links' faults (None for a one-rack lab, which has no spine).
+
+    Rate and loss only: impair's delay line cannot work on a bridge port. Its
+    ingress primers are dropped by the receiving host's ip_rcv (they are
+    PACKET_OTHERHOST), but a bridge forwards them, so the leaf would get a
+    copy of every packet undelayed (cut or padded to the primer's length).
+    """
+    if racks == 1:
+        if rate is not None or loss_pct:
+            raise LabConfigError("--spine-rate/--spine-loss need --racks 2 or more: "
+                                 "a one-rack lab has no spine links")
+        return None
+    try:
+        return Impairments(loss_pct=loss_pct,
+                           rate=None if rate is None else str(rate).strip().lower())
+    except LabConfigError as e:
+        raise LabConfigError(f"spine links: {e}") from None
 
 
 def _lab_netns(name: str) -> list[str]:
@@ -245,7 +317,7 @@ def status(name: str) -> dict:
     except LabError as e:
         st, out["error"] = None, str(e)
     if st is not None:
-        wanted = [st["switch_netns"], *(h["netns"] for h in st["hosts"])]
+        wanted = plan.lab_netns(st)
         out["state"] = st
         out["missing_netns"] = [ns for ns in wanted if ns not in present]
         out["stray_netns"] = [ns for ns in present if ns not in wanted]

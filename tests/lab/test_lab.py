@@ -176,12 +176,12 @@ def test_state_file_format(basic):
     with open(state_path(name)) as f:
         st = json.load(f)
     assert st == basic.state
-    assert list(st) == ["name", "switch_netns", "mtu", "impair", "hosts"]
+    assert list(st) == ["name", "switch_netns", "mtu", "impair", "hosts", "racks", "switches", "spine_impair"]
     assert st["name"] == name and st["switch_netns"] == f"{name}-sw" and st["mtu"] == 3400
     assert st["impair"] == {"loss_pct": 0.0, "reorder_pct": 0.0, "rate": None, "delay_ms": None}
     assert st["hosts"][0] == {"name": "h1", "netns": f"{name}-h1", "ifname": "eth0",
                               "addr": "10.77.1.2", "prefix": 24, "gateway": "10.77.1.1",
-                              "switch_port": "p1", "role": "worker"}
+                              "switch_port": "p1", "role": "worker", "rack": 1, "switch": "sw"}
     assert [(h["name"], h["switch_port"], h["addr"], h["role"]) for h in st["hosts"]] == [
         ("h1", "p1", "10.77.1.2", "worker"), ("h2", "p2", "10.77.2.2", "worker"),
         ("ps", "pps", "10.77.100.2", "ps")]
