@@ -43,6 +43,7 @@ class JobParams:
     members: list | None = None
     token: str = ""  # this member's, for a rejoin after an incd restart
     frame: str = "std"  # "jumbo": large vectors go in jumbo frames (JumboIO)
+    tiers: int = 1  # 2: the job spans racks (leaves and a spine); switch broadcasts stay within one switch
 
 
 MODES = ("modulo", "hash", "ps")
@@ -70,7 +71,7 @@ def params_from(reply: dict) -> JobParams:
     return JobParams(reply["job"], reply["gen"], reply["world"], reply.get("window") or 0,
                      reply["elems"], reply["data_addr"], reply["data_port"], reply["mode"],
                      reply["offset"], reply["slots"], reply.get("ps"), reply.get("members"),
-                     str(reply.get("token") or ""), reply.get("frame") or "std")
+                     str(reply.get("token") or ""), reply.get("frame") or "std", int(reply.get("tiers") or 1))
 
 
 @dataclass
@@ -388,8 +389,8 @@ class Session(Member):
                 self._maybe_passed(self.sent_upto)
 
     def bcast_capable(self) -> bool:
-        """Whether broadcast() can run: a modulo job of more than one rank."""
-        return self.params.mode == "modulo" and self.params.world > 1
+        """Whether broadcast() can run: a modulo job of more than one rank, on one switch."""
+        return self.params.mode == "modulo" and self.params.world > 1 and self.params.tiers == 1
 
     def done(self) -> None:
         """Tell incd this rank is finished (it frees the job once all are). A

@@ -58,7 +58,7 @@ def build_config(args) -> Config:
     elif args.netns:
         cfg.netns = args.netns
         origin["netns"] = "--netns"
-    if not cfg.ports:
+    if not cfg.ports and not cfg.switches:
         lab = LAB_STATE_DIR / f"{args.lab}.json"
         try:
             st = json.loads(lab.read_text())
@@ -67,9 +67,14 @@ def build_config(args) -> Config:
                            f"(inc-lab up --workers 4); {lab} does not exist")
         except json.JSONDecodeError as e:
             raise CliError(f"lab state {lab} is corrupt: {e}")
-        cfg.netns = st["switch_netns"]
-        cfg.ports = [h["switch_port"] for h in st["hosts"]]
-        origin.update(ports=f"lab state {lab}: ports", netns=f"lab state {lab}: netns")
+        if st.get("racks", 1) > 1:  # leaves and a spine: one incd for all of them (incd/fabric.py)
+            cfg.switches = [{k: sw[k] for k in ("name", "netns", "role", "ports", "uplink")}
+                            for sw in st["switches"]]
+            origin["switches"] = f"lab state {lab}: switches"
+        else:
+            cfg.netns = st["switch_netns"]
+            cfg.ports = [h["switch_port"] for h in st["hosts"]]
+            origin.update(ports=f"lab state {lab}: ports", netns=f"lab state {lab}: netns")
     if args.listen:
         host, _, port = args.listen.rpartition(":") if ":" in args.listen else (args.listen, "", "")
         cfg.listen = host or "0.0.0.0"

@@ -43,6 +43,9 @@ class Config:
     key_file: str | None = None  # shared key: only agents that hold it may use the control API
     max_job_slots: int | None = None  # the most switch memory one job gets (None: the whole pool)
     max_host_slots: int | None = None  # the most all jobs with a member on one host hold together
+    # A two-tier fabric (incd/fabric.py): [{"name", "netns", "role": "leaf"|"spine",
+    # "ports": [...], "uplink": {"port", "peer_port"} (leaves)}]; None: one switch (netns, ports)
+    switches: list | None = None
 
     def file_values(self) -> dict:
         """Everything but the instance name: what a --config file may hold."""
@@ -114,6 +117,24 @@ def _key_file(v):
         return f"is not usable ({e})"
 
 
+def _switches(v):
+    if v is None:
+        return None
+    why = ("must be a list of switches, each {\"name\", \"netns\", \"role\": \"leaf\" or \"spine\", "
+           "\"ports\": [...], \"uplink\": {\"port\", \"peer_port\"} for a leaf}, with one spine")
+    if not isinstance(v, list) or not v:
+        return why
+    for sw in v:
+        if not isinstance(sw, dict) or _name(sw.get("name")) or _name(sw.get("netns")) or _ports(sw.get("ports")) \
+                or sw.get("role") not in ("leaf", "spine"):
+            return why
+        up = sw.get("uplink")
+        if sw["role"] == "leaf" and not (isinstance(up, dict) and not _ports([up.get("port"), up.get("peer_port")])):
+            return why
+    if sum(sw["role"] == "spine" for sw in v) != 1 or len({sw["name"] for sw in v}) != len(v):
+        return why
+
+
 CHECKS = {
     "netns": _optional(_name),
     "ports": _ports,
@@ -131,6 +152,7 @@ CHECKS = {
     "key_file": _optional(_key_file),
     "max_job_slots": _optional(_integer(2, MAX_POOL_SLOTS)),
     "max_host_slots": _optional(_integer(2, MAX_POOL_SLOTS)),
+    "switches": _switches,
 }
 assert set(CHECKS) == set(FILE_KEYS), "every setting has its check"
 

@@ -169,9 +169,10 @@ class Dataplane:
         v.ifindex = ifindex
         return v
 
-    def set_member(self, job: int, **fields) -> None:
+    def set_member(self, job: int, switch: str = "", **fields) -> None:
         """A job's worker behind port fields["ifindex"]: where its results go,
-        and the only host and port its rank's data is accepted from."""
+        and the only host and port its rank's data is accepted from. switch:
+        which one (a Fabric's); a Dataplane is one switch."""
         k = self.members.Key()
         k.job, k.ifindex = job, fields["ifindex"]
         self.members[k] = self._member_value(self.members.Leaf, **fields)
@@ -188,7 +189,7 @@ class Dataplane:
     def clear_source(self, job: int, rank: int) -> None:
         self.sources[ct.c_int(job * wire.MAX_WORKERS + rank)] = self.sources.Leaf()
 
-    def set_ps(self, job: int, **fields) -> None:
+    def set_ps(self, job: int, switch: str = "", **fields) -> None:
         """Hash mode: where the job's parameter server is."""
         self.job_ps[ct.c_int(job)] = self._member_value(self.job_ps.Leaf, **fields)
 
@@ -203,7 +204,7 @@ class Dataplane:
     def clear_up(self, job: int) -> None:
         self.job_up[ct.c_int(job)] = self.job_up.Leaf()
 
-    def del_member(self, job: int, ifindex: int) -> None:
+    def del_member(self, job: int, ifindex: int, switch: str = "") -> None:
         k = self.members.Key()
         k.job, k.ifindex = job, ifindex
         try:
@@ -212,6 +213,25 @@ class Dataplane:
         except KeyError:
             return
         self.clear_source(job, rank)
+
+    # What a Fabric (fabric.py) answers for several switches; one switch takes every job.
+    @staticmethod
+    def placement_error(mode: str, frame: str, switches: set[str]) -> str | None:
+        return None
+
+    @staticmethod
+    def tiers(switches: set[str]) -> int:
+        return 1
+
+    def recovered(self, job: int, members: list) -> None:
+        pass
+
+    def missing_ranks(self, job: int, gen: int, psn: int, idx: int, world: int) -> list[int] | None:
+        """The ranks whose contribution to psn the slot lacks, if it holds that psn partly."""
+        s = self.read_slot(idx)
+        if s.state != wire.SLOT_PARTIAL or s.job != job or s.gen != gen or s.psn != psn:
+            return None
+        return [r for r in range(world) if not s.bitmap >> r & 1]
 
     def programmed_jobs(self) -> list[int]:
         """Job ids the switch accepts packets for (an adopted map may hold some)."""
@@ -446,3 +466,12 @@ def unpin_dir(pin_dir: Path) -> None:
         pin_dir.rmdir()
     except OSError:
         pass
+
+
+def unpin_tree(pin_dir: Path) -> None:
+    """A pin directory and, for a fabric (incd/fabric.py), its switches' below it."""
+    if pin_dir.exists():
+        for sub in pin_dir.iterdir():
+            if sub.is_dir():
+                unpin_dir(sub)
+    unpin_dir(pin_dir)

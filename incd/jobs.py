@@ -69,6 +69,7 @@ class Job:
     req_window: int | None = None  # asked for by the workers (modulo: wants 2x this)
     shape: str | None = None   # what the workers say they reduce, e.g. "1000xint32"; must agree
     frame: str = "std"         # "jumbo": 64 KB frames over JUMBO_SUBS slots each; must agree
+    tiers: int = 1             # 2: across racks, summed at the leaves and the spine (incd/fabric.py)
     deadline: float | None = None  # absolute (time.time()); None = best effort
     model_bytes: int = 0
     epochs: float = 1.0
@@ -147,6 +148,7 @@ class Job:
             "job": self.id, "state": self.state, "mode": self.mode, "gen": self.gen,
             "world": self.world, "window": self.window, "req_window": self.req_window,
             "offset": self.offset, "slots": self.slots, "elems_per_packet": self.elems, "frame": self.frame,
+            "tiers": self.tiers,
             "deadline_in_s": None if self.deadline is None else round(self.deadline - time.time(), 3),
             "model_bytes": self.model_bytes, "epochs": self.epochs, "compute_s": self.compute_s,
             "members": [m.public() for m in sorted(self.members.values(), key=lambda m: m.rank)],

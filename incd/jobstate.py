@@ -39,14 +39,14 @@ def _member(m: Member) -> dict:
     return {"rank": m.rank, "addr": m.addr, "port": m.port, "ifname": m.ifname, "alive": m.alive,
             "datapath": m.datapath, "token": m.token,
             "path": {"ifindex": p.ifindex, "mac": p.mac.hex(), "port_mac": p.port_mac.hex(),
-                     "switch_addr": p.switch_addr, "mtu": p.mtu}}
+                     "switch_addr": p.switch_addr, "mtu": p.mtu, "switch": p.switch}}
 
 
 def _unmember(d: dict) -> Member:
     p = d["path"]
     return Member(d["rank"], d["addr"], d["port"],
                   Path(p["ifindex"], bytes.fromhex(p["mac"]), bytes.fromhex(p["port_mac"]),
-                       p["switch_addr"], p["mtu"]),
+                       p["switch_addr"], p["mtu"], p.get("switch", "")),
                   d["ifname"], alive=d["alive"],  # connected when incd died: must rejoin
                   datapath=d.get("datapath"), token=d.get("token"))
 
@@ -60,7 +60,7 @@ def dump(reg: Registry, fp: str) -> dict:
             continue
         jobs.append({
             "id": j.id, "world": j.world, "mode": j.mode, "window": j.window, "req_window": j.req_window,
-            "shape": j.shape, "frame": j.frame, "deadline": j.deadline, "model_bytes": j.model_bytes, "epochs": j.epochs,
+            "shape": j.shape, "frame": j.frame, "tiers": j.tiers, "deadline": j.deadline, "model_bytes": j.model_bytes, "epochs": j.epochs,
             "compute_s": j.compute_s, "gen": j.gen, "offset": j.offset, "slots": j.slots,
             "elems": j.elems, "started": j.started, "remaps_done": j.resizes_done,  # the file's old name
             "members": [_member(m) for m in j.members.values()],
@@ -108,7 +108,8 @@ def restore(reg: Registry, data: dict, grace_s: float) -> list[int]:
                   "gen", "offset", "slots", "elems", "started"):
             setattr(j, k, d[k])
         j.resizes_done = d["remaps_done"]
-        for k, default in (("req_cols", None), ("parts", None), ("tuples", 0), ("kv_drains", 0), ("frame", "std")):
+        for k, default in (("req_cols", None), ("parts", None), ("tuples", 0), ("kv_drains", 0), ("frame", "std"),
+                         ("tiers", 1)):
             setattr(j, k, d.get(k, default))
         for md in d["members"]:
             j.members[md["rank"]] = _unmember(md)

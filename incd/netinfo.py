@@ -31,6 +31,7 @@ class Path:
     port_mac: bytes
     switch_addr: str
     mtu: int
+    switch: str = ""  # which switch of a fabric (incd/fabric.py); "" for the only one
 
 
 def port_info(name: str) -> PortInfo:

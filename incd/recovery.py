@@ -39,6 +39,7 @@ class Recovery:
                     self.kv_alloc.reserve(j.offset, j.cols)
                     j.kv_epoch = self.dp.kv_epoch(j.id)  # the pinned job entry has the active copy
                 j.state = "active"
+                self.dp.recovered(j.id, [(m.path.switch, m.rank, m.path.ifindex) for m in j.members.values()])
                 j.rejoin_by = time.time() + grace_s
                 self.jobs[j.id] = j
             return [j.id for j in jobs]

@@ -48,7 +48,7 @@ from .watchdog import Watchdog
 
 
 class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
-    def __init__(self, dataplane, pool_slots: int, port_names: dict[int, str],
+    def __init__(self, dataplane, pool_slots: int, port_names: dict[tuple[str, int], str],
                  hash_slots: int | None = None, memory: MemoryManager | None = None):
         self.dp = dataplane
         self.alloc = RegionAllocator(pool_slots)
@@ -146,10 +146,10 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
             raise RegistrationError(f"job {r.job} already has a PS")
         if r.role == "worker" and job.mode not in ("ps", "kv"):  # kv: no per-port member entry
             for m in job.members.values():
-                if m.path.ifindex == path.ifindex:
+                if (m.path.switch, m.path.ifindex) == (path.switch, path.ifindex):
                     raise RegistrationError(
                         f"job {r.job}: rank {m.rank} already sits behind switch port "
-                        f"{self.port_names.get(path.ifindex)}; one member per port per job")
+                        f"{self.port_name(path)}; one member per port per job")
         return job
 
     def _join(self, job: Job, r: Request, peer: str, path: Path) -> None:
@@ -161,11 +161,14 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                 # the job's deadline and size, from whichever rank states them
                 job.deadline = time.time() + r.deadline_s if r.deadline_s is not None else job.deadline
                 job.model_bytes, job.epochs, job.compute_s = r.model_bytes, r.epochs, r.compute_s
-        member = Member(r.rank, peer, r.port, path, self.port_names.get(path.ifindex, "?"), datapath=r.datapath)
+        member = Member(r.rank, peer, r.port, path, self.port_name(path), datapath=r.datapath)
         if r.role == "ps":
             job.ps = member
         else:
             job.members[r.rank] = member
+
+    def port_name(self, path: Path) -> str:
+        return self.port_names.get((path.switch, path.ifindex), "?")
 
     def _wait_start(self, job: Job, r: Request, timeout: float, gone=None) -> None:
         """Waits (under self.cond) until the job runs; on a timeout, a stop or the
@@ -216,6 +219,11 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
                          f"port; " + ", ".join(f"{m.ifname} has {m.path.mtu}" for m in small))
             self.jobs.pop(job.id, None)
             return
+        where = self.dp.placement_error(job.mode, job.frame, {m.path.switch for m in job.all_members()})
+        if where:
+            job.state, job.error = "ended", f"job {job.id}: {where}"
+            self.jobs.pop(job.id, None)
+            return
         try:
             job.offset, job.slots = self._region_for(job, size)
             # modulo: the window follows the memory granted; otherwise it is what was asked
@@ -225,6 +233,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
             self.jobs.pop(job.id, None)
             return
         job.gen = self._next_gen()
+        job.tiers = self.dp.tiers({m.path.switch for m in job.all_members()})
         job.elems = wire.elems_for_mtu(min(m.path.mtu for m in job.all_members()))
         if job.mode == "kv":
             if not self._activate_kv(job):
@@ -245,7 +254,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
     def _member_fields(m: Member) -> dict:
         return dict(mac=m.path.mac, port_mac=m.path.port_mac, addr=socket.inet_aton(m.addr),
                     switch_addr=socket.inet_aton(m.path.switch_addr), port=m.port,
-                    rank=max(m.rank, 0), ifindex=m.path.ifindex)
+                    rank=max(m.rank, 0), ifindex=m.path.ifindex, switch=m.path.switch)
 
     # --- leaving and the end of a job -----------------------------------------------
     def leave(self, job: Job, rank: int, done: bool = False, reason: str | None = None) -> None:
@@ -312,7 +321,7 @@ class Registry(KvJobs, Resizing, Watchdog, Recovery, Status):
             if job.mode in MODE_CODE:
                 self.dp.clear_job(job.id)
                 for m in job.members.values():
-                    self.dp.del_member(job.id, m.path.ifindex)
+                    self.dp.del_member(job.id, m.path.ifindex, m.path.switch)
                 if job.ps is not None:
                     self.dp.clear_ps(job.id)
                 final = self.dp.read_stats(job.id)

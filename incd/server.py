@@ -60,7 +60,7 @@ def joined_reply(job, rank: int) -> dict:
     return {
         "ok": True, "job": job.id, "gen": job.gen, "world": job.world,
         "window": job.window, "offset": job.offset, "slots": job.slots,
-        "elems": job.elems, "frame": job.frame, "data_addr": member.path.switch_addr,
+        "elems": job.elems, "frame": job.frame, "tiers": job.tiers, "data_addr": member.path.switch_addr,
         "data_port": wire.PORT, "mode": job.mode,
         "ps": {"addr": job.ps.addr, "port": job.ps.port} if job.ps else None,
         "members": [{"rank": m.rank, "addr": m.addr, "port": m.port}
@@ -75,7 +75,8 @@ class ControlServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def __init__(self, addr, registry: Registry, netinfo, port_ifindexes: set[int],
-                 allow: list, register_timeout: float, key: bytes | None = None):
+                 allow: list, register_timeout: float, key: bytes | None = None, switch: str = ""):
+        self.switch = switch  # a fabric's leaf this door is on (incd/fabric.py); "" for the only switch
         self.key = key  # None: network position alone decides who may talk (see the module doc)
         self.registry = registry
         self.netinfo = netinfo
@@ -227,6 +228,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
         def joining():
             timeout = register_timeout(req, srv.register_timeout)
             path = resolve_path(srv.netinfo, self.peer, srv.port_ifindexes)
+            path.switch = srv.switch
             return srv.registry.register(req, self.peer, path, timeout, gone=self._closed)
         return self._join(req, joining)
 

@@ -24,10 +24,7 @@ class Status:
                 idx = job.offset + psn % job.slots
             else:
                 idx = int(wire.hash_slots(job.id, [psn], *self.hash_region)[0])
-            s = self.dp.read_slot(idx)
-            if (s.state != wire.SLOT_PARTIAL or s.job != job.id or s.gen != job.gen or s.psn != psn):
-                return None
-            return [r for r in range(job.world) if not s.bitmap >> r & 1]
+            return self.dp.missing_ranks(job.id, job.gen, psn, idx, job.world)
 
     def snapshot(self) -> dict:
         with self.cond:

@@ -21,7 +21,10 @@ def write(tmp_path, data) -> str:
 GOOD = {"netns": "inc-sw", "ports": ["eth1", "eth2"], "listen": "0.0.0.0", "listen_port": 38100,
         "pool_slots": 4096, "hash_slots": 1024, "policy": "fifo", "partitions": 2, "rtt_us": 150,
         "link_gbps": 2.5, "allow": ["10.0.0.0/24", "10.1.0.1"], "register_timeout": 30, "rejoin_grace": 10,
-        "key_file": None, "max_job_slots": 512, "max_host_slots": 1024}  # a real key file: test_a_key_file_must_exist_and_hold_a_long_enough_key
+        "key_file": None, "max_job_slots": 512, "max_host_slots": 1024,
+        "switches": [{"name": "leaf1", "netns": "inc-leaf1", "role": "leaf", "ports": ["p1", "p2"],
+                      "uplink": {"port": "up", "peer_port": "l1"}},
+                     {"name": "spine", "netns": "inc-spine", "role": "spine", "ports": ["l1"], "uplink": None}]}  # a real key file: test_a_key_file_must_exist_and_hold_a_long_enough_key
 
 
 def test_a_good_file_is_read_whole(tmp_path):
@@ -47,6 +50,9 @@ BAD = {
     "allow": ["10.0.0.0/24", ["not a net"], [10]],
     "netns": [1, "", "a/b"],
     "listen": [0, "", "0.0.0.0 x"],
+    "switches": [[], "leaf1", [{"name": "leaf1", "netns": "n", "role": "leaf", "ports": ["p1"]}],  # no uplink
+                 [{"name": "s", "netns": "n", "role": "spine", "ports": ["l1"]}] * 2,  # two spines
+                 [{"name": "s", "netns": "n", "role": "core", "ports": ["l1"]}]],
 }
 
 
