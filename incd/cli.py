@@ -175,7 +175,14 @@ def _fmt_counters(c: dict | None) -> str:
     if c.get("kv_absorbed") or c.get("kv_leftover") or c.get("kv_acks") or c.get("kv_to_reducer"):
         out += (f" kv_absorbed={c['kv_absorbed']} kv_claimed={c['kv_claimed']} kv_leftover={c['kv_leftover']} "
                 f"kv_acks={c['kv_acks']} kv_to_reducer={c['kv_to_reducer']} kv_resent={c['kv_resent']}")
+    if c.get("up_sent") or c.get("down_received"):
+        out += f" up_sent={c['up_sent']} up_resent={c['up_resent']} down_received={c['down_received']}"
     return out
+
+
+def _fmt_switches(c: dict | None) -> list[str]:
+    """A job on a two-tier fabric: a line per switch of its path."""
+    return [f"    {name}: {_fmt_counters(sc)}" for name, sc in ((c or {}).get("switches") or {}).items()]
 
 
 def _status_or_exit(args) -> dict | None:
@@ -199,8 +206,12 @@ def cmd_status(args) -> int:
         return 0
     ns = f" netns {s['netns']}" if s["netns"] else ""
     print(f"incd ({s['instance']}) running, pid {s['pid']}{ns}, up {s['uptime_s']}s, control {s['control']}")
-    print("ports: " + ", ".join(f"{p['name']}(ifindex {p['ifindex']}, mtu {p['mtu']}, xdp {p['xdp']})"
-                                for p in s["ports"]))
+    if s.get("switches"):
+        for sw in s["switches"]:
+            print(f"{sw['role']} {sw['name']} (netns {sw['netns']}): ports {', '.join(sw['ports'])}")
+    else:
+        print("ports: " + ", ".join(f"{p['name']}(ifindex {p['ifindex']}, mtu {p['mtu']}, xdp {p['xdp']})"
+                                    for p in s["ports"]))
     print(f"pool: {s['pool_slots']} slots, {s['free_slots']} free")
     if "kv_cols" in s:
         print(f"key-value columns: {s['kv_cols']}, {s['kv_free_cols']} free, {s['kv_flows']} flows in use")
@@ -213,7 +224,8 @@ def cmd_status(args) -> int:
         members = " ".join(f"{m['rank']}@{m['addr']}:{m['port']}/{m['switch_port']}"
                            + (f" ({m['datapath']})" if m.get("datapath") else "") for m in j["members"])
         print(f"job {j['job']} [{j['state']}] {j['mode']} gen={j['gen']} world={j['world']} "
-              f"window={j['window']} region={j['offset']}+{j['slots']} elems/pkt={j['elems_per_packet']}")
+              f"window={j['window']} region={j['offset']}+{j['slots']} elems/pkt={j['elems_per_packet']}"
+              + (" across racks" if j.get("tiers", 1) > 1 else ""))
         if j["mode"] == "kv":
             print(f"    key-value: columns {j['offset']}+{j['cols']} in {j['parts']} parts, epoch {j.get('epoch')}, "
                   f"{j['drains']} drains, {j['tuples_per_packet']} tuples/pkt")
@@ -221,8 +233,12 @@ def cmd_status(args) -> int:
             members += f" ps@{j['ps']['addr']}:{j['ps']['port']}/{j['ps']['switch_port']}"
         print(f"    members: {members}")
         print(f"    {_fmt_counters(j['counters'])}")
+        for line in _fmt_switches(j["counters"]):
+            print(line)
     for j in s["finished"][-5:]:
         print(f"ended job {j['job']} gen={j['gen']} ({j['end_reason']}): {_fmt_counters(j['counters'])}")
+        for line in _fmt_switches(j["counters"]):
+            print(line)
     un = {k: v for k, v in s["unattributed"].items() if v}
     if un:
         print(f"drops not attributable to a job: {un}")

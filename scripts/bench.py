@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """The benchmark suite: in-network aggregation against its peers, in one run.
 
-For each regime (host links unshaped, and shaped to 1 Gbit/s - the
-bandwidth-bound regime of a real cluster) one lab is built, and every system
+For each regime (host links unshaped; shaped to 1 Gbit/s - the
+bandwidth-bound regime of a real cluster; cross-rack: two racks of four
+behind leaf switches, their links to the spine at 1 Gbit/s, where the ring
+sends about twice the vector across the core per rank and two-tier
+aggregation one partial per rack) one lab is built, and every system
 runs on it: INA modulo and hash through the XDP switch, each with the
 agents' socket data path and with their XDP receive path (-xdp; hash-xdp's
 PS answers complete aggregates with its XDP fast path too), the
@@ -38,6 +41,20 @@ SYSTEMS = ("modulo", "modulo-xdp", "modulo-jumbo", "hash", "hash-xdp", "ps", "gl
 # modulo-jumbo: the XDP path with 64 KB jumbo frames (bpf/mode_jumbo.h), a window
 # of 16 frames; it needs every link's MTU at plan.MTU_JUMBO (--mtu).
 JUMBO_ARGS = ("--frame", "jumbo", "--window", str(16 * 20))
+# The cross-rack regime ("cross-rack" or "cross-rack:RATE"): 2 racks of 4 workers,
+# the leaf-spine links shaped (default 1gbit), host links unshaped; every rank
+# in it, so half of each ring and each aggregation crosses the core. Only
+# modulo jobs run on a two-tier fabric (incd/fabric.py).
+CROSS_RACKS, CROSS_WORKERS, CROSS_RATE = 2, 8, "1gbit"
+CROSS_SYSTEMS = ("modulo", "modulo-xdp", "gloo")
+
+
+def regime_lab(regime: str, name: str, workers: int, mtu: int) -> tuple[Lab, list[int] | None]:
+    """The lab for a regime, and the worlds it forces (None: the --workers given)."""
+    if regime.startswith("cross-rack"):
+        rate = regime.partition(":")[2] or CROSS_RATE
+        return Lab(name, workers=CROSS_WORKERS, racks=CROSS_RACKS, spine_rate=rate, mtu=mtu), [CROSS_WORKERS]
+    return Lab(name, workers=workers, ps=True, rate=None if regime == "unshaped" else regime, mtu=mtu), None
 
 
 def run_gloo(lab: Lab, world: int, sizes: list[int], iters: int, port: int) -> dict[int, float]:
@@ -64,16 +81,19 @@ def run(args) -> dict:
     rows = []
     job = 500
     for regime in regimes:
-        rate = None if regime == "unshaped" else regime
         args.mtu = args.mtu or (MTU_JUMBO if "modulo-jumbo" in systems else MTU_DEFAULT)
-        lab = Lab(f"incb{regimes.index(regime)}", workers=max(worlds), ps=True, rate=rate, mtu=args.mtu)
+        lab, forced = regime_lab(regime, f"incb{regimes.index(regime)}", max(worlds), args.mtu)
+        here = [s for s in systems if forced is None or s in CROSS_SYSTEMS]
+        if here != systems:
+            log(f"regime {regime}: {', '.join(s for s in systems if s not in here)} do not run across racks; skipped")
         incd = IncdProcess(lab.name + "-incd", lab=lab.name)
         try:
-            log(f"regime {regime}: lab with {max(worlds)} workers + ps")
+            log(f"regime {regime}: lab with {lab.workers} workers" +
+                (f" in {lab.racks} racks, spine links {lab.spine_impair.rate}" if lab.racks > 1 else " + ps"))
             lab.up()
             incd.start()
-            for world in worlds:
-                if "gloo" in systems:
+            for world in forced or worlds:
+                if "gloo" in here:
                     t0 = time.time()
                     g = run_gloo(lab, world, sizes, args.iters, 29500 + world)
                     for size in sizes:
@@ -82,7 +102,7 @@ def run(args) -> dict:
                                      "median_s": g[nbytes], "verified": None})
                     log(f"  gloo {world} workers: {', '.join(f'{human(s)} {g[max(1, s // 4) * 4] * 1e3:.2f} ms' for s in sizes)}"
                         f" ({time.time() - t0:.0f}s)")
-                for system in (s for s in systems if s != "gloo"):
+                for system in (s for s in here if s != "gloo"):
                     for size in sizes:
                         t0 = time.time()
                         mode, _, dp = system.partition("-")
@@ -161,7 +181,10 @@ def plot(res: dict, path: Path) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--regimes", default="unshaped,1gbit", help="unshaped and/or a tc rate such as 1gbit")
+    ap.add_argument("--regimes", default="unshaped,1gbit,cross-rack",
+                    help="unshaped, a tc rate for the host links such as 1gbit, and/or cross-rack[:RATE]: "
+                         f"{CROSS_RACKS} racks x {CROSS_WORKERS // CROSS_RACKS} workers, leaf-spine links at RATE "
+                         f"(default {CROSS_RATE}), host links unshaped ({', '.join(CROSS_SYSTEMS)} only)")
     ap.add_argument("--workers", default="2,4")
     ap.add_argument("--sizes", default="1KiB,64KiB,1MiB,16MiB,64MiB")
     ap.add_argument("--iters", type=int, default=3)
