@@ -415,7 +415,8 @@ def test_loss_both_directions_udp_only():
         # ICMP (and ARP) are untouched: all 20 pings answered
         assert ping(lab, "h1", "h2", count=20).stdout.strip() == "20"
         # TCP is untouched: subjected to 30% loss, about 30% of its ~2900 segments
-        # would be resent; a busy machine's timers account for a handful at most
+        # would be resent; a busy machine's timers account for a few percent at most
+        # (3 % was once exceeded by one segment under load)
         lab.run("h1", ["nstat", "-n"], check=True)  # reset the per-netns history
         srv = lab.popen("h2", [sys.executable, "-c",
                                "import socket; s = socket.create_server(('0.0.0.0', 9100));"
@@ -431,7 +432,7 @@ def test_loss_both_directions_udp_only():
         nstat = lab.run("h1", ["nstat", "-az", "TcpOutSegs", "TcpRetransSegs"], capture_output=True,
                         text=True).stdout
         counts = dict(line.split()[:2] for line in nstat.splitlines() if line.startswith("Tcp"))
-        assert int(counts["TcpRetransSegs"]) < 0.03 * int(counts["TcpOutSegs"]), nstat
+        assert int(counts["TcpRetransSegs"]) < 0.10 * int(counts["TcpOutSegs"]), nstat
 
 
 def test_reorder():
