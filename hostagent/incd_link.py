@@ -36,8 +36,9 @@ def default_gateway() -> str | None:
 # incd declares it hung when none came for the whole fail timeout.
 HEARTBEATS_PER_TIMEOUT = 4
 # How long a member whose control connection broke keeps trying to rejoin a
-# restarted incd (which waits 10 s by default for it; starting takes seconds).
-REJOIN_S = 30.0
+# restarted incd (which waits 10 s by default for it; starting takes seconds
+# per switch, and a two-tier fabric's incd builds a dataplane for each).
+REJOIN_S = 60.0
 
 
 class Refused(TransportError):
