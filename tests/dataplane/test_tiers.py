@@ -233,3 +233,9 @@ def test_a_leaf_refuses_strangers_a_round_ahead_and_single_switch_features(job):
     assert (s["drops.ahead"], s["drops.bad_source"], s["drops.bad_hdr"]) == (1, 2, 1), s
     # The genuine result still completes it.
     assert run(fab["a"], from_spine("a", 3, total)).verdict == XDP_REDIRECT
+    # The spine takes a leaf's partial only from that leaf's uplink address.
+    sp = fab["spine"]
+    spoof = pkt(UP_RANK["b"], 6, vals[0], src=LEAF_UP_IP["a"], sport=wire.PORT, dst=SPINE_IP["b"])
+    assert run(sp, spoof).verdict == XDP_DROP
+    assert sp.read_stats(JOB)["drops"]["bad_source"] == 1
+    assert sp.read_slot(OFFSET + 6 % SLOTS).state == wire.SLOT_EMPTY

@@ -305,3 +305,43 @@ def test_a_job_across_racks_stays_exact_under_loss(host_loss):
                             extra=["--verify", "--seed", "62", "--datapath", "socket"], timeout=180)
         assert all(r["verified"] for r in res), res
         assert_two_tier_counters(finished(lab, 62), psns_of(res), 4)
+
+
+# --- 7. live resize across racks ----------------------------------------------------
+
+def test_a_job_across_racks_resized_live_stays_exact_on_every_switch(root):
+    """EDF shrinks a running job across racks for a deadline job (itself across
+    racks) and grows it back: the new region and generation are programmed on
+    both leaves and the spine while partials are in flight, and every
+    iteration of both jobs stays exact."""
+    with racks_lab(workers=4, racks=2, incd_args=["--pool-slots", "256", "--policy", "edf"]) as lab:
+        big = [Agent(lab, f"h{r + 1}", "allreduce", "--job", "3", "--rank", str(r), "--world", "4",
+                     "--numel", "400000", "--dtype", "int32", "--iters", "300", "--verify", "--json", "--quiet",
+                     "--window", "128") for r in range(4)]
+        try:
+            deadline = time.time() + 90
+            while not any(j["job"] == 3 and j["slots"] == 256 for j in lab.incd.status()["jobs"]):
+                assert time.time() < deadline and all(a.proc.poll() is None for a in big), \
+                    [a.stderr()[-300:] for a in big]
+                time.sleep(0.1)
+            res = run_allreduce(lab, job=4, world=2, numel=200000, dtype="int32", iters=30,
+                                extra=["--verify", "--window", "32", "--deadline", "30", "--model-bytes", "50000000",
+                                       "--epochs", "5", "--compute-s", "0.1"], hosts=["h2", "h3"], timeout=120)
+            assert all(r["verified"] for r in res), res
+            assert finished(lab, 4)["tiers"] == 2
+            live = [j for j in lab.incd.status()["jobs"] if j["job"] == 3]
+            assert live and live[0]["resizes"] >= 1 and live[0]["tiers"] == 2, \
+                "the job across racks should have been shrunk, and still run"
+            outs = []
+            for a in big:
+                out, _ = a.proc.communicate(timeout=240)
+                assert a.proc.returncode == 0, a.stderr()[-800:]
+                outs.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            for a in big:
+                a.kill()
+        assert all(o["verified"] and o["resizes"] >= 1 for o in outs), outs
+        rec = finished(lab, 3)
+        # each generation's psns completed once at the spine, one partial per leaf each
+        sp = rec["counters"]["switches"]["spine"]
+        assert sp["consumed"] == 2 * sp["slots_completed"], sp
