@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from helpers.icmp import ping
 from helpers.labs import PREFIX, cli, lab_name, make_lab, send_and_receive
 from netns_lab import nsutil
 from netns_lab.topology import Lab, LabError, state_path, status, teardown
@@ -45,33 +46,6 @@ def ip_json(lab, host, *args):
 
 
 # --- traffic helpers: tiny programs run inside the hosts -------------------
-
-PING = r'''
-import os, socket, struct, sys, time
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    s = (s >> 16) + (s & 0xffff)
-    return ~(s + (s >> 16)) & 0xffff
-dst, count = sys.argv[1], int(sys.argv[2])
-sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-ident, ok = os.getpid() & 0xffff, 0
-for seq in range(count):
-    body = struct.pack("!HH", ident, seq) + b"inc-lab!"
-    sock.sendto(struct.pack("!BBH", 8, 0, csum(b"\x08\x00\x00\x00" + body)) + body, (dst, 0))
-    deadline = time.monotonic() + 1.0
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data, addr = sock.recvfrom(2048)
-        except socket.timeout:
-            break
-        ihl = (data[0] & 0xF) * 4
-        if addr[0] == dst and data[ihl] == 0 and data[ihl + 4:ihl + 8] == body[:4]:
-            ok += 1
-            break
-print(ok)
-sys.exit(0 if ok == count else 1)
-'''
 
 RECV = r'''
 import json, socket, sys, time
@@ -112,11 +86,6 @@ for i in range(n):
     if burst and (i + 1) % burst == 0:
         time.sleep(gap)
 '''
-
-
-def ping(lab, src, dst_host, count=1):
-    return lab.run(src, [sys.executable, "-c", PING, lab.addr(dst_host), str(count)],
-                   capture_output=True, text=True, timeout=30)
 
 
 def udp_transfer(lab, src, dst, n, size=200, burst=50, gap=0.001, port=9000, idle=0.7,

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from helpers import icmp
 from helpers.labs import cli
 from netns_lab import nsutil
 from netns_lab.harness import uniq
@@ -66,31 +67,6 @@ def racks2():
 
 # --- tiny programs run inside the hosts ----------------------------------------
 
-# No `ping` binary on the test machines: ICMP echo over a raw socket.
-PING = r'''
-import os, socket, struct, sys, time
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    s = (s >> 16) + (s & 0xffff)
-    return ~(s + (s >> 16)) & 0xffff
-dst = sys.argv[1]
-sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-body = struct.pack("!HH", os.getpid() & 0xffff, 1) + b"inc-lab!"
-for attempt in range(3):
-    sock.sendto(struct.pack("!BBH", 8, 0, csum(b"\x08\x00\x00\x00" + body)) + body, (dst, 0))
-    deadline = time.monotonic() + 2.0
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data, addr = sock.recvfrom(2048)
-        except socket.timeout:
-            break
-        ihl = (data[0] & 0xF) * 4
-        if addr[0] == dst and data[ihl] == 0 and data[ihl + 4:ihl + 8] == body[:4]:
-            sys.exit(0)
-sys.exit(1)
-'''
-
 ECHO_SERVER = r'''
 import socket
 s = socket.create_server(("0.0.0.0", 9300))
@@ -143,9 +119,8 @@ for i in range(int(sys.argv[2])):
 '''
 
 
-def ping(lab, src, dst):
-    return lab.run(src, [sys.executable, "-c", PING, lab.addr(dst)], capture_output=True,
-                   text=True, timeout=30).returncode == 0
+def ping(lab, src, dst) -> bool:
+    return icmp.ping(lab, src, dst).returncode == 0
 
 
 def ip_json(lab, where, *args):
