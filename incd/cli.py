@@ -128,7 +128,7 @@ def cmd_start(args) -> int:
         try:
             s = admin_request(cfg.instance, {"op": "status"}, timeout=2)
             if s.get("ok") and s.get("pid") == proc.pid:
-                ports = ",".join(p["name"] for p in s["ports"])
+                ports = ",".join(f"{p['switch']}:{p['name']}" if p.get("switch") else p["name"] for p in s["ports"])
                 ns = f" in netns {s['netns']}" if s["netns"] else ""
                 print(f"incd started (pid {proc.pid}): XDP on {ports}{ns}, control {s['control']}, "
                       f"pool {s['pool_slots']} slots; log {logf}")
