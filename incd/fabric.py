@@ -137,6 +137,8 @@ class Fabric:
                 mode: int = wire.MODE_MODULO) -> None:
         where = {s: r for s, r in self.members.get(job, {}).items() if r}
         leaves = sorted(where)
+        if not leaves:
+            raise DataplaneError(f"job {job}: no member behind any leaf")
         self.paths[job] = leaves
         if len(leaves) == 1:
             self.nodes[leaves[0]].dp.set_job(job, offset=offset, slots=slots, gen=gen, world=world, mode=mode)
