@@ -17,6 +17,7 @@ from incd import daemon
 from incd.process import IncdProcess
 from netns_lab.harness import LabWithIncd
 from helpers.agents import Agent, assert_failed, assert_reclaimed, exits_after, next_job_is_exact
+from helpers.polling import wait_rejoined, wait_running
 
 # Long enough (about 15 s here) that the job is still running when the new incd is up.
 ITERS = "2500"
@@ -32,28 +33,6 @@ def result(a: Agent, timeout: float = 180.0) -> dict:
     out, _ = a.proc.communicate(timeout=timeout)
     assert a.proc.returncode == 0, a.stderr()[-800:]
     return json.loads(out.strip().splitlines()[-1])
-
-
-def wait_running(lab, job: int, agents: list[Agent], timeout: float = 60.0) -> dict:
-    """Until the switch has completed some of the job's packets: it is mid-way."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert all(a.proc.poll() is None for a in agents), [a.stderr()[-300:] for a in agents]
-        jobs = [j for j in lab.incd.status().get("jobs", []) if j["job"] == job]
-        if jobs and jobs[0]["state"] == "active" and jobs[0]["counters"]["slots_completed"] > 2000:
-            return jobs[0]
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} did not start: {[a.stderr()[-300:] for a in agents]}")
-
-
-def wait_rejoined(lab, job: int, timeout: float = 60.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        jobs = [j for j in lab.incd.status().get("jobs", []) if j["job"] == job]
-        if jobs and all(m["alive"] for m in jobs[0]["members"]) and (jobs[0]["ps"] is None or jobs[0]["ps"]["alive"]):
-            return jobs[0]
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} members did not rejoin: {lab.incd.status().get('jobs')}")
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 from bpf import wire
 from helpers.agents import Agent, assert_reclaimed
 from helpers.allreduce import allreduce_files
+from helpers.polling import wait_rejoined, wait_running
 from incd import daemon
 from netns_lab import impair
 from netns_lab.agents import AgentRunError, run_allreduce
@@ -81,26 +82,11 @@ def test_killed_incd_is_restarted_and_the_jumbo_job_finishes(jlab):
                 "--numel", str(25 * wire.JUMBO_ELEMS), "--dtype", "int32", "--iters", str(iters), "--verify",
                 "--json", *JUMBO) for r in range(WORLD)]
     try:
-        deadline = time.time() + 60
-        while True:
-            assert all(a.proc.poll() is None for a in ws), [a.stderr()[-300:] for a in ws]
-            jobs = [j for j in jlab.incd.status().get("jobs", []) if j["job"] == job]
-            if jobs and jobs[0]["state"] == "active" and jobs[0]["counters"]["slots_completed"] > 5000:
-                before = jobs[0]
-                break
-            assert time.time() < deadline, "the job did not start"
-            time.sleep(0.1)
+        before = wait_running(jlab, job, ws, completed=5000)
         jlab.incd.kill()
         assert daemon.recoverable(jlab.incd.instance)
         jlab.incd.start()
-        deadline = time.time() + 60
-        while True:
-            jobs = [j for j in jlab.incd.status().get("jobs", []) if j["job"] == job]
-            if jobs and all(m["alive"] for m in jobs[0]["members"]):
-                after = jobs[0]
-                break
-            assert time.time() < deadline, "the members did not rejoin"
-            time.sleep(0.1)
+        after = wait_rejoined(jlab, job, ws)
         assert (after["offset"], after["slots"], after["gen"], after["frame"]) == \
             (before["offset"], before["slots"], before["gen"], "jumbo")
         assert all(a.proc.poll() is None for a in ws), "the job ended before incd was back; raise iters"

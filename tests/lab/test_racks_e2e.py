@@ -22,6 +22,7 @@ import pytest
 
 from bpf import wire
 from helpers.agents import Agent, assert_failed, assert_reclaimed, exits_after
+from helpers.polling import wait_rejoined, wait_running
 from incd import daemon
 from netns_lab import nsutil
 from netns_lab.agents import AgentRunError, PSProcess, run_allreduce
@@ -208,15 +209,7 @@ def test_killed_incd_is_restarted_and_the_job_across_racks_finishes(fab):
                 "--numel", str(numel), "--dtype", "int32", "--iters", str(iters), "--verify", "--json",
                 "--quiet", "--datapath", "xdp") for r in range(4)]
     try:
-        deadline = time.time() + 60
-        while True:
-            assert all(a.proc.poll() is None for a in ws), [a.stderr()[-300:] for a in ws]
-            jobs = [j for j in fab.incd.status().get("jobs", []) if j["job"] == job]
-            if jobs and jobs[0]["state"] == "active" and jobs[0]["counters"]["slots_completed"] > 200:
-                before = jobs[0]
-                break
-            assert time.time() < deadline, "the job did not start"
-            time.sleep(0.1)
+        before = wait_running(fab, job, ws, completed=200)
         assert before["tiers"] == 2 and set(before["counters"]["switches"]) == {"leaf1", "leaf2", "spine"}
         fab.incd.kill()
         assert daemon.recoverable(fab.incd.instance)
@@ -225,16 +218,7 @@ def test_killed_incd_is_restarted_and_the_job_across_racks_finishes(fab):
         except BaseException:
             fab.incd.stop()  # whatever the dead one left (XDP, pins, files)
             raise
-        deadline = time.time() + 60
-        while True:
-            jobs = [j for j in fab.incd.status().get("jobs", []) if j["job"] == job]
-            if jobs and all(m["alive"] for m in jobs[0]["members"]):
-                after = jobs[0]
-                break
-            assert jobs, "the job ended before the members were seen back; raise iters"
-            assert time.time() < deadline, ("the members did not rejoin", jobs[0]["members"],
-                                            [a.stderr()[-500:] for a in ws])
-            time.sleep(0.1)
+        after = wait_rejoined(fab, job, ws)
         assert (after["offset"], after["slots"], after["gen"], after["tiers"]) == \
             (before["offset"], before["slots"], before["gen"], 2)
         assert [m["switch_port"] for m in after["members"]] == [m["switch_port"] for m in before["members"]]
